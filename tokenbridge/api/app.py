@@ -1,0 +1,41 @@
+"""The FastAPI application: middleware, problem handlers and routes around a ``Bridge``."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from tokenbridge import __version__
+from tokenbridge.api import problems, v1
+from tokenbridge.api.limits import BodyLimitMiddleware
+from tokenbridge.services.bridge import Bridge
+
+
+def create_app(bridge: Bridge, manage: bool = True) -> FastAPI:
+    """``manage``: start and stop the bridge with the application's lifespan."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if manage:
+            await asyncio.to_thread(bridge.start)
+        try:
+            yield
+        finally:
+            if manage:
+                await asyncio.to_thread(bridge.stop)
+
+    app = FastAPI(
+        title="tokenbridge",
+        version=__version__,
+        description="Share one PKCS#11 certificate between workstations: sign and decrypt with the token's "
+                    "key, which never leaves it. Errors are RFC 9457 problem documents with a stable `code`.",
+        lifespan=lifespan,
+    )
+    app.state.bridge = bridge
+    problems.install(app)
+    app.include_router(v1.router)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=bridge.settings.server.max_body_bytes)
+    return app

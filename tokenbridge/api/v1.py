@@ -1,0 +1,170 @@
+"""HTTP API v1: thin handlers over the services."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from tokenbridge import __version__
+from tokenbridge.api.auth import bridge_of, operator, principal
+from tokenbridge.errors import Problem
+from tokenbridge.formats import x509 as x509h
+from tokenbridge.services.keys import key_view, require_certificate
+from tokenbridge.services.principal import Principal
+from tokenbridge.token.model import TokenState, TokenStatus
+
+router = APIRouter(prefix="/v1")
+Caller = Annotated[Principal, Depends(principal)]
+Operator = Annotated[Principal, Depends(operator)]
+
+
+def _b64(value: str, field: str) -> bytes:
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise Problem(f"'{field}' is not valid base64", code="invalid_base64", status=400,
+                      title="Invalid base64") from None
+
+
+def _b64s(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def token_view(status: TokenStatus) -> dict[str, Any]:
+    return {
+        "state": status.state.value,
+        "logged_in": status.logged_in,
+        "label": status.label,
+        "serial": status.serial,
+        "manufacturer": status.manufacturer,
+        "model": status.model,
+        "slot": status.slot,
+        "module": status.module,
+        "pin": {"count_low": status.pin.count_low, "final_try": status.pin.final_try,
+                "locked": status.pin.locked, "to_be_changed": status.pin.to_be_changed},
+        "protected_authentication_path": status.protected_auth_path,
+        "queue_depth": status.queue_depth,
+        "message": status.message,
+    }
+
+
+@router.get("/health", summary="Service and token state (no authentication)")
+async def health(request: Request) -> dict[str, Any]:
+    status = bridge_of(request).owner.status()
+    return {"status": "ok" if status.state is TokenState.READY else "degraded", "version": __version__,
+            "token": {"state": status.state.value, "logged_in": status.logged_in, "label": status.label,
+                      "message": status.message, "queue_depth": status.queue_depth}}
+
+
+@router.get("/tokens", summary="The token this service owns")
+async def tokens(request: Request, caller: Caller) -> list[dict[str, Any]]:
+    status = bridge_of(request).owner.status()
+    view = token_view(status)
+    view["mechanisms"] = sorted(status.mechanisms)
+    return [view]
+
+
+@router.get("/keys", summary="Keys on the token that the caller may use")
+async def keys(request: Request, caller: Caller) -> list[dict[str, Any]]:
+    return [key_view(k) for k in bridge_of(request).owner.keys() if caller.may_use(k)]
+
+
+@router.get("/keys/{key}", summary="One key, by id or label")
+async def key(request: Request, key: str, caller: Caller) -> dict[str, Any]:
+    return key_view(bridge_of(request).operations.resolve_key(caller, key))
+
+
+@router.get("/keys/{key}/certificate", summary="The key's certificate, PEM or DER",
+            response_class=Response,
+            responses={200: {"content": {"application/x-pem-file": {}, "application/pkix-cert": {}}}})
+async def certificate(request: Request, key: str, caller: Caller,
+                      format: Literal["pem", "der"] = "pem") -> Response:
+    cert = require_certificate(bridge_of(request).operations.resolve_key(caller, key))
+    if format == "der":
+        return Response(x509h.to_der(cert), media_type="application/pkix-cert")
+    return Response(x509h.to_pem(cert), media_type="application/x-pem-file")
+
+
+@router.get("/keys/{key}/chain", summary="PEM bundle: the certificate, then its issuers",
+            response_class=Response, responses={200: {"content": {"application/x-pem-file": {}}}})
+async def chain(request: Request, key: str, caller: Caller) -> Response:
+    bridge = bridge_of(request)
+    k = bridge.operations.resolve_key(caller, key)
+    cert = require_certificate(k)
+    pool = [c for other in bridge.owner.keys() if (c := other.certificate) is not None] + bridge.ca_pool
+    chain = x509h.build_chain(cert, pool)
+    return Response(b"".join(x509h.to_pem(c) for c in chain), media_type="application/x-pem-file")
+
+
+class SignRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    algorithm: str = Field(description="e.g. rsa-pkcs1v15-sha256, rsa-pss-sha256, ecdsa-sha256")
+    data: str | None = Field(None, description="base64 data; hashed by the service")
+    digest: str | None = Field(None, description="base64 digest, already hashed with the algorithm's hash")
+    format: Literal["der", "raw"] = Field("der", description="ECDSA only: DER, or raw r||s")
+
+
+class SignResponse(BaseModel):
+    signature: str
+    algorithm: str
+    key: str
+    key_label: str
+
+
+@router.post("/keys/{key}/sign", summary="Sign data or a digest with the key")
+async def sign(request: Request, key: str, body: SignRequest, caller: Caller) -> SignResponse:
+    data = _b64(body.data, "data") if body.data is not None else None
+    digest = _b64(body.digest, "digest") if body.digest is not None else None
+    result = await bridge_of(request).operations.sign(caller, key, body.algorithm, data=data, digest=digest,
+                                                      raw_ecdsa=body.format == "raw")
+    return SignResponse(signature=_b64s(result.signature), algorithm=result.algorithm, key=result.key.id,
+                        key_label=result.key.label)
+
+
+class DecryptRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    algorithm: str = Field(description="rsa-oaep-sha256, rsa-oaep-sha1, or rsa-pkcs1v15 (if enabled)")
+    ciphertext: str = Field(description="base64")
+
+
+class DecryptResponse(BaseModel):
+    plaintext: str
+    algorithm: str
+    key: str
+
+
+@router.post("/keys/{key}/decrypt", summary="Decrypt an RSA ciphertext with the key")
+async def decrypt(request: Request, key: str, body: DecryptRequest, caller: Caller) -> DecryptResponse:
+    ciphertext = _b64(body.ciphertext, "ciphertext")
+    ops = bridge_of(request).operations
+    plaintext = await ops.decrypt(caller, key, body.algorithm, ciphertext)
+    return DecryptResponse(plaintext=_b64s(plaintext), algorithm=body.algorithm,
+                           key=ops.resolve_key(caller, key).id)
+
+
+class LoginRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    pin: str | None = Field(None, description="new PIN; omit to use the pin pad or keep the current one")
+    accept_new_token: bool = False
+    final_try: bool = False
+
+
+@router.post("/admin/login", summary="Operator only (admin socket): supply a PIN, accept a new token",
+             include_in_schema=False)
+async def login(request: Request, body: LoginRequest, who: Operator) -> dict[str, Any]:
+    bridge = bridge_of(request)
+    status = await bridge.owner.login(body.pin, accept_new_token=body.accept_new_token,
+                                      allow_final_try=body.final_try)
+    return token_view(status)
+
+
+@router.get("/admin/audit", summary="Latest audit entries", include_in_schema=True)
+async def audit_tail(request: Request, caller: Caller,
+                     count: Annotated[int, Query(ge=1, le=1000)] = 50) -> list[dict[str, Any]]:
+    caller.require("admin")
+    return [e.__dict__ for e in bridge_of(request).audit.tail(count)]

@@ -1,0 +1,122 @@
+"""The audit log: every private-key operation and admin change, as a hash chain in SQLite.
+
+Each entry's hash covers its sequence number, its fields and the previous
+entry's hash, so an edited, removed or reordered entry breaks the chain.
+Entries never hold a PIN, a plaintext or key material: inputs appear only as
+their SHA-256. If an entry cannot be written the caller refuses the operation
+(fail closed), like Vault does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from tokenbridge.store import Store
+
+GENESIS = "0" * 64
+FIELDS = ("seq", "ts", "actor", "event", "key", "algorithm", "input_sha256", "outcome", "detail")
+
+
+class AuditUnavailable(Exception):
+    """The entry could not be written; the operation it describes must not be answered."""
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    seq: int
+    ts: str
+    actor: str
+    event: str
+    key: str | None
+    algorithm: str | None
+    input_sha256: str | None
+    outcome: str
+    detail: str | None
+    prev_hash: str
+    hash: str
+
+
+def entry_hash(prev_hash: str, fields: dict[str, object]) -> str:
+    canonical = json.dumps([fields[f] for f in FIELDS], separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256((prev_hash + canonical).encode()).hexdigest()
+
+
+class AuditLog:
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._broken = False
+
+    def ensure_writable(self) -> None:
+        """Cheap check before a private-key operation, only once a write has failed."""
+        if not self._broken:
+            return
+        try:
+            with self._store.transaction(immediate=True):
+                pass
+        except sqlite3.Error as exc:
+            raise AuditUnavailable(f"the audit log cannot be written: {exc}") from exc
+        self._broken = False
+
+    def record(
+        self,
+        actor: str,
+        event: str,
+        outcome: str,
+        *,
+        key: str | None = None,
+        algorithm: str | None = None,
+        input_sha256: str | None = None,
+        detail: str | None = None,
+    ) -> int:
+        """Append one entry; raise ``AuditUnavailable`` if it cannot be made durable."""
+        try:
+            with self._store.transaction(immediate=True) as db:
+                row = db.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+                seq, prev = (row[0] + 1, row[1]) if row else (1, GENESIS)
+                fields: dict[str, object] = {
+                    "seq": seq, "ts": datetime.now(UTC).isoformat(timespec="microseconds"),
+                    "actor": actor, "event": event, "key": key, "algorithm": algorithm,
+                    "input_sha256": input_sha256, "outcome": outcome, "detail": detail,
+                }
+                digest = entry_hash(prev, fields)
+                db.execute(
+                    "INSERT INTO audit (seq, ts, actor, event, key, algorithm, input_sha256, outcome, detail,"
+                    " prev_hash, hash) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                    (*[fields[f] for f in FIELDS], prev, digest),
+                )
+                self._broken = False
+                return seq
+        except sqlite3.Error as exc:
+            self._broken = True
+            raise AuditUnavailable(f"the audit log cannot be written: {exc}") from exc
+
+    def tail(self, count: int = 20) -> list[AuditEntry]:
+        rows = self._store.query("SELECT * FROM audit ORDER BY seq DESC LIMIT ?", (count,))
+        return [AuditEntry(**dict(r)) for r in reversed(rows)]
+
+    def entries(self) -> Iterator[AuditEntry]:
+        for row in self._store.query("SELECT * FROM audit ORDER BY seq"):
+            yield AuditEntry(**dict(row))
+
+    def verify(self) -> tuple[bool, int, str | None]:
+        """Walk the chain; return (ok, entries checked, first problem)."""
+        prev = GENESIS
+        expected_seq = 1
+        count = 0
+        for entry in self.entries():
+            if entry.seq != expected_seq:
+                return False, count, f"entry {expected_seq} is missing (next is {entry.seq})"
+            if entry.prev_hash != prev:
+                return False, count, f"entry {entry.seq} does not follow entry {entry.seq - 1}"
+            fields = {f: getattr(entry, f) for f in FIELDS}
+            if entry_hash(prev, fields) != entry.hash:
+                return False, count, f"entry {entry.seq} was altered"
+            prev = entry.hash
+            expected_seq += 1
+            count += 1
+        return True, count, None

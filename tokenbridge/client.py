@@ -1,0 +1,167 @@
+"""Python client for a running tokenbridge: what private software imports to delegate crypto.
+
+    from tokenbridge.client import Client
+    with Client("http://127.0.0.1:8155", secret="tb_...") as tb:
+        sig = tb.sign("sign-rsa", b"hello", "rsa-pkcs1v15-sha256")
+
+Errors come back as ``TokenbridgeError`` carrying the problem's stable ``code``.
+``AsyncClient`` has the same methods, awaitable. ``uds=`` talks to the admin
+socket instead (local operator; no secret needed).
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any, Literal, Self
+
+import httpx
+
+
+class TokenbridgeError(Exception):
+    def __init__(self, status: int, code: str, title: str, detail: str,
+                 retry_after: float | None = None) -> None:
+        super().__init__(f"{status} {code}: {detail}")
+        self.status = status
+        self.code = code
+        self.title = title
+        self.detail = detail
+        self.retry_after = retry_after
+
+
+def _raise_for_problem(response: httpx.Response) -> None:
+    if response.is_success:
+        return
+    try:
+        body = response.json()
+    except ValueError:
+        body = {}
+    retry = response.headers.get("retry-after")
+    raise TokenbridgeError(response.status_code, body.get("code", f"http_{response.status_code}"),
+                           body.get("title", response.reason_phrase), body.get("detail", response.text),
+                           float(retry) if retry and retry.isdigit() else None)
+
+
+def _headers(secret: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {secret}"} if secret else {}
+
+
+def _sign_body(data: bytes | None, digest: bytes | None, algorithm: str, fmt: str) -> dict[str, Any]:
+    body: dict[str, Any] = {"algorithm": algorithm, "format": fmt}
+    if data is not None:
+        body["data"] = base64.b64encode(data).decode()
+    if digest is not None:
+        body["digest"] = base64.b64encode(digest).decode()
+    return body
+
+
+class Client:
+    """Synchronous client."""
+
+    def __init__(self, base_url: str = "http://127.0.0.1:8155", secret: str | None = None, *,
+                 uds: str | None = None, timeout: float = 60.0, verify: bool | str = True) -> None:
+        transport = httpx.HTTPTransport(uds=uds) if uds else None
+        self._http = httpx.Client(base_url="http://tokenbridge" if uds else base_url,
+                                  headers=_headers(secret), timeout=timeout, transport=transport, verify=verify)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _json(self, method: str, path: str, **kw: Any) -> Any:
+        response = self._http.request(method, path, **kw)
+        _raise_for_problem(response)
+        return response.json()
+
+    def health(self) -> dict[str, Any]:
+        return self._json("GET", "/v1/health")  # type: ignore[no-any-return]
+
+    def tokens(self) -> list[dict[str, Any]]:
+        return self._json("GET", "/v1/tokens")  # type: ignore[no-any-return]
+
+    def keys(self) -> list[dict[str, Any]]:
+        return self._json("GET", "/v1/keys")  # type: ignore[no-any-return]
+
+    def key(self, key: str) -> dict[str, Any]:
+        return self._json("GET", f"/v1/keys/{key}")  # type: ignore[no-any-return]
+
+    def certificate(self, key: str, format: Literal["pem", "der"] = "pem") -> bytes:
+        response = self._http.get(f"/v1/keys/{key}/certificate", params={"format": format})
+        _raise_for_problem(response)
+        return response.content
+
+    def chain(self, key: str) -> bytes:
+        response = self._http.get(f"/v1/keys/{key}/chain")
+        _raise_for_problem(response)
+        return response.content
+
+    def sign(self, key: str, data: bytes | None = None, algorithm: str = "", *, digest: bytes | None = None,
+             format: Literal["der", "raw"] = "der") -> bytes:
+        result = self._json("POST", f"/v1/keys/{key}/sign", json=_sign_body(data, digest, algorithm, format))
+        return base64.b64decode(result["signature"])
+
+    def decrypt(self, key: str, ciphertext: bytes, algorithm: str = "rsa-oaep-sha256") -> bytes:
+        result = self._json("POST", f"/v1/keys/{key}/decrypt",
+                            json={"algorithm": algorithm, "ciphertext": base64.b64encode(ciphertext).decode()})
+        return base64.b64decode(result["plaintext"])
+
+    def login(self, pin: str | None = None, *, accept_new_token: bool = False,
+              final_try: bool = False) -> dict[str, Any]:
+        """Operator only, over the admin socket."""
+        return self._json("POST", "/v1/admin/login",  # type: ignore[no-any-return]
+                          json={"pin": pin, "accept_new_token": accept_new_token, "final_try": final_try})
+
+
+class AsyncClient:
+    """Asynchronous client with the same methods."""
+
+    def __init__(self, base_url: str = "http://127.0.0.1:8155", secret: str | None = None, *,
+                 uds: str | None = None, timeout: float = 60.0, verify: bool | str = True,
+                 limits: httpx.Limits | None = None) -> None:
+        transport = httpx.AsyncHTTPTransport(uds=uds) if uds else None
+        self._http = httpx.AsyncClient(base_url="http://tokenbridge" if uds else base_url,
+                                       headers=_headers(secret), timeout=timeout, transport=transport,
+                                       verify=verify, limits=limits or httpx.Limits())
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _json(self, method: str, path: str, **kw: Any) -> Any:
+        response = await self._http.request(method, path, **kw)
+        _raise_for_problem(response)
+        return response.json()
+
+    async def health(self) -> dict[str, Any]:
+        return await self._json("GET", "/v1/health")  # type: ignore[no-any-return]
+
+    async def keys(self) -> list[dict[str, Any]]:
+        return await self._json("GET", "/v1/keys")  # type: ignore[no-any-return]
+
+    async def key(self, key: str) -> dict[str, Any]:
+        return await self._json("GET", f"/v1/keys/{key}")  # type: ignore[no-any-return]
+
+    async def certificate(self, key: str, format: Literal["pem", "der"] = "pem") -> bytes:
+        response = await self._http.get(f"/v1/keys/{key}/certificate", params={"format": format})
+        _raise_for_problem(response)
+        return response.content
+
+    async def sign(self, key: str, data: bytes | None = None, algorithm: str = "", *,
+                   digest: bytes | None = None, format: Literal["der", "raw"] = "der") -> bytes:
+        result = await self._json("POST", f"/v1/keys/{key}/sign",
+                                  json=_sign_body(data, digest, algorithm, format))
+        return base64.b64decode(result["signature"])
+
+    async def decrypt(self, key: str, ciphertext: bytes, algorithm: str = "rsa-oaep-sha256") -> bytes:
+        result = await self._json("POST", f"/v1/keys/{key}/decrypt", json={
+            "algorithm": algorithm, "ciphertext": base64.b64encode(ciphertext).decode()})
+        return base64.b64decode(result["plaintext"])

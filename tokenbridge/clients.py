@@ -1,0 +1,129 @@
+"""API clients: a name, grants, optional key restrictions, and a secret stored only as a hash.
+
+A secret reads ``tb_<client id>_<random>``: the id finds the row, then the
+hashes are compared in constant time. Secrets carry 256 random bits, so a
+plain SHA-256 is the right storage (a slow KDF protects low-entropy passwords).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+import sqlite3
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from tokenbridge.store import Store
+
+GRANTS = ("sign", "decrypt", "admin")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+
+
+class ClientError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Client:
+    client_id: str
+    name: str
+    grants: frozenset[str]
+    keys: frozenset[str]  # empty: every key
+    created: str
+    revoked: str | None
+    last_seen: str | None
+
+    def may_use(self, key_id: str, key_label: str) -> bool:
+        return not self.keys or key_id in self.keys or key_label in self.keys
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _hash(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()
+
+
+def _row_to_client(row: sqlite3.Row) -> Client:
+    return Client(
+        client_id=row["client_id"], name=row["name"],
+        grants=frozenset(g for g in row["grants"].split(",") if g),
+        keys=frozenset(k for k in row["keys"].split(",") if k),
+        created=row["created"], revoked=row["revoked"], last_seen=row["last_seen"],
+    )
+
+
+class ClientRegistry:
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def add(self, name: str, grants: list[str], keys: list[str] | None = None) -> tuple[Client, str]:
+        """Create a client; the secret is returned once and never stored."""
+        if not NAME_RE.match(name):
+            raise ClientError("a client name is 1-64 letters, digits, '.', '_', '@' or '-'")
+        unknown = sorted(set(grants) - set(GRANTS))
+        if unknown or not grants:
+            raise ClientError(f"unknown grant(s) {', '.join(unknown) or '(none given)'}; "
+                              f"choose from {', '.join(GRANTS)}")
+        client_id = secrets.token_hex(6)
+        secret = f"tb_{client_id}_{secrets.token_urlsafe(32)}"
+        try:
+            with self._store.transaction(immediate=True) as db:
+                db.execute(
+                    "INSERT INTO clients (client_id, name, secret_hash, grants, keys, created)"
+                    " VALUES (?,?,?,?,?,?)",
+                    (client_id, name, _hash(secret), ",".join(sorted(set(grants))),
+                     ",".join(sorted(set(keys or []))), _now()),
+                )
+        except sqlite3.IntegrityError:
+            raise ClientError(f"a client named {name!r} already exists") from None
+        client = self.get(name)
+        assert client is not None
+        return client, secret
+
+    def get(self, name: str) -> Client | None:
+        rows = self._store.query("SELECT * FROM clients WHERE name = ?", (name,))
+        return _row_to_client(rows[0]) if rows else None
+
+    def list(self) -> list[Client]:
+        return [_row_to_client(r) for r in self._store.query("SELECT * FROM clients ORDER BY name")]
+
+    def revoke(self, name: str) -> Client:
+        with self._store.transaction(immediate=True) as db:
+            cur = db.execute("UPDATE clients SET revoked = ? WHERE name = ? AND revoked IS NULL",
+                             (_now(), name))
+            if cur.rowcount == 0:
+                raise ClientError(f"no active client named {name!r}")
+        client = self.get(name)
+        assert client is not None
+        return client
+
+    def rotate(self, name: str) -> tuple[Client, str]:
+        """Give an active client a new secret; the old one stops working at once."""
+        client_id = secrets.token_hex(6)
+        secret = f"tb_{client_id}_{secrets.token_urlsafe(32)}"
+        with self._store.transaction(immediate=True) as db:
+            cur = db.execute("UPDATE clients SET client_id = ?, secret_hash = ? WHERE name = ? AND revoked IS NULL",
+                             (client_id, _hash(secret), name))
+            if cur.rowcount == 0:
+                raise ClientError(f"no active client named {name!r}")
+        client = self.get(name)
+        assert client is not None
+        return client, secret
+
+    def authenticate(self, secret: str) -> Client | None:
+        """The active client holding this secret, or None. Revocation applies at once."""
+        parts = secret.split("_", 2)
+        if len(parts) != 3 or parts[0] != "tb":
+            return None
+        rows = self._store.query("SELECT * FROM clients WHERE client_id = ?", (parts[1],))
+        if not rows:
+            hmac.compare_digest(_hash(secret), b"\0" * 32)  # same work either way
+            return None
+        row = rows[0]
+        if not hmac.compare_digest(_hash(secret), bytes(row["secret_hash"])) or row["revoked"]:
+            return None
+        return _row_to_client(row)

@@ -1,0 +1,148 @@
+"""Settings: one TOML file plus ``TOKENBRIDGE_*`` environment variables.
+
+Environment variables override the file; nested settings use ``__``
+(``TOKENBRIDGE_SERVER__PORT=8200``). Relative paths in the file are taken
+relative to the file's own directory, so a data directory can be moved whole.
+Every setting is documented in ``docs/configuration.md``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+DEFAULT_PORT = 8155
+
+
+def default_data_dir() -> Path:
+    """Where the demo token and its configuration live when nothing else is said."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "tokenbridge" / "demo"
+
+
+class TokenSettings(BaseModel):
+    """Which PKCS#11 module and token to use, and where the PIN comes from."""
+
+    module: str = Field("softhsm2", description="Path of the PKCS#11 module, or a drivers/ profile name.")
+    label: str | None = Field(None, description="Select the token by label.")
+    serial: str | None = Field(None, description="Select the token by serial number.")
+    slot: int | None = Field(None, description="Select the token by slot id.")
+    pin_source: Literal["file", "env", "prompt", "pinpad"] = "file"
+    pin_file: Path | None = Field(None, description="File holding the user PIN (pin_source = file).")
+    pin_env: str = Field("TOKENBRIDGE_PIN", description="Variable holding the PIN (pin_source = env).")
+    environment: dict[str, str] = Field(
+        default_factory=dict, description="Variables set before the module loads (e.g. SOFTHSM2_CONF)."
+    )
+    queue_size: int = Field(256, ge=1, description="Requests waiting for the token; beyond it: 503.")
+    operation_timeout: float = Field(30.0, gt=0, description="Seconds a request may wait in all.")
+    presence_interval: float = Field(1.0, gt=0, description="Seconds between checks while absent.")
+
+
+class ServerSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    admin_socket: Path | None = Field(
+        None, description="Unix socket for local operator commands (default: DATA_DIR/tokenbridge.sock)."
+    )
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+
+class KeyPolicy(BaseModel):
+    """Per-key options, in ``[keys.<id or label>]`` tables."""
+
+    allow_rsa_pkcs1v15_decrypt: bool = Field(
+        False, description="Raw PKCS#1 v1.5 decryption is a padding oracle: off unless you need it."
+    )
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="TOKENBRIDGE_", env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+
+    data_dir: Path = Field(default_factory=default_data_dir, description="State, audit and sockets.")
+    token: TokenSettings = Field(default_factory=TokenSettings)
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    keys: dict[str, KeyPolicy] = Field(default_factory=dict)
+    ca_files: list[Path] = Field(default_factory=list, description="CA certificates for /chain.")
+    recipients: dict[str, Path] = Field(
+        default_factory=dict, description="Address book: name -> recipient certificate file."
+    )
+    service_url: str | None = Field(None, description="URL the CLI uses for a running service.")
+
+    config_file: Path | None = Field(None, exclude=True)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: tuple[PydanticBaseSettingsSource, ...] = (init_settings, env_settings)
+        toml_file = _CURRENT_FILE.get("path")
+        if toml_file is not None:
+            sources = (*sources, TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        return sources
+
+    @model_validator(mode="after")
+    def _resolve_paths(self) -> Settings:
+        base = self.config_file.parent if self.config_file else Path.cwd()
+
+        def fix(p: Path | None) -> Path | None:
+            return None if p is None else (p if p.is_absolute() else (base / p)).resolve()
+
+        self.data_dir = fix(self.data_dir) or self.data_dir
+        self.token.pin_file = fix(self.token.pin_file)
+        self.server.tls_cert = fix(self.server.tls_cert)
+        self.server.tls_key = fix(self.server.tls_key)
+        self.server.admin_socket = fix(self.server.admin_socket) or self.data_dir / "tokenbridge.sock"
+        self.ca_files = [p for p in (fix(p) for p in self.ca_files) if p is not None]
+        self.recipients = {k: fix(v) or v for k, v in self.recipients.items()}
+        return self
+
+    @property
+    def store_path(self) -> Path:
+        return self.data_dir / "state.db"
+
+    def key_policy(self, key_id: str, label: str) -> KeyPolicy:
+        return self.keys.get(key_id) or self.keys.get(label) or KeyPolicy()
+
+
+_CURRENT_FILE: dict[str, Path | None] = {"path": None}
+
+
+def resolve_config_path(path: Path | str | None) -> Path | None:
+    """``--config``, else ``TOKENBRIDGE_CONFIG``, else the demo directory's file if present."""
+    if path:
+        return Path(path).expanduser().resolve()
+    env = os.environ.get("TOKENBRIDGE_CONFIG")
+    if env:
+        return Path(env).expanduser().resolve()
+    demo = default_data_dir() / "tokenbridge.toml"
+    return demo if demo.exists() else None
+
+
+def load_settings(path: Path | str | None = None, **overrides: Any) -> Settings:
+    """Load settings from a TOML file (optional) and the environment."""
+    file = resolve_config_path(path)
+    if file is not None and not file.exists():
+        raise FileNotFoundError(f"configuration file not found: {file}")
+    _CURRENT_FILE["path"] = file
+    try:
+        return Settings(config_file=file, **overrides)
+    finally:
+        _CURRENT_FILE["path"] = None

@@ -1,0 +1,562 @@
+"""The demo/test token: ``tokenbridge softhsm init DIR`` (also ``python -m tokenbridge.demo DIR``).
+
+Builds, inside DIR and nowhere else, a SoftHSM token with keys generated on it, a software test
+PKI modelled on the French one that certifies them, and a ``tokenbridge.toml`` with which
+``tokenbridge serve --config DIR/tokenbridge.toml`` just works. Layout (see softhsm/README.md)::
+
+    DIR/softhsm2.conf        SoftHSM configuration: token store DIR/tokens, never the system one
+    DIR/tokens/              the token "tokenbridge-demo"
+    DIR/pin, DIR/so-pin      random user and SO PINs (0600)
+    DIR/tokenbridge.toml     service configuration
+    DIR/pki/                 root and issuing CA (with keys), the token's certificates,
+                             the national registration system's certificates and keys
+
+The token's keys (see DEMO_KEYS) use fixed CKA_IDs 01, 02, 03 so that tests and ``[keys.*]``
+tables can name them. This process never loads the PKCS#11 module: that happens in a child
+process (``--token-worker``), because SoftHSM reads SOFTHSM2_CONF once, when it initialises,
+and python-pkcs11 allows one module per process -- the caller may later load the same module
+with its own configuration, for serving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import ipaddress
+import json
+import os
+import secrets
+import shutil
+import string
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.types import (
+    CertificateIssuerPrivateKeyTypes,
+    CertificatePublicKeyTypes,
+)
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from tokenbridge.config import DEFAULT_PORT, Settings, load_settings
+
+TOKEN_LABEL = "tokenbridge-demo"
+SOFTHSM_MODULES = (  # Debian/Ubuntu first; the others as in drivers/softhsm2.toml
+    Path("/usr/lib/softhsm/libsofthsm2.so"),
+    Path("/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so"),
+    Path("/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so"),
+    Path("/usr/lib64/pkcs11/libsofthsm2.so"),
+    Path("/usr/local/lib/softhsm/libsofthsm2.so"),
+)
+
+CONFIG_NAME = "tokenbridge.toml"
+SOFTHSM_CONF_NAME = "softhsm2.conf"
+PIN_NAME = "pin"
+SO_PIN_NAME = "so-pin"
+TOKENS_NAME = "tokens"
+PKI_NAME = "pki"
+# Everything init_demo creates in DIR, and all that --force removes (state.db etc. are kept).
+GENERATED = (CONFIG_NAME, PIN_NAME, SO_PIN_NAME, TOKENS_NAME, PKI_NAME, SOFTHSM_CONF_NAME)
+
+# First line of our softhsm2.conf: how a directory is recognised as a demo directory.
+_CONF_MARKER = "# tokenbridge demo token: written by `tokenbridge softhsm init`; do not edit."
+_SOFTHSM_CONF_TEMPLATE = """{marker}
+directories.tokendir = {tokendir}
+objectstore.backend = file
+log.level = ERROR
+slots.removable = false
+"""
+
+ORG_EMAIL = "enregistrement@hlm-demo.example"
+NATIONAL_EMAIL = "sne@national.example"
+ORG_NAME = x509.Name(
+    [
+        x509.NameAttribute(NameOID.COUNTRY_NAME, "FR"),
+        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "HLM Demo Habitat"),
+        x509.NameAttribute(NameOID.ORGANIZATION_IDENTIFIER, "NTRFR-123456789"),
+        x509.NameAttribute(NameOID.COMMON_NAME, "HLM Demo Habitat - Service enregistrement"),
+    ]
+)
+_PIN_ALPHABET = string.ascii_letters + string.digits  # no '-' first: softhsm2-util takes it as an option
+
+
+@dataclass(frozen=True)
+class DemoKey:
+    """One key pair on the demo token, with its certificate stored beside it."""
+
+    label: str
+    key_id: bytes
+    kind: Literal["rsa", "ec"]
+    sign: bool
+    decrypt: bool
+
+
+DEMO_KEYS: tuple[DemoKey, ...] = (
+    DemoKey("sign-rsa", b"\x01", "rsa", sign=True, decrypt=False),
+    DemoKey("encrypt-rsa", b"\x02", "rsa", sign=False, decrypt=True),
+    DemoKey("auth-ec", b"\x03", "ec", sign=True, decrypt=False),
+)
+
+
+class DemoError(Exception):
+    """init_demo could not (or would not) build the demo directory; the message says why."""
+
+
+@dataclass(frozen=True)
+class DemoInfo:
+    dir: Path
+    config_file: Path
+    pin_file: Path
+    softhsm_conf: Path
+    created: bool
+
+    @property
+    def so_pin_file(self) -> Path:
+        return self.dir / SO_PIN_NAME
+
+    @property
+    def token_dir(self) -> Path:
+        return self.dir / TOKENS_NAME
+
+    @property
+    def pki_dir(self) -> Path:
+        return self.dir / PKI_NAME
+
+
+def find_softhsm_module() -> Path:
+    """The SoftHSM PKCS#11 module: the first of SOFTHSM_MODULES that exists."""
+    for path in SOFTHSM_MODULES:
+        if path.exists():
+            return path
+    raise DemoError(
+        "SoftHSM module not found (looked for " + ", ".join(map(str, SOFTHSM_MODULES)) + "): "
+        "install SoftHSM with `apt-get install softhsm2`"
+    )
+
+
+def _find_softhsm_util() -> str:
+    util = shutil.which("softhsm2-util")
+    if util is None:
+        raise DemoError("softhsm2-util not found on PATH: install SoftHSM with `apt-get install softhsm2`")
+    return util
+
+
+def _info(directory: Path, created: bool) -> DemoInfo:
+    return DemoInfo(
+        dir=directory,
+        config_file=directory / CONFIG_NAME,
+        pin_file=directory / PIN_NAME,
+        softhsm_conf=directory / SOFTHSM_CONF_NAME,
+        created=created,
+    )
+
+
+def _state(directory: Path) -> Literal["new", "complete", "incomplete", "foreign"]:
+    """Whether DIR can be created in, is a complete demo, an interrupted one, or something else."""
+    if not directory.exists():
+        return "new"
+    if not directory.is_dir():
+        return "foreign"
+    if not any(directory.iterdir()):
+        return "new"
+    conf = directory / SOFTHSM_CONF_NAME
+    try:
+        ours = conf.is_file() and conf.read_text().splitlines()[:1] == [_CONF_MARKER]
+    except (OSError, UnicodeDecodeError):
+        ours = False
+    if not ours:
+        return "foreign"
+    token_present = any((directory / TOKENS_NAME).glob("*/token.object"))
+    complete = (directory / CONFIG_NAME).is_file() and (directory / PIN_NAME).is_file() and token_present
+    return "complete" if complete else "incomplete"
+
+
+def _remove_generated(directory: Path) -> None:
+    # Only DIR's direct children that we create; symbolic links are removed, never followed.
+    for name in GENERATED:
+        path = directory / name
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+        elif path.is_dir():
+            shutil.rmtree(path)
+
+
+def init_demo(directory: Path, force: bool = False) -> DemoInfo:
+    """Create the demo token, PKI and configuration in ``directory``; see the module docstring.
+
+    Idempotent: a complete demo is left alone (``created=False``). ``force`` removes what an
+    earlier run generated and starts again (new keys, new PINs); a directory that is not empty
+    and was not made by us is never touched.
+    """
+    directory = Path(directory).expanduser().resolve()
+    state = _state(directory)
+    if state == "foreign":
+        raise DemoError(f"{directory} exists and is not a tokenbridge demo directory: refusing to touch it")
+    if state == "complete" and not force:
+        return _info(directory, created=False)
+    if state == "incomplete" and not force:
+        raise DemoError(f"{directory} holds an incomplete demo token: re-create it with --force")
+
+    softhsm_util = _find_softhsm_util()
+    module = find_softhsm_module()
+    made_dir = not directory.exists()
+    if state != "new":
+        _remove_generated(directory)
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    directory.chmod(0o700)
+    try:
+        _create(directory, softhsm_util, module)
+    except BaseException:
+        _remove_generated(directory)
+        if made_dir and not any(directory.iterdir()):
+            directory.rmdir()
+        raise
+    return _info(directory, created=True)
+
+
+def _write(path: Path, data: str | bytes, mode: int = 0o644) -> None:
+    raw = data.encode() if isinstance(data, str) else data
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
+    try:
+        os.fchmod(fd, mode)  # also when the file existed, and whatever the umask
+        os.write(fd, raw)
+    finally:
+        os.close(fd)
+
+
+def _new_pin(length: int = 16) -> str:
+    return "".join(secrets.choice(_PIN_ALPHABET) for _ in range(length))
+
+
+def _create(directory: Path, softhsm_util: str, module: Path) -> None:
+    info = _info(directory, created=True)
+    tokens = info.token_dir
+    tokens.mkdir(mode=0o700)
+    _write(info.softhsm_conf, _SOFTHSM_CONF_TEMPLATE.format(marker=_CONF_MARKER, tokendir=tokens))
+
+    pin, so_pin = _new_pin(), _new_pin()
+    _write(info.pin_file, pin, 0o600)
+    _write(info.so_pin_file, so_pin, 0o600)
+    env = {**os.environ, "SOFTHSM2_CONF": str(info.softhsm_conf)}
+    cmd = [softhsm_util, "--init-token", "--free", "--label", TOKEN_LABEL, "--so-pin", so_pin, "--pin", pin]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60, check=False)
+    if proc.returncode != 0:
+        raise DemoError(f"softhsm2-util --init-token failed: {(proc.stderr or proc.stdout).strip()}")
+
+    pki = info.pki_dir
+    pki.mkdir(mode=0o700)
+    pki.chmod(0o700)
+    issuer_cert, issuer_key = _write_software_pki(pki)
+    job = {
+        "softhsm_conf": str(info.softhsm_conf),
+        "module": str(module),
+        "token_label": TOKEN_LABEL,
+        "pin": pin,
+        "issuer_cert": issuer_cert.public_bytes(serialization.Encoding.PEM).decode(),
+        "issuer_key": _key_pem(issuer_key).decode(),
+    }
+    for label, cert_pem in _run_token_worker(job).items():
+        _write(pki / f"{label}.pem", cert_pem)
+
+    _write(info.config_file, _config_toml(info.softhsm_conf))
+    try:
+        settings = load_settings(info.config_file)
+    except Exception as exc:
+        raise DemoError(f"the generated {info.config_file} does not load: {exc}") from exc
+    if settings.token.pin_file != info.pin_file:
+        raise DemoError(f"the generated {info.config_file} does not point at {info.pin_file}")
+
+
+def _toml_str(value: str) -> str:
+    # A JSON string is a TOML basic string, but for DEL, which TOML wants escaped.
+    return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007F")
+
+
+def _config_toml(softhsm_conf: Path) -> str:
+    recipients = '[recipients]\nnational = "pki/national.pem"\n'
+    if "recipients" not in Settings.model_fields:
+        recipients = "# Not yet supported by this version's settings:\n" + "".join(
+            f"# {line}\n" for line in recipients.splitlines()
+        )
+    return f"""\
+# tokenbridge demo configuration, written by `tokenbridge softhsm init`.
+# Serve with: tokenbridge serve --config {softhsm_conf.parent / CONFIG_NAME}
+# Relative paths are relative to this file's directory.
+data_dir = "."
+ca_files = ["pki/intermediate-ca.pem", "pki/root-ca.pem"]
+
+[token]
+module = "softhsm2"
+label = {_toml_str(TOKEN_LABEL)}
+pin_source = "file"
+pin_file = "pin"
+
+[token.environment]
+SOFTHSM2_CONF = {_toml_str(str(softhsm_conf))}
+
+[server]
+host = "127.0.0.1"
+port = {DEFAULT_PORT}
+
+{recipients}"""
+
+
+# --- software PKI (cryptography only) ---------------------------------------------------------
+
+
+def _name(organisation: str, common_name: str) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.COUNTRY_NAME, "FR"),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, organisation),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
+
+
+ROOT_NAME = _name("Tokenbridge Demo", "Tokenbridge Demo Root CA")
+ISSUING_NAME = _name("Tokenbridge Demo", "Tokenbridge Demo Issuing CA")
+NATIONAL_NAME = _name("Systeme National d'Enregistrement (demo)", "SNE Demo")
+NATIONAL_TLS_NAME = _name("Systeme National d'Enregistrement (demo)", "localhost")
+
+
+def _key_usage(**flags: bool) -> x509.KeyUsage:
+    names = (
+        "digital_signature",
+        "content_commitment",
+        "key_encipherment",
+        "data_encipherment",
+        "key_agreement",
+        "key_cert_sign",
+        "crl_sign",
+        "encipher_only",
+        "decipher_only",
+    )
+    unknown = set(flags) - set(names)
+    if unknown:
+        raise ValueError(f"unknown key usages: {unknown}")
+    return x509.KeyUsage(**{name: flags.get(name, False) for name in names})
+
+
+def _issue(
+    subject: x509.Name,
+    public_key: CertificatePublicKeyTypes,
+    issuer: x509.Certificate | None,
+    issuer_key: CertificateIssuerPrivateKeyTypes,
+    *,
+    days: int,
+    key_usage: x509.KeyUsage,
+    ca_path_length: int | Literal[False] | None = False,
+    eku: Sequence[x509.ObjectIdentifier] = (),
+    san: Sequence[x509.GeneralName] = (),
+) -> x509.Certificate:
+    """Issue a certificate (self-signed when ``issuer`` is None). ``ca_path_length=False``: not a CA."""
+    now = dt.datetime.now(dt.UTC)
+    not_after = now + dt.timedelta(days=days)
+    if issuer is not None:
+        not_after = min(not_after, issuer.not_valid_after_utc)
+    is_ca = ca_path_length is not False
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer.subject if issuer is not None else subject)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(hours=1))
+        .not_valid_after(not_after)
+        .add_extension(
+            x509.BasicConstraints(ca=is_ca, path_length=ca_path_length if is_ca else None), critical=True
+        )
+        .add_extension(key_usage, critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+    )
+    if issuer is not None:
+        ski = issuer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+    else:
+        aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key())
+    builder = builder.add_extension(aki, critical=False)
+    if eku:
+        builder = builder.add_extension(x509.ExtendedKeyUsage(list(eku)), critical=False)
+    if san:
+        builder = builder.add_extension(x509.SubjectAlternativeName(list(san)), critical=False)
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+def _key_pem(key: CertificateIssuerPrivateKeyTypes) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def _cert_pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _write_software_pki(pki: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """Root CA, issuing CA and the national system's certificates; return the issuing CA."""
+    ca_usage = _key_usage(key_cert_sign=True, crl_sign=True)
+    root_key = ec.generate_private_key(ec.SECP256R1())
+    root = _issue(
+        ROOT_NAME, root_key.public_key(), None, root_key, days=3652, key_usage=ca_usage, ca_path_length=1
+    )
+    issuing_key = ec.generate_private_key(ec.SECP256R1())
+    issuing = _issue(
+        ISSUING_NAME,
+        issuing_key.public_key(),
+        root,
+        root_key,
+        days=3652,
+        key_usage=ca_usage,
+        ca_path_length=0,
+    )
+
+    national_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    national = _issue(
+        NATIONAL_NAME,
+        national_key.public_key(),
+        issuing,
+        issuing_key,
+        days=730,
+        key_usage=_key_usage(digital_signature=True, key_encipherment=True),
+        eku=[ExtendedKeyUsageOID.EMAIL_PROTECTION],
+        san=[x509.RFC822Name(NATIONAL_EMAIL)],
+    )
+    tls_key = ec.generate_private_key(ec.SECP256R1())
+    tls = _issue(
+        NATIONAL_TLS_NAME,
+        tls_key.public_key(),
+        issuing,
+        issuing_key,
+        days=730,
+        key_usage=_key_usage(digital_signature=True),
+        eku=[ExtendedKeyUsageOID.SERVER_AUTH],
+        san=[x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
+    )
+
+    _write(pki / "root-ca.pem", _cert_pem(root))
+    _write(pki / "root-ca.key", _key_pem(root_key), 0o600)
+    _write(pki / "intermediate-ca.pem", _cert_pem(issuing))
+    _write(pki / "intermediate-ca.key", _key_pem(issuing_key), 0o600)
+    _write(pki / "ca-chain.pem", _cert_pem(issuing) + _cert_pem(root))
+    _write(pki / "national.pem", _cert_pem(national))
+    _write(pki / "national.key", _key_pem(national_key), 0o600)
+    _write(pki / "national-tls.pem", _cert_pem(tls))
+    _write(pki / "national-tls.key", _key_pem(tls_key), 0o600)
+    return issuing, issuing_key
+
+
+def issue_token_certificate(
+    key: DemoKey,
+    public_key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey,
+    issuer: x509.Certificate,
+    issuer_key: CertificateIssuerPrivateKeyTypes,
+) -> x509.Certificate:
+    """The organisation's certificate for one token key (2 years), profile chosen by label."""
+    profiles: dict[str, tuple[x509.KeyUsage, list[x509.ObjectIdentifier]]] = {
+        "sign-rsa": (
+            _key_usage(digital_signature=True, content_commitment=True),
+            [ExtendedKeyUsageOID.EMAIL_PROTECTION, ExtendedKeyUsageOID.CLIENT_AUTH],
+        ),
+        "encrypt-rsa": (_key_usage(key_encipherment=True), [ExtendedKeyUsageOID.EMAIL_PROTECTION]),
+        "auth-ec": (_key_usage(digital_signature=True), [ExtendedKeyUsageOID.CLIENT_AUTH]),
+    }
+    usage, eku = profiles[key.label]
+    return _issue(
+        ORG_NAME,
+        public_key,
+        issuer,
+        issuer_key,
+        days=730,
+        key_usage=usage,
+        eku=eku,
+        san=[x509.RFC822Name(ORG_EMAIL)],
+    )
+
+
+# --- the child process that loads the PKCS#11 module -----------------------------------------
+
+
+def _run_token_worker(job: dict[str, str]) -> dict[str, str]:
+    """Run _token_worker in a fresh interpreter (the job, PIN included, goes through stdin)."""
+    env = {**os.environ, "SOFTHSM2_CONF": job["softhsm_conf"]}
+    package_root = str(Path(__file__).resolve().parents[1])  # works without installing the package
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tokenbridge.demo", "--token-worker"],
+        input=json.dumps(job),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise DemoError(f"creating the keys on the token failed:\n{proc.stderr.strip()}")
+    lines = proc.stdout.strip().splitlines()
+    try:
+        result: dict[str, str] = json.loads(lines[-1])
+    except (IndexError, ValueError) as exc:
+        raise DemoError(f"unexpected output from the token worker: {proc.stdout!r}") from exc
+    return result
+
+
+def _token_worker(job: dict[str, str]) -> dict[str, str]:
+    """In the child: generate DEMO_KEYS on the token, certify them, store the certificates."""
+    os.environ["SOFTHSM2_CONF"] = job["softhsm_conf"]  # before the module is loaded
+    from tokenbridge.token import provision
+
+    issuer = x509.load_pem_x509_certificate(job["issuer_cert"].encode())
+    issuer_key = serialization.load_pem_private_key(job["issuer_key"].encode(), password=None)
+    if not isinstance(issuer_key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+        raise TypeError(f"unexpected issuing CA key type {type(issuer_key).__name__}")
+    certificates: dict[str, str] = {}
+    with provision.open_user_session(job["module"], job["token_label"], job["pin"]) as session:
+        for key in DEMO_KEYS:
+            public: rsa.RSAPublicKey | ec.EllipticCurvePublicKey
+            if key.kind == "rsa":
+                public = provision.generate_rsa_keypair(
+                    session, key.label, key.key_id, 2048, sign=key.sign, decrypt=key.decrypt
+                )
+            else:
+                public = provision.generate_ec_keypair(session, key.label, key.key_id, "secp256r1")
+            cert = issue_token_certificate(key, public, issuer, issuer_key)
+            provision.store_certificate(
+                session, key.label, key.key_id, cert.public_bytes(serialization.Encoding.DER)
+            )
+            certificates[key.label] = _cert_pem(cert).decode()
+    return certificates
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m tokenbridge.demo DIR [--force]``."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args == ["--token-worker"]:
+        job: dict[str, Any] = json.loads(sys.stdin.read())
+        print(json.dumps(_token_worker(job)))
+        return 0
+    parser = argparse.ArgumentParser(prog="python -m tokenbridge.demo", description=__doc__.split("\n")[0])
+    parser.add_argument("directory", type=Path, help="demo directory (created, mode 0700)")
+    parser.add_argument("--force", action="store_true", help="delete and re-create the demo token and PKI")
+    ns = parser.parse_args(args)
+    try:
+        info = init_demo(ns.directory, force=ns.force)
+    except DemoError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if info.created:
+        print(f"created demo token {TOKEN_LABEL!r} in {info.dir}")
+    else:
+        print(f"demo token already present in {info.dir} (--force re-creates it)")
+    print(f"serve with: tokenbridge serve --config {info.config_file}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""``tokenbridge doctor``: what an operator checks first when something does not work.
+
+Asks the running service when there is one (so the card sees no second user);
+otherwise opens the token itself, logging in at most once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+
+from tokenbridge.client import Client, TokenbridgeError
+from tokenbridge.config import Settings
+from tokenbridge.drivers import DriverNotFound, resolve_module
+
+WARN_DAYS = 30
+
+
+class Report:
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.errors = 0
+        self.warnings = 0
+
+    def ok(self, msg: str) -> None:
+        self.console.print(f"[green]ok[/green]    {msg}")
+
+    def warn(self, msg: str) -> None:
+        self.warnings += 1
+        self.console.print(f"[yellow]warn[/yellow]  {msg}")
+
+    def fail(self, msg: str) -> None:
+        self.errors += 1
+        self.console.print(f"[red]FAIL[/red]  {msg}")
+
+
+def _from_service(settings: Settings) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
+    path = settings.server.admin_socket
+    if path is None or not path.exists():
+        return None
+    try:
+        with Client(uds=str(path), timeout=10) as c:
+            return c.tokens()[0], c.keys()
+    except (TokenbridgeError, OSError):
+        return None
+
+
+def _in_process(settings: Settings) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    from tokenbridge.api.v1 import token_view
+    from tokenbridge.services.bridge import Bridge, PinUnavailable, read_pin
+    from tokenbridge.services.keys import key_view
+
+    try:
+        pin = read_pin(settings.token)
+    except PinUnavailable:
+        pin = None
+    bridge = Bridge(settings, pin=pin)
+    try:
+        bridge.start()
+        return token_view(bridge.owner.status()), [key_view(k) for k in bridge.owner.keys()]
+    finally:
+        bridge.stop()
+
+
+def run_doctor(settings: Settings, console: Console) -> int:
+    r = Report(console)
+    try:
+        path, profile = resolve_module(settings.token.module)
+        r.ok(f"module {path}" + (f" (profile {profile.name})" if profile else ""))
+    except DriverNotFound as exc:
+        r.fail(str(exc))
+        return 1
+    found = _from_service(settings)
+    if found is not None:
+        r.ok("service is running; asking it (no second login)")
+        token, keys = found
+    else:
+        token, keys = _in_process(settings)
+    state = token["state"]
+    if state == "error":
+        r.fail(f"module or token unusable: {token['message']}")
+        return 1
+    if state == "absent":
+        r.fail(f"token not present: {token['message']}")
+        return 1
+    r.ok(f"token {token['label']!r} serial {token['serial']} ({token['manufacturer']} {token['model']})")
+    pin = token["pin"]
+    if pin["locked"]:
+        r.fail("user PIN is LOCKED: unblock it with the card's PUK / SO PIN tools")
+    elif pin["final_try"]:
+        r.fail("user PIN is at its FINAL TRY: the service will not try it")
+    elif pin["count_low"]:
+        r.warn("user PIN retry counter is low: a wrong PIN was entered recently")
+    if state == "ready":
+        r.ok("PIN accepted, logged in")
+    else:
+        r.fail(f"not logged in ({state}): {token['message']}")
+    if not keys and state == "ready":
+        r.fail("no private key found on the token")
+    for k in keys:
+        cert = k.get("certificate")
+        name = f"key {k['label']!r} ({k['type']}-{k['curve'] or k['size']})"
+        if cert is None:
+            r.warn(f"{name}: no certificate on the token")
+            continue
+        if cert["expired"]:
+            r.fail(f"{name}: certificate EXPIRED on {cert['not_after'][:10]}")
+        elif cert["not_yet_valid"]:
+            r.fail(f"{name}: certificate not valid before {cert['not_before'][:10]}")
+        elif cert["days_left"] < WARN_DAYS:
+            r.warn(f"{name}: certificate expires in {cert['days_left']} days ({cert['not_after'][:10]})")
+        else:
+            r.ok(f"{name}: {cert['subject']}, {cert['days_left']} days left, "
+                 f"usages {', '.join(cert['key_usage']) or '(any)'}")
+    certs = [k["certificate"] for k in keys if k.get("certificate")]
+    if state == "ready":
+        if any("keyEncipherment" in c["key_usage"] for c in certs):
+            r.ok("a certificate has keyEncipherment (needed to decrypt the national system's replies)")
+        else:
+            r.fail("no certificate has keyEncipherment: replies from the national system cannot be decrypted")
+        if any("digitalSignature" in c["key_usage"] for c in certs):
+            r.ok("a certificate has digitalSignature (signing, TLS client authentication)")
+        else:
+            r.fail("no certificate has digitalSignature: cannot sign or authenticate")
+    console.print(f"{r.errors} error(s), {r.warnings} warning(s)")
+    return 1 if r.errors else 0

@@ -1,0 +1,142 @@
+"""Private-key operations for clients: checks, software hashing, the token call and the audit entry.
+
+Order matters: every check that can refuse a request runs before the token is
+touched, so bad input costs no card operation; the audit entry is written
+before the result is returned, and a result that cannot be audited is not
+returned at all (fail closed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+from tokenbridge.algorithms import DECRYPT_ALGORITHMS, SIGN_ALGORITHMS, SignAlgorithm
+from tokenbridge.audit import AuditLog, AuditUnavailable
+from tokenbridge.config import Settings
+from tokenbridge.errors import Problem
+from tokenbridge.formats.padding import DIGEST_SIZE
+from tokenbridge.services.keys import may_decrypt, may_sign, require_usage
+from tokenbridge.services.principal import Principal
+from tokenbridge.token.model import KeyInfo, TokenError
+from tokenbridge.token.owner import TokenOwner
+
+T = TypeVar("T")
+
+# Hashing in the event loop is fine for small inputs; bigger ones go to a thread.
+_INLINE_HASH_LIMIT = 256 * 1024
+
+
+@dataclass(frozen=True)
+class SignResult:
+    signature: bytes
+    algorithm: str
+    key: KeyInfo
+
+
+def _audit_failed(exc: AuditUnavailable) -> Problem:
+    return Problem(f"{exc}; the operation was refused", code="audit_unavailable", status=503,
+                   title="Audit log unavailable")
+
+
+async def _hash(hash_name: str, data: bytes) -> bytes:
+    if len(data) <= _INLINE_HASH_LIMIT:
+        return hashlib.new(hash_name, data).digest()
+    return await asyncio.to_thread(lambda: hashlib.new(hash_name, data).digest())
+
+
+class Operations:
+    def __init__(self, owner: TokenOwner, audit: AuditLog, settings: Settings) -> None:
+        self.owner = owner
+        self.audit = audit
+        self.settings = settings
+
+    def sign_algorithm(self, name: str) -> SignAlgorithm:
+        alg = SIGN_ALGORITHMS.get(name)
+        if alg is None:
+            raise Problem(f"unknown algorithm {name!r}; choose one of {', '.join(SIGN_ALGORITHMS)}",
+                          code="unknown_algorithm", status=422, title="Unknown algorithm")
+        return alg
+
+    def resolve_key(self, principal: Principal, ref: str) -> KeyInfo:
+        key = self.owner.find_key(ref)
+        principal.require_key(key)
+        return key
+
+    async def sign(self, principal: Principal, key_ref: str, algorithm: str, *,
+                   data: bytes | None = None, digest: bytes | None = None,
+                   raw_ecdsa: bool = False, event: str = "sign") -> SignResult:
+        principal.require("sign")
+        alg = self.sign_algorithm(algorithm)
+        key = self.resolve_key(principal, key_ref)
+        if alg.key_type != key.key_type:
+            raise Problem(f"{alg.name} needs an {alg.key_type.upper()} key; {key.label!r} is "
+                          f"{key.key_type.upper()}", code="algorithm_key_mismatch", status=422,
+                          title="Algorithm does not fit the key")
+        require_usage(may_sign(key))
+        if (data is None) == (digest is None):
+            raise Problem("give exactly one of 'data' or 'digest'", code="invalid_request", status=422,
+                          title="Invalid request")
+        if digest is None:
+            assert data is not None
+            digest = await _hash(alg.hash, data)
+            input_hash = hashlib.sha256(data).hexdigest() if alg.hash != "sha256" else digest.hex()
+        else:
+            if len(digest) != DIGEST_SIZE[alg.hash]:
+                raise Problem(f"a {alg.hash} digest is {DIGEST_SIZE[alg.hash]} bytes, not {len(digest)}",
+                              code="invalid_digest", status=422, title="Invalid digest")
+            input_hash = hashlib.sha256(digest).hexdigest()
+        signature = await self._run(principal, event, key, alg.name, input_hash,
+                                    lambda: self.owner.sign(key, alg.scheme, alg.hash, digest))
+        if alg.scheme == "ecdsa" and not raw_ecdsa:
+            half = len(signature) // 2
+            signature = encode_dss_signature(int.from_bytes(signature[:half], "big"),
+                                             int.from_bytes(signature[half:], "big"))
+        return SignResult(signature, alg.name, key)
+
+    async def decrypt(self, principal: Principal, key_ref: str, algorithm: str, ciphertext: bytes,
+                      event: str = "decrypt") -> bytes:
+        principal.require("decrypt")
+        alg = DECRYPT_ALGORITHMS.get(algorithm)
+        if alg is None:
+            raise Problem(f"unknown algorithm {algorithm!r}; choose one of {', '.join(DECRYPT_ALGORITHMS)}",
+                          code="unknown_algorithm", status=422, title="Unknown algorithm")
+        key = self.resolve_key(principal, key_ref)
+        require_usage(may_decrypt(key))
+        if alg.scheme == "rsa-pkcs1v15" and not self.settings.key_policy(key.id, key.label) \
+                .allow_rsa_pkcs1v15_decrypt:
+            raise Problem("raw RSA PKCS#1 v1.5 decryption is a padding oracle and is disabled for this key; "
+                          "use rsa-oaep-sha256, or enable it in the key's configuration "
+                          "(allow_rsa_pkcs1v15_decrypt)", code="algorithm_disabled", status=403,
+                          title="Algorithm disabled")
+        input_hash = hashlib.sha256(ciphertext).hexdigest()
+        return await self._run(principal, event, key, alg.name, input_hash,
+                               lambda: self.owner.decrypt(key, alg.scheme, alg.hash, ciphertext))
+
+    async def _run(self, principal: Principal, event: str, key: KeyInfo, algorithm: str,
+                   input_hash: str, operation: Callable[[], Awaitable[T]]) -> T:
+        """Run the token operation and audit its outcome; refuse if the entry cannot be written."""
+        try:
+            self.audit.ensure_writable()  # a broken audit log costs no card operation
+        except AuditUnavailable as exc:
+            raise _audit_failed(exc) from None
+        try:
+            result = await operation()
+        except TokenError as exc:
+            try:
+                self.audit.record(principal.actor, event, exc.code, key=key.id, algorithm=algorithm,
+                                  input_sha256=input_hash)
+            except AuditUnavailable as audit_exc:
+                raise _audit_failed(audit_exc) from exc
+            raise
+        try:
+            self.audit.record(principal.actor, event, "ok", key=key.id, algorithm=algorithm,
+                              input_sha256=input_hash)
+        except AuditUnavailable as exc:
+            raise _audit_failed(exc) from None
+        return result

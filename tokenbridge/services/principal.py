@@ -1,0 +1,36 @@
+"""Who is asking: an API client (by its secret) or the local operator (by the admin socket)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tokenbridge.errors import Problem
+from tokenbridge.token.model import KeyInfo
+
+
+@dataclass(frozen=True)
+class Principal:
+    name: str
+    grants: frozenset[str]
+    keys: frozenset[str] = frozenset()  # empty: every key
+    operator: bool = False
+
+    @property
+    def actor(self) -> str:
+        return "operator" if self.operator else f"client:{self.name}"
+
+    def require(self, grant: str) -> None:
+        if not self.operator and grant not in self.grants:
+            raise Problem(f"client {self.name!r} has no {grant!r} grant", code="grant_missing", status=403,
+                          title="Forbidden")
+
+    def may_use(self, key: KeyInfo) -> bool:
+        return self.operator or not self.keys or key.id in self.keys or key.label in self.keys
+
+    def require_key(self, key: KeyInfo) -> None:
+        if not self.may_use(key):
+            raise Problem(f"client {self.name!r} may not use key {key.label!r}", code="key_not_granted",
+                          status=403, title="Forbidden")
+
+
+OPERATOR = Principal(name="operator", grants=frozenset(), operator=True)

@@ -1,0 +1,80 @@
+"""The embedded state store: one SQLite file (WAL) holding clients and the audit chain.
+
+Both the service and the CLI open it; SQLite's own locking makes their writes
+safe, and ``BEGIN IMMEDIATE`` keeps the audit chain's read-then-append atomic
+across processes.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS clients (
+    client_id   TEXT PRIMARY KEY,
+    name        TEXT NOT NULL UNIQUE,
+    secret_hash BLOB NOT NULL,
+    grants      TEXT NOT NULL,
+    keys        TEXT NOT NULL,
+    created     TEXT NOT NULL,
+    revoked     TEXT,
+    last_seen   TEXT
+);
+CREATE TABLE IF NOT EXISTS audit (
+    seq        INTEGER PRIMARY KEY,
+    ts         TEXT NOT NULL,
+    actor      TEXT NOT NULL,
+    event      TEXT NOT NULL,
+    key        TEXT,
+    algorithm  TEXT,
+    input_sha256 TEXT,
+    outcome    TEXT NOT NULL,
+    detail     TEXT,
+    prev_hash  TEXT NOT NULL,
+    hash       TEXT NOT NULL
+);
+"""
+
+
+class Store:
+    """A thread-safe handle on the state database."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(SCHEMA)
+        try:
+            path.chmod(0o600)
+        except OSError:
+            pass
+
+    @contextmanager
+    def transaction(self, immediate: bool = False) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            else:
+                self._db.execute("COMMIT")
+
+    def query(self, sql: str, params: tuple[object, ...] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            cur = self._db.execute(sql, params)
+            cur.row_factory = sqlite3.Row
+            return cur.fetchall()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
