@@ -70,8 +70,8 @@ class Operations:
 
     async def sign(self, principal: Principal, key_ref: str, algorithm: str, *,
                    data: bytes | None = None, digest: bytes | None = None,
-                   raw_ecdsa: bool = False, event: str = "sign") -> SignResult:
-        principal.require("sign")
+                   raw_ecdsa: bool = False, event: str = "sign", grant: str = "sign") -> SignResult:
+        principal.require(grant)
         alg = self.sign_algorithm(algorithm)
         key = self.resolve_key(principal, key_ref)
         if alg.key_type != key.key_type:
@@ -100,8 +100,8 @@ class Operations:
         return SignResult(signature, alg.name, key)
 
     async def decrypt(self, principal: Principal, key_ref: str, algorithm: str, ciphertext: bytes,
-                      event: str = "decrypt") -> bytes:
-        principal.require("decrypt")
+                      event: str = "decrypt", grant: str = "decrypt") -> bytes:
+        principal.require(grant)
         alg = DECRYPT_ALGORITHMS.get(algorithm)
         if alg is None:
             raise Problem(f"unknown algorithm {algorithm!r}; choose one of {', '.join(DECRYPT_ALGORITHMS)}",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import hashlib
 import logging
 import os
@@ -91,20 +92,29 @@ class TokenSelector:
 
 
 class _Job:
+    """One unit of work for the owner thread, resolved on an asyncio loop or a waiting thread."""
+
     __slots__ = ("cancelled", "deadline", "enqueued", "fn", "future", "loop", "started")
 
-    def __init__(self, fn: Callable[[], Any], loop: asyncio.AbstractEventLoop,
-                 future: asyncio.Future[Any], deadline: float) -> None:
+    def __init__(self, fn: Callable[[], Any], future: asyncio.Future[Any] | concurrent.futures.Future[Any],
+                 loop: asyncio.AbstractEventLoop | None, deadline: float) -> None:
         self.fn = fn
-        self.loop = loop
         self.future = future
+        self.loop = loop
         self.deadline = deadline
         self.enqueued = time.monotonic()
         self.cancelled = False
         self.started = False
 
+    def resolve(self, result: Any, error: BaseException | None) -> None:
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(_resolve, self.future, result, error)
+        else:
+            _resolve(self.future, result, error)
 
-def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+
+def _resolve(future: asyncio.Future[Any] | concurrent.futures.Future[Any], result: Any,
+             error: BaseException | None) -> None:
     if future.done():
         return
     if error is not None:
@@ -201,12 +211,30 @@ class TokenOwner:
         return await self._submit(lambda: self._with_session(
             lambda: self._handles[key.id].decrypt(block, mechanism=Mechanism.RSA_X_509)))
 
+    def sign_blocking(self, key: KeyInfo, scheme: str, hash_name: HashName, digest: bytes) -> bytes:
+        """``sign`` for callers on other threads (e.g. OpenSSL callbacks during a TLS handshake)."""
+        return self._submit_blocking(lambda: self._do_sign(key, scheme, hash_name, digest))
+
+    def _submit_blocking(self, fn: Callable[[], Any]) -> Any:
+        if threading.current_thread() is self._thread:
+            return fn()  # already on the owner thread
+        if self._status.state is not TokenState.READY:
+            raise TokenUnavailable(self._unavailable_detail())
+        fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        job = _Job(fn, fut, None, time.monotonic() + self._timeout)
+        self._enqueue(job)
+        try:
+            return fut.result(self._timeout)
+        except concurrent.futures.TimeoutError:
+            job.cancelled = True
+            raise DeadlineExceeded(f"the token did not answer within {self._timeout:g} s") from None
+
     async def login(self, pin: str | None, accept_new_token: bool = False,
                     allow_final_try: bool = False) -> TokenStatus:
         """An operator's new PIN (or pin pad). Runs through the queue like any job."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[TokenStatus] = loop.create_future()
-        job = _Job(lambda: self._operator_login(pin, accept_new_token, allow_final_try), loop, fut,
+        job = _Job(lambda: self._operator_login(pin, accept_new_token, allow_final_try), fut, loop,
                    time.monotonic() + self._timeout)
         self._enqueue(job, force=True)
         return await fut
@@ -217,7 +245,7 @@ class TokenOwner:
             raise TokenUnavailable(self._unavailable_detail())
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
-        job = _Job(fn, loop, fut, time.monotonic() + self._timeout)
+        job = _Job(fn, fut, loop, time.monotonic() + self._timeout)
         self._enqueue(job)
         try:
             async with asyncio.timeout(self._timeout):
@@ -288,8 +316,7 @@ class TokenOwner:
         if job.cancelled or job.future.done():
             return
         if now > job.deadline:
-            job.loop.call_soon_threadsafe(_resolve, job.future, None,
-                                          DeadlineExceeded("the request waited too long for the token"))
+            job.resolve(None, DeadlineExceeded("the request waited too long for the token"))
             return
         job.started = True
         result: Any = None
@@ -303,13 +330,13 @@ class TokenOwner:
             error = OperationFailed(f"unexpected error: {type(exc).__name__}")
         elapsed = time.monotonic() - now
         self._service_time = 0.9 * self._service_time + 0.1 * elapsed
-        job.loop.call_soon_threadsafe(_resolve, job.future, result, error)
+        job.resolve(result, error)
 
     def _fail_pending(self, error: TokenError) -> None:
         with self._cv:
             jobs, self._jobs = list(self._jobs), collections.deque()
         for job in jobs:
-            job.loop.call_soon_threadsafe(_resolve, job.future, None, error)
+            job.resolve(None, error)
 
     def _fail_all_forever(self) -> None:
         while True:

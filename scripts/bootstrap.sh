@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# tokenbridge bootstrap for a fresh Debian/Ubuntu machine.
+#   bash scripts/bootstrap.sh serve   # install, create the demo token on first run, start on 127.0.0.1:8155
+#   bash scripts/bootstrap.sh test    # install, run the whole test suite
+#   bash scripts/bootstrap.sh install # install only
+# Installs apt packages (softhsm2, opensc, NSS tools, python3-venv...) with sudo when not root,
+# a virtualenv in .venv, and the package with its test extras.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+VENV=${TOKENBRIDGE_VENV:-$ROOT/.venv}
+APT_PACKAGES=(python3 python3-venv python3-dev gcc openssl softhsm2 opensc libnss3-tools curl)
+
+say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+install_apt() {
+  local missing=()
+  for p in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  local sudo=""
+  [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  say "installing apt packages: ${missing[*]}"
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+install_venv() {
+  local py=${PYTHON:-python3}
+  if [ ! -x "$VENV/bin/python" ]; then
+    say "creating virtualenv $VENV"
+    "$py" -m venv "$VENV"
+  fi
+  local stamp="$VENV/.tokenbridge-installed"
+  if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    say "installing tokenbridge and its test tools into $VENV"
+    "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
+    "$VENV/bin/python" -m pip install -q -e ".[test]"
+    touch "$stamp"
+  fi
+}
+
+cmd=${1:-serve}
+install_apt
+install_venv
+TB="$VENV/bin/tokenbridge"
+
+case "$cmd" in
+  install) ;;
+  serve)
+    DIR=${TOKENBRIDGE_DEMO_DIR:-${XDG_DATA_HOME:-$HOME/.local/share}/tokenbridge/demo}
+    "$TB" softhsm init "$DIR"
+    CONFIG="$DIR/tokenbridge.toml"
+    # A fresh secret for the quickstart client at every start: secrets are stored only as hashes.
+    SECRET=$("$TB" clients rotate quickstart --json -c "$CONFIG" 2>/dev/null \
+             || "$TB" clients add quickstart --grant sign,decrypt --json -c "$CONFIG")
+    SECRET=$(printf '%s' "$SECRET" | "$VENV/bin/python" -c 'import json,sys; print(json.load(sys.stdin)["secret"])')
+    PORT=${TOKENBRIDGE_SERVER__PORT:-8155}
+    cat <<MSG
+
+  tokenbridge demo: token in $DIR
+  API key (client "quickstart", shown once):  $SECRET
+
+  Try it from another terminal:
+    curl -s -H "Authorization: Bearer $SECRET" http://127.0.0.1:$PORT/v1/keys
+    curl -s -H "Authorization: Bearer $SECRET" -H 'Content-Type: application/json' \\
+         -d '{"algorithm": "rsa-pkcs1v15-sha256", "data": "'"\$(printf hello | base64)"'"}' \\
+         http://127.0.0.1:$PORT/v1/keys/sign-rsa/sign
+  API docs: http://127.0.0.1:$PORT/docs
+
+MSG
+    exec "$TB" serve --config "$CONFIG"
+    ;;
+  test)
+    shift || true
+    exec "$VENV/bin/python" -m pytest "$@"
+    ;;
+  *) echo "usage: $0 serve|test|install" >&2; exit 2 ;;
+esac
