@@ -15,6 +15,7 @@ from tokenbridge.errors import Problem
 log = logging.getLogger("tokenbridge.api")
 
 MEDIA_TYPE = "application/problem+json"
+_TITLES = {401: "Unauthorized", 404: "Not found", 405: "Method not allowed", 413: "Payload too large"}
 _HTTP_CODES = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
 
 
@@ -47,7 +48,8 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
-        return problem_response(exc.status_code, code, str(exc.detail), str(exc.detail), request.url.path,
+        title = _TITLES.get(exc.status_code, str(exc.detail))
+        return problem_response(exc.status_code, code, title, str(exc.detail), request.url.path,
                                 dict(exc.headers or {}))
 
     @app.exception_handler(Exception)

@@ -193,6 +193,8 @@ class TokenOwner:
         key = self._keys.get(ref)
         if key is None:
             key = next((k for k in self._keys.values() if k.label == ref), None)
+        if key is None and self._status.state is not TokenState.READY and not self._keys:
+            raise TokenUnavailable(self._unavailable_detail())
         if key is None:
             raise KeyNotFound(f"no key {ref!r} on the token (see GET /v1/keys)")
         return key

@@ -1,0 +1,120 @@
+"""Bad input gets a clear problem+json with a stable code, changes nothing, and is never a 5xx."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import httpx
+import pytest
+
+from tests.conftest import Service
+
+GOOD = base64.b64encode(b"ok").decode()
+
+
+def audit_count(service: Service) -> int:
+    return len(service.cli("audit", "tail", "-n", "1000000", "--json").stdout.splitlines())
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "code"),
+    [
+        ("/v1/keys/sign-rsa/sign", b"{not json", 400, "invalid_json"),
+        ("/v1/keys/sign-rsa/sign", {"algorithm": "rsa-pkcs1v15-sha256", "data": "%%%"}, 400, "invalid_base64"),
+        ("/v1/keys/sign-rsa/sign", {"algorithm": "rsa-md5", "data": GOOD}, 422, "unknown_algorithm"),
+        ("/v1/keys/sign-rsa/sign", {"data": GOOD}, 422, "invalid_request"),
+        ("/v1/keys/sign-rsa/sign", {"algorithm": "ecdsa-sha256", "data": GOOD}, 422, "algorithm_key_mismatch"),
+        ("/v1/keys/auth-ec/sign", {"algorithm": "rsa-pss-sha256", "data": GOOD}, 422, "algorithm_key_mismatch"),
+        ("/v1/keys/sign-rsa/sign", {"algorithm": "rsa-pkcs1v15-sha256"}, 422, "invalid_request"),
+        ("/v1/keys/sign-rsa/sign", {"algorithm": "rsa-pkcs1v15-sha256", "data": GOOD, "digest": GOOD}, 422,
+         "invalid_request"),
+        ("/v1/keys/sign-rsa/sign", {"algorithm": "rsa-pkcs1v15-sha256", "digest": GOOD}, 422, "invalid_digest"),
+        ("/v1/keys/sign-rsa/sign", {"algorithm": "rsa-pkcs1v15-sha256", "data": GOOD, "pin": "1234"}, 422,
+         "invalid_request"),
+        ("/v1/keys/sign-rsa/sign", [1, 2], 422, "invalid_request"),
+        ("/v1/keys/nope/sign", {"algorithm": "rsa-pkcs1v15-sha256", "data": GOOD}, 404, "key_not_found"),
+        ("/v1/keys/encrypt-rsa/decrypt", {"algorithm": "rsa-oaep-md5", "ciphertext": GOOD}, 422,
+         "unknown_algorithm"),
+        ("/v1/keys/encrypt-rsa/decrypt", {"algorithm": "rsa-oaep-sha256", "ciphertext": GOOD}, 422,
+         "decryption_failed"),
+        ("/v1/keys/encrypt-rsa/decrypt", {"algorithm": "rsa-oaep-sha256", "ciphertext": "A"}, 400,
+         "invalid_base64"),
+    ],
+)
+def test_bad_requests_are_problems(workstation: httpx.Client, service: Service, path: str, body: object,
+                                   status: int, code: str) -> None:
+    before = audit_count(service)
+    if isinstance(body, bytes):
+        r = workstation.post(path, content=body, headers={"content-type": "application/json"})
+    else:
+        r = workstation.post(path, json=body)
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"] == "application/problem+json"
+    problem = r.json()
+    assert problem["code"] == code
+    assert problem["status"] == status
+    assert problem["type"] == f"urn:tokenbridge:problem:{code}"
+    assert problem["title"] and problem["detail"]
+    # Nothing reached the token, except the decryption attempt, which is audited as failed.
+    expected = 1 if code == "decryption_failed" else 0
+    assert audit_count(service) == before + expected
+
+
+def test_unknown_routes_and_methods(workstation: httpx.Client) -> None:
+    r = workstation.get("/v1/nothing-here")
+    assert r.status_code == 404 and r.json()["code"] == "not_found"
+    r = workstation.delete("/v1/keys/sign-rsa/sign")
+    assert r.status_code == 405 and r.json()["code"] == "method_not_allowed"
+    r = workstation.get("/v1/keys/sign-rsa/certificate", params={"format": "p12"})
+    assert r.status_code == 422 and r.json()["code"] == "invalid_request"
+
+
+def test_oversized_body_is_413(fresh_service) -> None:
+    svc: Service = fresh_service({"TOKENBRIDGE_SERVER__MAX_BODY_BYTES": "65536"})
+    client = svc.http(svc.add_client("big", "sign"))
+    data = base64.b64encode(b"x" * 100_000).decode()
+    r = client.post("/v1/keys/sign-rsa/sign", json={"algorithm": "rsa-pkcs1v15-sha256", "data": data})
+    assert r.status_code == 413 and r.json()["code"] == "payload_too_large"
+
+    def chunks():  # no Content-Length: the limit applies while reading
+        body = json.dumps({"algorithm": "rsa-pkcs1v15-sha256", "data": data}).encode()
+        for i in range(0, len(body), 8192):
+            yield body[i:i + 8192]
+
+    r = client.post("/v1/keys/sign-rsa/sign", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["code"] == "payload_too_large"
+    small = base64.b64encode(b"x" * 1000).decode()
+    r = client.post("/v1/keys/sign-rsa/sign", json={"algorithm": "rsa-pkcs1v15-sha256", "data": small})
+    assert r.status_code == 200
+
+
+def test_queue_full_is_503_with_retry_after(fresh_service) -> None:
+    import asyncio
+
+    from tokenbridge.client import AsyncClient, TokenbridgeError
+
+    svc: Service = fresh_service({"TOKENBRIDGE_TOKEN__QUEUE_SIZE": "1"})
+    secret = svc.add_client("flood", "sign")
+
+    async def flood() -> list[object]:
+        async with AsyncClient(svc.url, secret, limits=httpx.Limits(max_connections=64)) as c:
+            return await asyncio.gather(*(c.sign("sign-rsa", b"x" * 10, "rsa-pkcs1v15-sha256")
+                                          for _ in range(64)), return_exceptions=True)
+
+    results = asyncio.run(flood())
+    errors = [r for r in results if isinstance(r, Exception)]
+    assert all(isinstance(e, TokenbridgeError) and e.status == 503 and e.code == "queue_full"
+               and e.retry_after is not None and e.retry_after >= 1 for e in errors), errors[:3]
+    assert any(isinstance(r, bytes) for r in results)
+    assert svc.http().get("/v1/health").json()["status"] == "ok"
+
+
+def test_non_loopback_address_is_refused(demo) -> None:
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "tokenbridge", "serve", "--config", str(demo.config_file),
+                        "--host", "0.0.0.0"], capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0
+    assert "non-loopback" in r.stderr and "TLS" in r.stderr

@@ -1,0 +1,146 @@
+"""The IT person gives each counter a secret with grants, revokes one, and reads the audit trail."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import sqlite3
+import stat
+
+from tests.conftest import Service
+
+DATA = base64.b64encode(b"dossier 42").decode()
+SIGN = {"algorithm": "rsa-pkcs1v15-sha256", "data": DATA}
+
+
+def test_every_request_but_health_needs_a_secret(service: Service) -> None:
+    with service.http() as anonymous:
+        assert anonymous.get("/v1/health").status_code == 200
+        for method, path in (("GET", "/v1/keys"), ("GET", "/v1/tokens"), ("POST", "/v1/keys/sign-rsa/sign"),
+                             ("GET", "/v1/keys/sign-rsa/certificate")):
+            r = anonymous.request(method, path, json=SIGN if method == "POST" else None)
+            assert r.status_code == 401, path
+            assert r.headers["content-type"] == "application/problem+json"
+            assert r.json()["code"] == "unauthorized"
+            assert "WWW-Authenticate" in r.headers
+    with service.http("tb_000000000000_forged") as forged:
+        assert forged.get("/v1/keys").json()["code"] == "unauthorized"
+
+
+def test_secret_is_random_shown_once_and_stored_as_a_hash(service: Service) -> None:
+    secret = service.add_client("hash-check", "sign")
+    assert secret.startswith("tb_") and len(secret.split("_", 2)[2]) >= 43  # >= 256 bits, base64url
+    db = sqlite3.connect(service.data_dir / "state.db")
+    row = db.execute("SELECT secret_hash FROM clients WHERE name = 'hash-check'").fetchone()
+    assert bytes(row[0]) == hashlib.sha256(secret.encode()).digest()
+    assert secret.encode() not in (service.data_dir / "state.db").read_bytes()
+    listed = json.loads(service.cli("clients", "list", "--json").stdout)
+    assert {"name": "hash-check", "grants": ["sign"]}.items() <= next(
+        c for c in listed if c["name"] == "hash-check").items()
+    assert secret not in service.cli("clients", "list").stdout
+    assert stat.S_IMODE((service.data_dir / "state.db").stat().st_mode) == 0o600
+
+
+def test_grants_and_key_restrictions(service: Service) -> None:
+    decrypt_only = service.http(service.add_client("decrypt-only", "decrypt"))
+    r = decrypt_only.post("/v1/keys/sign-rsa/sign", json=SIGN)
+    assert r.status_code == 403 and r.json()["code"] == "grant_missing"
+
+    ec_only = service.http(service.add_client("ec-only", "sign", keys="auth-ec"))
+    assert [k["label"] for k in ec_only.get("/v1/keys").json()] == ["auth-ec"]
+    r = ec_only.post("/v1/keys/sign-rsa/sign", json=SIGN)
+    assert r.status_code == 403 and r.json()["code"] == "key_not_granted"
+    r = ec_only.post("/v1/keys/auth-ec/sign", json={"algorithm": "ecdsa-sha256", "data": DATA})
+    assert r.status_code == 200
+
+
+def test_revocation_takes_effect_at_once(service: Service) -> None:
+    client = service.http(service.add_client("leaving-counter", "sign"))
+    assert client.post("/v1/keys/sign-rsa/sign", json=SIGN).status_code == 200
+    service.cli("clients", "revoke", "leaving-counter")
+    r = client.post("/v1/keys/sign-rsa/sign", json=SIGN)  # same keep-alive connection
+    assert r.status_code == 401 and r.json()["code"] == "unauthorized"
+    assert "revoked" in r.json()["detail"]
+
+
+def test_rotation_replaces_the_secret(service: Service) -> None:
+    old = service.add_client("rotating", "sign")
+    new = json.loads(service.cli("clients", "rotate", "rotating", "--json").stdout)["secret"]
+    assert service.http(old).get("/v1/keys").status_code == 401
+    assert service.http(new).get("/v1/keys").status_code == 200
+
+
+def test_bad_client_commands_are_clear(service: Service) -> None:
+    r = service.cli("clients", "add", "x", "--grant", "sign,teleport", check=False)
+    assert r.returncode == 1 and "unknown grant(s) teleport" in r.stderr
+    service.add_client("twice", "sign")
+    r = service.cli("clients", "add", "twice", "--grant", "sign", check=False)
+    assert r.returncode == 1 and "already exists" in r.stderr
+    r = service.cli("clients", "revoke", "nobody", check=False)
+    assert r.returncode == 1 and "no active client" in r.stderr
+
+
+def test_audit_records_operations_without_secrets(service: Service) -> None:
+    client = service.http(service.add_client("audited", "sign"))
+    payload = b"registre des demandes"
+    client.post("/v1/keys/sign-rsa/sign", json={"algorithm": "rsa-pss-sha256",
+                                                "data": base64.b64encode(payload).decode()})
+    client.post("/v1/keys/sign-rsa/sign", json={"algorithm": "ecdsa-sha256", "data": DATA})  # refused: 422
+    entries = [json.loads(line) for line in service.cli("audit", "tail", "-n", "50", "--json").stdout.splitlines()]
+    ours = [e for e in entries if e["actor"] == "client:audited"]
+    assert len(ours) == 1  # the refused request never reached the token
+    entry = ours[0]
+    assert entry["event"] == "sign" and entry["outcome"] == "ok" and entry["algorithm"] == "rsa-pss-sha256"
+    assert entry["input_sha256"] == hashlib.sha256(payload).hexdigest()
+    assert entry["key"] == next(k["id"] for k in client.get("/v1/keys").json() if k["label"] == "sign-rsa")
+    admin = [e for e in entries if e["event"] == "client_added" and "audited" in (e["detail"] or "")]
+    assert admin and admin[0]["actor"] == "operator"
+    assert any(e["event"] == "login" and e["outcome"] == "ok" for e in
+               (json.loads(x) for x in service.cli("audit", "tail", "-n", "100000", "--json").stdout.splitlines()))
+    pin = (service.config.parent / "pin").read_text()
+    assert pin not in (service.data_dir / "state.db").read_bytes().decode(errors="replace")
+
+
+def test_audit_verify_detects_edit_removal_and_reorder(fresh_service) -> None:
+    svc: Service = fresh_service()
+    client = svc.http(svc.add_client("tamper", "sign"))
+    for _ in range(4):
+        assert client.post("/v1/keys/sign-rsa/sign", json=SIGN).status_code == 200
+    ok = svc.cli("audit", "verify")
+    assert "intact" in ok.stdout
+    db_path = svc.data_dir / "state.db"
+
+    def tampered(sql: str) -> str:
+        backup = db_path.read_bytes()
+        db = sqlite3.connect(db_path)
+        db.executescript(sql)
+        db.commit()
+        db.close()
+        result = svc.cli("audit", "verify", check=False)
+        db_path.write_bytes(backup)
+        assert result.returncode == 2, result.stdout
+        return result.stderr
+
+    assert "altered" in tampered("UPDATE audit SET outcome = 'refused' WHERE seq = 3;")
+    assert "missing" in tampered("DELETE FROM audit WHERE seq = 2;")
+    assert "does not follow" in tampered(
+        "UPDATE audit SET seq = -1 WHERE seq = 2; UPDATE audit SET seq = 2 WHERE seq = 3;"
+        " UPDATE audit SET seq = 3 WHERE seq = -1;")
+
+
+def test_unwritable_audit_refuses_operations(fresh_service) -> None:
+    svc: Service = fresh_service()
+    client = svc.http(svc.add_client("fail-closed", "sign"))
+    assert client.post("/v1/keys/sign-rsa/sign", json=SIGN).status_code == 200
+    db = sqlite3.connect(svc.data_dir / "state.db", timeout=0.1)
+    db.execute("BEGIN EXCLUSIVE")  # another writer holds the database: entries cannot be written
+    try:
+        r = client.post("/v1/keys/sign-rsa/sign", json=SIGN)
+    finally:
+        db.rollback()
+        db.close()
+    assert r.status_code == 503 and r.json()["code"] == "audit_unavailable"
+    assert "signature" not in r.json()
+    assert client.post("/v1/keys/sign-rsa/sign", json=SIGN).status_code == 200
+    assert "intact" in svc.cli("audit", "verify").stdout

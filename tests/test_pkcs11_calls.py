@@ -1,0 +1,79 @@
+"""What a request costs the card, counted by OpenSC's pkcs11-spy in front of the real module."""
+
+from __future__ import annotations
+
+import base64
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Service
+
+SPY_PATHS = [Path("/usr/lib/x86_64-linux-gnu/pkcs11/pkcs11-spy.so"), Path("/usr/lib/aarch64-linux-gnu/pkcs11/"
+             "pkcs11-spy.so"), Path("/usr/lib/pkcs11/pkcs11-spy.so")]
+SOFTHSM = next((p for p in (Path("/usr/lib/softhsm/libsofthsm2.so"),
+                            Path("/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so")) if p.exists()), None)
+
+
+def spy_env(log: Path) -> dict[str, str]:
+    spy = next((p for p in SPY_PATHS if p.exists()), None)
+    if spy is None or SOFTHSM is None:
+        pytest.fail("pkcs11-spy.so (Debian package opensc) and softhsm2 are required")
+    return {"TOKENBRIDGE_TOKEN__MODULE": str(spy), "PKCS11SPY": str(SOFTHSM), "PKCS11SPY_OUTPUT": str(log)}
+
+
+def calls(text: str) -> list[str]:
+    return re.findall(r"^\d+: (C_\w+)", text, flags=re.M)
+
+
+def test_steady_state_sign_costs_one_sign_init_and_no_lookup(fresh_service, tmp_path: Path) -> None:
+    log = tmp_path / "spy.log"
+    svc: Service = fresh_service(spy_env(log))
+    client = svc.http(svc.add_client("spied", "sign,decrypt"))
+    data = base64.b64encode(b"steady state").decode()
+    # warm up (first request of a connection, first use of each key)
+    for alg, key in (("rsa-pkcs1v15-sha256", "sign-rsa"), ("ecdsa-sha256", "auth-ec")):
+        assert client.post(f"/v1/keys/{key}/sign", json={"algorithm": alg, "data": data}).status_code == 200
+    time.sleep(0.2)
+    start = len(log.read_text())
+    n = 10
+    for i in range(n):
+        for alg, key in (("rsa-pkcs1v15-sha256", "sign-rsa"), ("rsa-pss-sha256", "sign-rsa"),
+                         ("ecdsa-sha256", "auth-ec")):
+            r = client.post(f"/v1/keys/{key}/sign", json={"algorithm": alg, "data": data})
+            assert r.status_code == 200, r.text
+    client.get("/v1/keys")
+    client.get("/v1/tokens")
+    client.get("/v1/health")
+    time.sleep(0.2)
+    made = calls(log.read_text()[start:])
+    assert made.count("C_SignInit") == 3 * n
+    assert set(made) <= {"C_SignInit", "C_Sign"}, sorted(set(made))
+    for forbidden in ("C_FindObjectsInit", "C_FindObjects", "C_Login", "C_OpenSession", "C_GetAttributeValue"):
+        assert forbidden not in made
+
+
+def test_wrong_pin_is_tried_exactly_once(fresh_service, tmp_path: Path) -> None:
+    log = tmp_path / "spy.log"
+    env = {**spy_env(log), "TOKENBRIDGE_TOKEN__PIN_SOURCE": "env", "TOKENBRIDGE_PIN": "not-the-pin",
+           "TOKENBRIDGE_TOKEN__PRESENCE_INTERVAL": "0.1"}
+    svc: Service = fresh_service(env, wait_state=("needs_pin",))
+    client = svc.http(svc.add_client("early", "sign"))
+    for _ in range(5):
+        r = client.post("/v1/keys/sign-rsa/sign", json={"algorithm": "rsa-pkcs1v15-sha256", "data": "AA=="})
+        assert r.status_code == 503 and r.json()["code"] == "token_unavailable"  # and no new login
+        time.sleep(0.2)
+    health = svc.http().get("/v1/health").json()
+    assert health["token"]["state"] == "needs_pin"
+    assert "not be tried again" in health["token"]["message"]
+    assert calls(log.read_text()).count("C_Login") == 1
+    assert "not-the-pin" not in svc.output()
+
+    # The operator supplies the right PIN: one more login, and the service works.
+    r = svc.cli("login", "--pin-file", str(svc.config.parent / "pin"))
+    assert "ready" in r.stdout
+    assert calls(log.read_text()).count("C_Login") == 2
+    r = client.post("/v1/keys/sign-rsa/sign", json={"algorithm": "rsa-pkcs1v15-sha256", "data": "AA=="})
+    assert r.status_code == 200, r.text

@@ -1,0 +1,147 @@
+"""ASN.1 pieces asn1crypto 1.5.1 lacks, and helpers shared by the CMS modules.
+
+Importing this module registers: AES-GCM parameters (RFC 5084), the ESS
+signing-certificate-v2 attribute (asn1crypto.tsp defines it; importing it
+registers it), and Microsoft's encryption-key-preference attribute.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from asn1crypto import algos, cms, core
+from asn1crypto import tsp as _tsp  # noqa: F401  (registers signing_certificate_v2)
+from asn1crypto import x509 as ax509
+from cryptography import x509
+
+# --- registrations ----------------------------------------------------------------------------
+
+
+class GcmParams(core.Sequence):
+    """RFC 5084 GCMParameters."""
+
+    _fields = [
+        ("aes_nonce", core.OctetString),
+        ("aes_icvlen", core.Integer, {"default": 12}),
+    ]
+
+
+for _gcm in ("aes128_gcm", "aes192_gcm", "aes256_gcm"):
+    algos.EncryptionAlgorithm._oid_specs[_gcm] = GcmParams
+
+
+class SetOfIssuerAndSerialNumber(core.SetOf):
+    _child_spec = cms.IssuerAndSerialNumber
+
+
+MS_ENCRYPTION_KEY_PREFERENCE = "1.3.6.1.4.1.311.16.4"
+cms.CMSAttributeType._map[MS_ENCRYPTION_KEY_PREFERENCE] = "microsoft_encryption_key_preference"
+cms.CMSAttribute._oid_specs["microsoft_encryption_key_preference"] = SetOfIssuerAndSerialNumber
+
+
+# --- errors -----------------------------------------------------------------------------------
+
+
+class CmsError(Exception):
+    """A CMS input or request the format layer refuses; ``code`` is stable, the message says why."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def malformed(what: str) -> CmsError:
+    return CmsError("cms_malformed", f"not a valid CMS structure: {what}")
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+# What asn1crypto raises on bad input, lazily, wherever a field is first read.
+PARSE_ERRORS = (ValueError, TypeError, KeyError, IndexError, OverflowError, AttributeError)
+
+HASH_OIDS = {"sha1": "sha1", "sha224": "sha224", "sha256": "sha256", "sha384": "sha384", "sha512": "sha512"}
+
+
+def parse_content_info(data: bytes) -> cms.ContentInfo:
+    """DER, BER (indefinite lengths, as ``openssl cms -stream`` writes) or PEM, checked deeply enough."""
+    data = pem_to_der(data)
+    try:
+        info = cms.ContentInfo.load(data, strict=False)
+        _ = info["content_type"].native
+        _ = info["content"]
+    except PARSE_ERRORS as exc:
+        raise malformed(str(exc)[:200] or type(exc).__name__) from None
+    return info
+
+
+def pem_to_der(data: bytes) -> bytes:
+    stripped = data.lstrip()
+    if not stripped.startswith(b"-----BEGIN"):
+        return data
+    import base64
+    import binascii
+
+    lines = [ln for ln in stripped.splitlines() if ln and not ln.startswith(b"-----")]
+    try:
+        return base64.b64decode(b"".join(lines), validate=False)
+    except (binascii.Error, ValueError):
+        raise malformed("bad PEM") from None
+
+
+def to_pem(der: bytes, label: str = "CMS") -> bytes:
+    import base64
+
+    b64 = base64.b64encode(der)
+    body = b"\n".join(b64[i:i + 64] for i in range(0, len(b64), 64))
+    return b"-----BEGIN " + label.encode() + b"-----\n" + body + b"\n-----END " + label.encode() + b"-----\n"
+
+
+def asn1_cert(cert: x509.Certificate) -> ax509.Certificate:
+    from cryptography.hazmat.primitives import serialization
+
+    return ax509.Certificate.load(cert.public_bytes(serialization.Encoding.DER))
+
+
+def crypto_cert(cert: ax509.Certificate) -> x509.Certificate:
+    return x509.load_der_x509_certificate(cert.dump())
+
+
+def issuer_and_serial(cert: x509.Certificate) -> cms.IssuerAndSerialNumber:
+    a = asn1_cert(cert)
+    return cms.IssuerAndSerialNumber({"issuer": a.issuer, "serial_number": a.serial_number})
+
+
+def subject_key_identifier(cert: x509.Certificate) -> bytes:
+    """The certificate's SKI, or the RFC 5280 method-1 hash when it has none (as OpenSSL does)."""
+    try:
+        return cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+    except x509.ExtensionNotFound:
+        return x509.SubjectKeyIdentifier.from_public_key(cert.public_key()).digest
+
+
+def matches_rid(rid: Any, cert: x509.Certificate) -> bool:
+    """Whether a SignerIdentifier / RecipientIdentifier names this certificate."""
+    if rid.name == "issuer_and_serial_number":
+        ias = rid.chosen
+        a = asn1_cert(cert)
+        return bool(ias["serial_number"].native == a.serial_number and ias["issuer"] == a.issuer)
+    if rid.name == "subject_key_identifier":
+        return bool(rid.chosen.native == subject_key_identifier(cert))
+    return False
+
+
+def der_set(contents: bytes) -> bytes:
+    """Re-wrap the contents of an IMPLICIT [0] SET OF (signed attributes) as the SET OF that is signed."""
+    n = len(contents)
+    if n < 0x80:
+        length = bytes([n])
+    else:
+        raw = n.to_bytes((n.bit_length() + 7) // 8, "big")
+        length = bytes([0x80 | len(raw)]) + raw
+    return b"\x31" + length + contents
+
+
+def hash_bytes(name: str, data: bytes) -> bytes:
+    return hashlib.new(name, data).digest()

@@ -1,0 +1,283 @@
+"""CMS EnvelopedData / AuthEnvelopedData: encrypt to certificates, decrypt with a key-unwrap callable.
+
+Encryption needs only public keys. Decryption hands the encrypted content key
+to ``unwrap`` (the token) and, whatever goes wrong there, carries on with a
+random content key (RFC 3218), so a bad key, bad padding or a corrupted
+content all end in the same ``cms_decryption_failed``: no padding oracle.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from asn1crypto import algos, cms
+from cryptography import x509
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
+from cryptography.hazmat.primitives import hashes, padding
+from cryptography.hazmat.primitives.asymmetric import padding as apadding
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from tokenbridge.formats.cms_asn1 import (
+    PARSE_ERRORS,
+    CmsError,
+    GcmParams,
+    der_set,
+    issuer_and_serial,
+    matches_rid,
+    parse_content_info,
+    subject_key_identifier,
+)
+
+KeyTransport = Literal["rsa-pkcs1v15", "rsa-oaep-sha1", "rsa-oaep-sha256"]
+ContentCipher = Literal["aes128-cbc", "aes192-cbc", "aes256-cbc", "aes128-gcm", "aes256-gcm"]
+KEY_TRANSPORTS: tuple[str, ...] = ("rsa-pkcs1v15", "rsa-oaep-sha1", "rsa-oaep-sha256")
+CONTENT_CIPHERS: tuple[str, ...] = ("aes128-cbc", "aes192-cbc", "aes256-cbc", "aes128-gcm", "aes256-gcm")
+
+# asn1crypto algorithm name -> (kind, key length)
+_CIPHERS = {
+    "aes128_cbc": ("aes-cbc", 16), "aes192_cbc": ("aes-cbc", 24), "aes256_cbc": ("aes-cbc", 32),
+    "tripledes_3key": ("3des-cbc", 24),
+    "aes128_gcm": ("aes-gcm", 16), "aes192_gcm": ("aes-gcm", 24), "aes256_gcm": ("aes-gcm", 32),
+}
+_HASHES: dict[str, type[hashes.HashAlgorithm]] = {"sha1": hashes.SHA1, "sha256": hashes.SHA256,
+                                                  "sha384": hashes.SHA384, "sha512": hashes.SHA512}
+
+
+class UnwrapFailed(Exception):
+    """Raised by an unwrap callable when the key could not be recovered (any reason)."""
+
+
+@dataclass(frozen=True)
+class RecipientKey:
+    """A private key that can unwrap content keys, named for the unwrap callable."""
+
+    ref: str
+    certificate: x509.Certificate
+
+
+UnwrapFn = Callable[[RecipientKey, str, str | None, bytes], Awaitable[bytes]]
+
+
+@dataclass(frozen=True)
+class Decrypted:
+    content: bytes
+    content_type: str  # inner content type, usually "data"
+    authenticated: bool  # AuthEnvelopedData (AES-GCM)
+    cipher: str
+    key_transport: str
+    recipient: str  # RecipientKey.ref
+
+
+# --- encryption ----------------------------------------------------------------------------------
+
+
+def _key_transport_algorithm(kt: str) -> cms.KeyEncryptionAlgorithm:
+    if kt == "rsa-pkcs1v15":
+        return cms.KeyEncryptionAlgorithm({"algorithm": "rsaes_pkcs1v15"})
+    h = kt.rsplit("-", 1)[1]
+    if h == "sha1":  # all defaults: the empty SEQUENCE
+        return cms.KeyEncryptionAlgorithm({"algorithm": "rsaes_oaep", "parameters": algos.RSAESOAEPParams.load(b"\x30\x00")})
+    return cms.KeyEncryptionAlgorithm({"algorithm": "rsaes_oaep", "parameters": {
+        "hash_algorithm": {"algorithm": h},
+        "mask_gen_algorithm": {"algorithm": "mgf1", "parameters": {"algorithm": h}},
+    }})
+
+
+def _wrap(cert: x509.Certificate, kt: str, cek: bytes) -> bytes:
+    public = cert.public_key()
+    if not isinstance(public, rsa.RSAPublicKey):
+        raise CmsError("recipient_unsupported",
+                       f"recipient {cert.subject.rfc4514_string()} has no RSA key (key agreement is not supported)")
+    if kt == "rsa-pkcs1v15":
+        return public.encrypt(cek, apadding.PKCS1v15())
+    h = _HASHES[kt.rsplit("-", 1)[1]]()
+    return public.encrypt(cek, apadding.OAEP(apadding.MGF1(h), h, None))
+
+
+def encrypt(content: bytes, recipients: Sequence[x509.Certificate], *, key_transport: str = "rsa-pkcs1v15",
+            cipher: str = "aes256-cbc", use_ski: bool = False) -> bytes:
+    """DER ContentInfo: EnvelopedData (CBC) or AuthEnvelopedData (GCM) readable by each recipient."""
+    if key_transport not in KEY_TRANSPORTS:
+        raise CmsError("unknown_algorithm", f"key transport {key_transport!r}: choose {', '.join(KEY_TRANSPORTS)}")
+    if cipher not in CONTENT_CIPHERS:
+        raise CmsError("unknown_algorithm", f"cipher {cipher!r}: choose {', '.join(CONTENT_CIPHERS)}")
+    if not recipients:
+        raise CmsError("no_recipients", "at least one recipient certificate is needed")
+    name = cipher.replace("-", "_")
+    kind, key_len = _CIPHERS[name]
+    cek = os.urandom(key_len)
+    infos = []
+    for cert in recipients:
+        rid = (cms.RecipientIdentifier({"subject_key_identifier": subject_key_identifier(cert)}) if use_ski
+               else cms.RecipientIdentifier({"issuer_and_serial_number": issuer_and_serial(cert)}))
+        infos.append(cms.RecipientInfo({"ktri": {
+            "version": "v2" if use_ski else "v0", "rid": rid,
+            "key_encryption_algorithm": _key_transport_algorithm(key_transport),
+            "encrypted_key": _wrap(cert, key_transport, cek),
+        }}))
+    if kind == "aes-gcm":
+        nonce = os.urandom(12)
+        sealed = AESGCM(cek).encrypt(nonce, content, None)
+        body, tag = sealed[:-16], sealed[-16:]
+        eci = cms.EncryptedContentInfo({
+            "content_type": "data",
+            "content_encryption_algorithm": algos.EncryptionAlgorithm(
+                {"algorithm": name, "parameters": GcmParams({"aes_nonce": nonce, "aes_icvlen": 16})}),
+            "encrypted_content": body,
+        })
+        auth = cms.AuthEnvelopedData({"version": "v0", "recipient_infos": infos,
+                                      "auth_encrypted_content_info": eci, "mac": tag})
+        return cms.ContentInfo({"content_type": "authenticated_enveloped_data", "content": auth}).dump()
+    iv = os.urandom(16)
+    padder = padding.PKCS7(128).padder()
+    padded = padder.update(content) + padder.finalize()
+    enc = Cipher(algorithms.AES(cek), modes.CBC(iv)).encryptor()
+    body = enc.update(padded) + enc.finalize()
+    del padded
+    eci = cms.EncryptedContentInfo({
+        "content_type": "data",
+        "content_encryption_algorithm": algos.EncryptionAlgorithm({"algorithm": name, "parameters": iv}),
+        "encrypted_content": body,
+    })
+    env = cms.EnvelopedData({"version": "v2" if use_ski else "v0", "recipient_infos": infos,
+                             "encrypted_content_info": eci})
+    return cms.ContentInfo({"content_type": "enveloped_data", "content": env}).dump()
+
+
+# --- decryption ----------------------------------------------------------------------------------
+
+
+def _key_transport_of(alg: cms.KeyEncryptionAlgorithm) -> tuple[str, str | None]:
+    name = alg["algorithm"].native
+    if name == "rsaes_pkcs1v15":
+        return "rsa-pkcs1v15", None
+    if name == "rsaes_oaep":
+        params = alg["parameters"]
+        h = params["hash_algorithm"]["algorithm"].native
+        mgf = params["mask_gen_algorithm"]
+        mgf_hash = mgf["parameters"]["algorithm"].native
+        label = params["p_source_algorithm"]["parameters"].native
+        if mgf["algorithm"].native != "mgf1" or mgf_hash != h or h not in _HASHES or label:
+            raise CmsError("unsupported_algorithm", f"RSA-OAEP with {h}/MGF1-{mgf_hash} and a label "
+                           "is not supported" if label else f"RSA-OAEP with {h}/MGF1-{mgf_hash} is not supported")
+        return "rsa-oaep", h
+    raise CmsError("unsupported_algorithm", f"key transport {alg['algorithm'].dotted} is not supported "
+                   "(RSA PKCS#1 v1.5 and RSA-OAEP are)")
+
+
+def _failed() -> CmsError:
+    return CmsError("cms_decryption_failed", "decryption failed (wrong key, corrupted key or content)")
+
+
+async def decrypt(data: bytes, keys: Sequence[RecipientKey], unwrap: UnwrapFn) -> Decrypted:
+    """Decrypt for the first of ``keys`` the message is addressed to."""
+    info = parse_content_info(data)
+    ctype = info["content_type"].native
+    if ctype not in ("enveloped_data", "authenticated_enveloped_data"):
+        raise CmsError("cms_not_encrypted", f"the CMS content is {ctype}, not enveloped data")
+    try:
+        env = info["content"]
+        authenticated = ctype == "authenticated_enveloped_data"
+        eci = env["auth_encrypted_content_info" if authenticated else "encrypted_content_info"]
+        alg = eci["content_encryption_algorithm"]
+        alg_name = alg["algorithm"].native
+        recipient_infos = list(env["recipient_infos"])
+        inner_type = eci["content_type"].native
+    except PARSE_ERRORS as exc:
+        raise CmsError("cms_malformed", f"not a valid CMS structure: {str(exc)[:200]}") from None
+    if alg_name not in _CIPHERS:
+        raise CmsError("unsupported_algorithm", f"content cipher {alg['algorithm'].dotted} is not supported")
+    kind, key_len = _CIPHERS[alg_name]
+    if authenticated != (kind == "aes-gcm"):
+        raise CmsError("unsupported_algorithm", f"{alg_name} does not fit {ctype}")
+    try:
+        key, ktri, scheme, hash_name, encrypted_key = _choose(recipient_infos, keys)
+    except PARSE_ERRORS as exc:
+        raise CmsError("cms_malformed", f"not a valid CMS structure: {str(exc)[:200]}") from None
+    try:
+        cek = await unwrap(key, scheme, hash_name, encrypted_key)
+    except UnwrapFailed:
+        cek = b""
+    if len(cek) != key_len:  # RFC 3218: go on with a random key; fail later, identically
+        cek = os.urandom(key_len)
+    try:
+        ciphertext = eci["encrypted_content"].native
+        if ciphertext is None:
+            raise CmsError("cms_malformed", "the encrypted content is not included (detached)")
+        content = _decrypt_content(kind, alg, cek, ciphertext, env if authenticated else None)
+    except PARSE_ERRORS as exc:
+        raise CmsError("cms_malformed", f"not a valid CMS structure: {str(exc)[:200]}") from None
+    kt_name = scheme if hash_name is None else f"{scheme}-{hash_name}"
+    return Decrypted(content, inner_type, authenticated, alg_name.replace("_", "-"), kt_name, key.ref)
+
+
+def _choose(recipient_infos: list[cms.RecipientInfo], keys: Sequence[RecipientKey]
+            ) -> tuple[RecipientKey, cms.KeyTransRecipientInfo, str, str | None, bytes]:
+    chosen: tuple[RecipientKey, cms.KeyTransRecipientInfo] | None = None
+    named: list[str] = []
+    for ri in recipient_infos:
+        if ri.name != "ktri":
+            named.append(f"{ri.name} recipient (not supported)")
+            continue
+        ktri = ri.chosen
+        for key in keys:
+            if matches_rid(ktri["rid"], key.certificate):
+                chosen = (key, ktri)
+                break
+        if chosen:
+            break
+        named.append(_describe_rid(ktri["rid"]))
+    if chosen is None:
+        raise CmsError("cms_not_addressed", "the message is not addressed to any of the token's encryption "
+                       f"certificates (recipients: {'; '.join(named) or 'none'})")
+    key, ktri = chosen
+    scheme, hash_name = _key_transport_of(ktri["key_encryption_algorithm"])
+    return key, ktri, scheme, hash_name, ktri["encrypted_key"].native
+
+
+def _decrypt_content(kind: str, alg: algos.EncryptionAlgorithm, cek: bytes, ciphertext: bytes,
+                     auth_env: cms.AuthEnvelopedData | None) -> bytes:
+    if kind == "aes-gcm":
+        assert auth_env is not None
+        params = alg["parameters"]
+        nonce = params["aes_nonce"].native
+        icvlen = params["aes_icvlen"].native
+        tag = auth_env["mac"].native
+        if len(tag) != icvlen or icvlen not in (12, 13, 14, 15, 16):
+            raise _failed()
+        aad = der_set(auth_env["auth_attrs"].contents) if auth_env["auth_attrs"].native is not None else None
+        try:
+            # cryptography wants a 16-byte tag: shorter tags go through the streaming API.
+            if icvlen == 16:
+                return AESGCM(cek).decrypt(nonce, ciphertext + tag, aad)
+            dec = Cipher(algorithms.AES(cek), modes.GCM(nonce, tag, min_tag_length=icvlen)).decryptor()
+            if aad:
+                dec.authenticate_additional_data(aad)
+            return dec.update(ciphertext) + dec.finalize()
+        except (InvalidTag, ValueError):
+            raise _failed() from None
+    iv = alg["parameters"].native
+    block: algorithms.AES | TripleDES = algorithms.AES(cek) if kind == "aes-cbc" else TripleDES(cek)
+    size = block.block_size // 8
+    if not isinstance(iv, bytes) or len(iv) != size or len(ciphertext) % size or not ciphertext:
+        raise CmsError("cms_malformed", "bad IV or ciphertext length")
+    dec = Cipher(block, modes.CBC(iv)).decryptor()
+    padded = dec.update(ciphertext) + dec.finalize()
+    unpadder = padding.PKCS7(block.block_size).unpadder()
+    try:
+        return unpadder.update(padded) + unpadder.finalize()
+    except ValueError:
+        raise _failed() from None
+
+
+def _describe_rid(rid: cms.RecipientIdentifier) -> str:
+    if rid.name == "subject_key_identifier":
+        return f"subject key id {rid.chosen.native.hex()}"
+    ias = rid.chosen
+    return f"{ias['issuer'].human_friendly} serial {ias['serial_number'].native:x}"
