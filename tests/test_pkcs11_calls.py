@@ -39,7 +39,7 @@ def test_steady_state_sign_costs_one_sign_init_and_no_lookup(fresh_service, tmp_
     time.sleep(0.2)
     start = len(log.read_text())
     n = 10
-    for i in range(n):
+    for _ in range(n):
         for alg, key in (("rsa-pkcs1v15-sha256", "sign-rsa"), ("rsa-pss-sha256", "sign-rsa"),
                          ("ecdsa-sha256", "auth-ec")):
             r = client.post(f"/v1/keys/{key}/sign", json={"algorithm": alg, "data": data})

@@ -15,9 +15,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, decode_dss_signature
 
-from tokenbridge.client import AsyncClient
-
 from tests.conftest import Service
+from tokenbridge.client import AsyncClient
 
 DATA = b"demande de logement social n. 2026-000123\n" * 10
 HASHES = {"sha256": hashes.SHA256(), "sha384": hashes.SHA384(), "sha512": hashes.SHA512()}

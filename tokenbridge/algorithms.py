@@ -29,10 +29,10 @@ class DecryptAlgorithm:
     hash: HashName | None  # OAEP's hash (and MGF1 hash); None for PKCS#1 v1.5
 
 
+_SCHEMES: tuple[SignScheme, ...] = ("rsa-pkcs1v15", "rsa-pss", "ecdsa")
+_HASHES: tuple[HashName, ...] = ("sha256", "sha384", "sha512")
 SIGN_ALGORITHMS: dict[str, SignAlgorithm] = {
-    f"{prefix}-{h}": SignAlgorithm(f"{prefix}-{h}", scheme, h)
-    for prefix, scheme in (("rsa-pkcs1v15", "rsa-pkcs1v15"), ("rsa-pss", "rsa-pss"), ("ecdsa", "ecdsa"))
-    for h in ("sha256", "sha384", "sha512")
+    f"{scheme}-{h}": SignAlgorithm(f"{scheme}-{h}", scheme, h) for scheme in _SCHEMES for h in _HASHES
 }
 
 DECRYPT_ALGORITHMS: dict[str, DecryptAlgorithm] = {

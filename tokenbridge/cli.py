@@ -12,7 +12,7 @@ import getpass
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -51,7 +51,7 @@ def _settings(config: Path | None) -> Settings:
         _fail(f"invalid configuration: {exc}")
 
 
-def _fail(message: str, code: int = 1) -> Any:
+def _fail(message: str, code: int = 1) -> NoReturn:
     err.print(f"[red]error:[/red] {message}")
     raise typer.Exit(code)
 
@@ -163,7 +163,7 @@ def clients_add(name: str,
     from tokenbridge.clients import ClientError
     from tokenbridge.services.bridge import open_state
 
-    store, audit, registry = open_state(_settings(config))
+    _, audit, registry = open_state(_settings(config))
     try:
         client, secret = registry.add(name, [g.strip() for g in grant.split(",") if g.strip()],
                                       [k.strip() for k in (keys or "").split(",") if k.strip()])
@@ -181,7 +181,7 @@ def clients_rotate(name: str, config: ConfigOpt = None,
     from tokenbridge.clients import ClientError
     from tokenbridge.services.bridge import open_state
 
-    store, audit, registry = open_state(_settings(config))
+    _, audit, registry = open_state(_settings(config))
     try:
         client, secret = registry.rotate(name)
     except ClientError as exc:

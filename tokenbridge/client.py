@@ -78,16 +78,16 @@ class Client:
         return response.json()
 
     def health(self) -> dict[str, Any]:
-        return self._json("GET", "/v1/health")  # type: ignore[no-any-return]
+        return self._json("GET", "/v1/health")
 
     def tokens(self) -> list[dict[str, Any]]:
-        return self._json("GET", "/v1/tokens")  # type: ignore[no-any-return]
+        return self._json("GET", "/v1/tokens")
 
     def keys(self) -> list[dict[str, Any]]:
-        return self._json("GET", "/v1/keys")  # type: ignore[no-any-return]
+        return self._json("GET", "/v1/keys")
 
     def key(self, key: str) -> dict[str, Any]:
-        return self._json("GET", f"/v1/keys/{key}")  # type: ignore[no-any-return]
+        return self._json("GET", f"/v1/keys/{key}")
 
     def certificate(self, key: str, format: Literal["pem", "der"] = "pem") -> bytes:
         response = self._http.get(f"/v1/keys/{key}/certificate", params={"format": format})
@@ -112,7 +112,7 @@ class Client:
     def login(self, pin: str | None = None, *, accept_new_token: bool = False,
               final_try: bool = False) -> dict[str, Any]:
         """Operator only, over the admin socket."""
-        return self._json("POST", "/v1/admin/login",  # type: ignore[no-any-return]
+        return self._json("POST", "/v1/admin/login",
                           json={"pin": pin, "accept_new_token": accept_new_token, "final_try": final_try})
 
 
@@ -142,13 +142,13 @@ class AsyncClient:
         return response.json()
 
     async def health(self) -> dict[str, Any]:
-        return await self._json("GET", "/v1/health")  # type: ignore[no-any-return]
+        return await self._json("GET", "/v1/health")
 
     async def keys(self) -> list[dict[str, Any]]:
-        return await self._json("GET", "/v1/keys")  # type: ignore[no-any-return]
+        return await self._json("GET", "/v1/keys")
 
     async def key(self, key: str) -> dict[str, Any]:
-        return await self._json("GET", f"/v1/keys/{key}")  # type: ignore[no-any-return]
+        return await self._json("GET", f"/v1/keys/{key}")
 
     async def certificate(self, key: str, format: Literal["pem", "der"] = "pem") -> bytes:
         response = await self._http.get(f"/v1/keys/{key}/certificate", params={"format": format})

@@ -58,7 +58,7 @@ def _in_process(settings: Settings) -> tuple[dict[str, Any], list[dict[str, Any]
     bridge = Bridge(settings, pin=pin)
     try:
         bridge.start()
-        return token_view(bridge.owner.status()), [key_view(k) for k in bridge.owner.keys()]
+        return token_view(bridge.owner.status()), [key_view(k) for k in bridge.owner.list_keys()]
     finally:
         bridge.stop()
 

@@ -12,11 +12,12 @@ from tokenbridge.services.principal import OPERATOR, Principal
 def via_admin_socket(request: Request) -> bool:
     """Uvicorn reports a Unix socket's server address as (path, None); TCP always has a port."""
     server = request.scope.get("server")
-    return bool(server) and server[1] is None  # type: ignore[index]
+    return server is not None and server[1] is None
 
 
 def bridge_of(request: Request) -> Bridge:
-    return request.app.state.bridge  # type: ignore[no-any-return]
+    bridge: Bridge = request.app.state.bridge
+    return bridge
 
 
 async def principal(request: Request) -> Principal:

@@ -71,7 +71,7 @@ async def tokens(request: Request, caller: Caller) -> list[dict[str, Any]]:
 
 @router.get("/keys", summary="Keys on the token that the caller may use")
 async def keys(request: Request, caller: Caller) -> list[dict[str, Any]]:
-    return [key_view(k) for k in bridge_of(request).owner.keys() if caller.may_use(k)]
+    return [key_view(k) for k in bridge_of(request).owner.list_keys() if caller.may_use(k)]
 
 
 @router.get("/keys/{key}", summary="One key, by id or label")
@@ -96,7 +96,7 @@ async def chain(request: Request, key: str, caller: Caller) -> Response:
     bridge = bridge_of(request)
     k = bridge.operations.resolve_key(caller, key)
     cert = require_certificate(k)
-    pool = [c for other in bridge.owner.keys() if (c := other.certificate) is not None] + bridge.ca_pool
+    pool = [c for other in bridge.owner.list_keys() if (c := other.certificate) is not None] + bridge.ca_pool
     chain = x509h.build_chain(cert, pool)
     return Response(b"".join(x509h.to_pem(c) for c in chain), media_type="application/x-pem-file")
 

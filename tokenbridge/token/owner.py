@@ -185,7 +185,7 @@ class TokenOwner:
     def status(self) -> TokenStatus:
         return replace(self._status, queue_depth=len(self._jobs))
 
-    def keys(self) -> list[KeyInfo]:
+    def list_keys(self) -> list[KeyInfo]:
         return list(self._keys.values())
 
     def find_key(self, ref: str) -> KeyInfo:
@@ -381,7 +381,7 @@ class TokenOwner:
             pin=_pin_flags(flags),
             protected_auth_path=bool(flags & TokenFlag.PROTECTED_AUTHENTICATION_PATH),
         )
-        self._status = replace(self._status, **info)  # type: ignore[arg-type]
+        self._status = replace(self._status, **info)
         try:
             self._mechanisms = set(token.slot.get_mechanisms())
             public = token.open()
@@ -506,7 +506,7 @@ class TokenOwner:
                 ckaid=ckaid.hex(),
                 key_type="rsa" if is_rsa else "ec",
                 size=public_key.key_size,
-                curve=None if is_rsa else public_key.curve.name,  # type: ignore[union-attr]
+                curve=None if is_rsa else public_key.curve.name,
                 public_key=public_key,
                 certificate=cert,
                 can_sign=_attr(priv, Attribute.SIGN, True),
