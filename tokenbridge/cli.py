@@ -124,13 +124,12 @@ def keys(config: ConfigOpt = None,
         console.print_json(json.dumps(items))
         return
     table = Table(title="keys")
-    for col in ("id", "label", "type", "operations", "subject", "key usage", "days left"):
-        table.add_column(col)
+    for col in ("label", "id", "type", "operations", "key usage", "days left"):
+        table.add_column(col, no_wrap=col in ("label", "id", "type"))
     for k in items:
         cert = k.get("certificate") or {}
-        table.add_row(k["id"], k["label"], f"{k['type']}-{k['curve'] or k['size']}", ",".join(k["operations"]),
-                      cert.get("subject", "-"), ", ".join(cert.get("key_usage", [])),
-                      str(cert.get("days_left", "-")))
+        table.add_row(k["label"], k["id"], f"{k['type']}-{k['curve'] or k['size']}", ",".join(k["operations"]),
+                      ", ".join(cert.get("key_usage", [])), str(cert.get("days_left", "-")))
     console.print(table)
 
 
