@@ -217,6 +217,31 @@ class TokenOwner:
         """``sign`` for callers on other threads (e.g. OpenSSL callbacks during a TLS handshake)."""
         return self._submit_blocking(lambda: self._do_sign(key, scheme, hash_name, digest))
 
+    def sign_prepared_blocking(self, key: KeyInfo, mechanism: str, data: bytes) -> bytes:
+        """Sign input already prepared by the caller (e.g. OpenSSL during a TLS handshake).
+
+        ``mechanism``: ``rsa-pkcs1`` (data is a DigestInfo), ``rsa-x509`` (data is a
+        full-size encoded block, e.g. PSS), or ``ecdsa`` (data is a digest; raw r||s back).
+        """
+        mech = {"rsa-pkcs1": Mechanism.RSA_PKCS, "rsa-x509": Mechanism.RSA_X_509, "ecdsa": Mechanism.ECDSA}.get(mechanism)
+        if mech is None:
+            raise MechanismUnsupported(f"unknown mechanism {mechanism}")
+
+        def op() -> bytes:
+            handle = self._handle(key)
+            try:
+                return self._with_session(lambda: handle.sign(data, mechanism=mech))
+            except _MECH as exc:
+                raise MechanismUnsupported(f"the token refused {mechanism}: {type(exc).__name__}") from None
+            except p11e.PKCS11Error as exc:
+                raise OperationFailed(f"the token failed to sign: {type(exc).__name__}") from None
+
+        return self._submit_blocking(op)
+
+    def has_mechanism(self, name: str) -> bool:
+        """Whether the token lists a mechanism, by its python-pkcs11 name (e.g. ``RSA_PKCS_PSS``)."""
+        return name in self._status.mechanisms
+
     def _submit_blocking(self, fn: Callable[[], Any]) -> Any:
         if threading.current_thread() is self._thread:
             return fn()  # already on the owner thread
