@@ -66,6 +66,32 @@ class KeyPolicy(BaseModel):
     )
 
 
+class SmtpSettings(BaseModel):
+    """Outgoing mail for ``/v1/smime/send``."""
+
+    host: str | None = Field(None, description="SMTP server; unset: sending is disabled.")
+    port: int = 587
+    security: Literal["none", "starttls", "tls"] = "starttls"
+    username: str | None = None
+    password_file: Path | None = Field(None, description="File holding the SMTP password.")
+    password_env: str = Field("TOKENBRIDGE_SMTP_PASSWORD", description="Or a variable holding it.")
+    timeout: float = Field(30.0, gt=0)
+
+
+class SmimeSettings(BaseModel):
+    """CMS / S/MIME (``[smime]``): trust anchors, the organisation's keys and address, SMTP."""
+
+    trust_anchors: list[Path] = Field(
+        default_factory=list, description="Root certificates signatures must chain to (default: ca_files)."
+    )
+    sign_key: str | None = Field(None, description="Default signing key (default: the first e-mail key).")
+    encryption_key: str | None = Field(
+        None, description="The organisation's encryption key: copy recipient and encryption-key preference."
+    )
+    from_address: str | None = Field(None, description="Default From (default: the signing certificate's).")
+    smtp: SmtpSettings = Field(default_factory=SmtpSettings)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="TOKENBRIDGE_", env_nested_delimiter="__", extra="forbid", validate_default=True
@@ -80,6 +106,7 @@ class Settings(BaseSettings):
         default_factory=dict, description="Address book: name -> recipient certificate file."
     )
     service_url: str | None = Field(None, description="URL the CLI uses for a running service.")
+    smime: SmimeSettings = Field(default_factory=SmimeSettings)
 
     config_file: Path | None = Field(None, exclude=True)
 

@@ -118,6 +118,23 @@ class Operations:
         return await self._run(principal, event, key, alg.name, input_hash,
                                lambda: self.owner.decrypt(key, alg.scheme, alg.hash, ciphertext))
 
+    async def unwrap_key_transport(self, principal: Principal, key: KeyInfo, scheme: str, hash_name: str | None,
+                                   encrypted_key: bytes, event: str = "cms-decrypt",
+                                   grant: str = "cms-decrypt") -> bytes:
+        """Recover a CMS content key. PKCS#1 v1.5 is allowed here, unlike in ``decrypt``, because the
+        CMS layer answers every unwrap failure with a random content key (RFC 3218): no oracle."""
+        principal.require(grant)
+        principal.require_key(key)
+        require_usage(may_decrypt(key))
+        algorithm = "rsa-pkcs1v15" if scheme == "rsa-pkcs1v15" else f"rsa-oaep-{hash_name}"
+        alg = DECRYPT_ALGORITHMS.get(algorithm)
+        if alg is None:
+            raise Problem(f"key transport {algorithm} is not supported", code="unsupported_algorithm",
+                          status=422, title="Unsupported algorithm")
+        input_hash = hashlib.sha256(encrypted_key).hexdigest()
+        return await self._run(principal, event, key, alg.name, input_hash,
+                               lambda: self.owner.decrypt(key, alg.scheme, alg.hash, encrypted_key))
+
     async def _run(self, principal: Principal, event: str, key: KeyInfo, algorithm: str,
                    input_hash: str, operation: Callable[[], Awaitable[T]]) -> T:
         """Run the token operation and audit its outcome; refuse if the entry cannot be written."""

@@ -223,7 +223,8 @@ class TokenOwner:
         ``mechanism``: ``rsa-pkcs1`` (data is a DigestInfo), ``rsa-x509`` (data is a
         full-size encoded block, e.g. PSS), or ``ecdsa`` (data is a digest; raw r||s back).
         """
-        mech = {"rsa-pkcs1": Mechanism.RSA_PKCS, "rsa-x509": Mechanism.RSA_X_509, "ecdsa": Mechanism.ECDSA}.get(mechanism)
+        mechanisms = {"rsa-pkcs1": Mechanism.RSA_PKCS, "rsa-x509": Mechanism.RSA_X_509, "ecdsa": Mechanism.ECDSA}
+        mech = mechanisms.get(mechanism)
         if mech is None:
             raise MechanismUnsupported(f"unknown mechanism {mechanism}")
 
