@@ -43,6 +43,9 @@ class TokenSettings(BaseModel):
         default_factory=dict, description="Variables set before the module loads (e.g. SOFTHSM2_CONF)."
     )
     queue_size: int = Field(256, ge=1, description="Requests waiting for the token; beyond it: 503.")
+    client_queue_size: int | None = Field(
+        None, ge=1, description="Requests one client may have waiting (default: queue_size); beyond it: 503."
+    )
     operation_timeout: float = Field(30.0, gt=0, description="Seconds a request may wait in all.")
     presence_interval: float = Field(1.0, gt=0, description="Seconds between checks while absent.")
 

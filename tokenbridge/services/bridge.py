@@ -62,6 +62,7 @@ class Bridge:
             TokenSelector(label=t.label, serial=t.serial, slot=t.slot),
             pin,
             queue_size=t.queue_size,
+            per_client_queue=t.client_queue_size,
             operation_timeout=t.operation_timeout,
             presence_interval=t.presence_interval,
             environment=t.environment,

@@ -92,7 +92,8 @@ class Operations:
                               code="invalid_digest", status=422, title="Invalid digest")
             input_hash = hashlib.sha256(digest).hexdigest()
         signature = await self._run(principal, event, key, alg.name, input_hash,
-                                    lambda: self.owner.sign(key, alg.scheme, alg.hash, digest))
+                                    lambda: self.owner.sign(key, alg.scheme, alg.hash, digest,
+                                                                    client=principal.actor))
         if alg.scheme == "ecdsa" and not raw_ecdsa:
             half = len(signature) // 2
             signature = encode_dss_signature(int.from_bytes(signature[:half], "big"),
@@ -116,7 +117,8 @@ class Operations:
                           title="Algorithm disabled")
         input_hash = hashlib.sha256(ciphertext).hexdigest()
         return await self._run(principal, event, key, alg.name, input_hash,
-                               lambda: self.owner.decrypt(key, alg.scheme, alg.hash, ciphertext))
+                               lambda: self.owner.decrypt(key, alg.scheme, alg.hash, ciphertext,
+                                                                       client=principal.actor))
 
     async def unwrap_key_transport(self, principal: Principal, key: KeyInfo, scheme: str, hash_name: str | None,
                                    encrypted_key: bytes, event: str = "cms-decrypt",

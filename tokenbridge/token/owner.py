@@ -16,7 +16,6 @@ until an operator supplies a new one.
 from __future__ import annotations
 
 import asyncio
-import collections
 import concurrent.futures
 import hashlib
 import logging
@@ -53,6 +52,7 @@ from tokenbridge.token.model import (
     TokenStatus,
     TokenUnavailable,
 )
+from tokenbridge.token.scheduler import FairQueue, QueueLimit
 
 log = logging.getLogger("tokenbridge.token")
 
@@ -94,11 +94,13 @@ class TokenSelector:
 class _Job:
     """One unit of work for the owner thread, resolved on an asyncio loop or a waiting thread."""
 
-    __slots__ = ("cancelled", "deadline", "enqueued", "fn", "future", "loop", "started")
+    __slots__ = ("cancelled", "client", "deadline", "enqueued", "fn", "future", "kind", "loop", "started")
 
     def __init__(self, fn: Callable[[], Any], future: asyncio.Future[Any] | concurrent.futures.Future[Any],
-                 loop: asyncio.AbstractEventLoop | None, deadline: float) -> None:
+                 loop: asyncio.AbstractEventLoop | None, deadline: float, client: str = "", kind: str = "op") -> None:
         self.fn = fn
+        self.client = client
+        self.kind = kind
         self.future = future
         self.loop = loop
         self.deadline = deadline
@@ -137,6 +139,8 @@ class TokenOwner:
         presence_interval: float = 1.0,
         environment: dict[str, str] | None = None,
         on_event: Callable[[str, dict[str, Any]], None] | None = None,
+        per_client_queue: int | None = None,
+        observer: Callable[[str, str, float, float, str], None] | None = None,
     ) -> None:
         self.module_path = module_path
         self.selector = selector
@@ -147,7 +151,8 @@ class TokenOwner:
         self._environment = environment or {}
         self._on_event = on_event
 
-        self._jobs: collections.deque[_Job] = collections.deque()
+        self._jobs: FairQueue[_Job] = FairQueue(queue_size, per_client_queue)
+        self._observer = observer  # (client, kind, queue wait s, token time s, outcome), for metrics
         self._cv = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -185,6 +190,15 @@ class TokenOwner:
     def status(self) -> TokenStatus:
         return replace(self._status, queue_depth=len(self._jobs))
 
+    def queued_by_client(self) -> dict[str, int]:
+        with self._cv:
+            return self._jobs.clients()
+
+    @property
+    def service_time(self) -> float:
+        """Moving average of one token operation, in seconds."""
+        return self._service_time
+
     def list_keys(self) -> list[KeyInfo]:
         return list(self._keys.values())
 
@@ -201,23 +215,19 @@ class TokenOwner:
 
     # ------------------------------------------------------------------ async API
 
-    async def sign(self, key: KeyInfo, scheme: str, hash_name: HashName, digest: bytes) -> bytes:
+    async def sign(self, key: KeyInfo, scheme: str, hash_name: HashName, digest: bytes, client: str = "") -> bytes:
         """Sign a digest; ECDSA signatures come back raw (r || s)."""
-        return await self._submit(lambda: self._do_sign(key, scheme, hash_name, digest))
+        return await self._submit(lambda: self._do_sign(key, scheme, hash_name, digest), client, "sign")
 
-    async def decrypt(self, key: KeyInfo, scheme: str, hash_name: HashName | None, data: bytes) -> bytes:
-        return await self._submit(lambda: self._do_decrypt(key, scheme, hash_name, data))
+    async def decrypt(self, key: KeyInfo, scheme: str, hash_name: HashName | None, data: bytes,
+                      client: str = "") -> bytes:
+        return await self._submit(lambda: self._do_decrypt(key, scheme, hash_name, data), client, "decrypt")
 
-    async def raw_rsa(self, key: KeyInfo, block: bytes) -> bytes:
-        """Raw RSA private operation, for format layers that decode padding themselves."""
-        return await self._submit(lambda: self._with_session(
-            lambda: self._handles[key.id].decrypt(block, mechanism=Mechanism.RSA_X_509)))
-
-    def sign_blocking(self, key: KeyInfo, scheme: str, hash_name: HashName, digest: bytes) -> bytes:
+    def sign_blocking(self, key: KeyInfo, scheme: str, hash_name: HashName, digest: bytes, client: str = "") -> bytes:
         """``sign`` for callers on other threads (e.g. OpenSSL callbacks during a TLS handshake)."""
-        return self._submit_blocking(lambda: self._do_sign(key, scheme, hash_name, digest))
+        return self._submit_blocking(lambda: self._do_sign(key, scheme, hash_name, digest), client)
 
-    def sign_prepared_blocking(self, key: KeyInfo, mechanism: str, data: bytes) -> bytes:
+    def sign_prepared_blocking(self, key: KeyInfo, mechanism: str, data: bytes, client: str = "") -> bytes:
         """Sign input already prepared by the caller (e.g. OpenSSL during a TLS handshake).
 
         ``mechanism``: ``rsa-pkcs1`` (data is a DigestInfo), ``rsa-x509`` (data is a
@@ -237,19 +247,19 @@ class TokenOwner:
             except p11e.PKCS11Error as exc:
                 raise OperationFailed(f"the token failed to sign: {type(exc).__name__}") from None
 
-        return self._submit_blocking(op)
+        return self._submit_blocking(op, client)
 
     def has_mechanism(self, name: str) -> bool:
         """Whether the token lists a mechanism, by its python-pkcs11 name (e.g. ``RSA_PKCS_PSS``)."""
         return name in self._status.mechanisms
 
-    def _submit_blocking(self, fn: Callable[[], Any]) -> Any:
+    def _submit_blocking(self, fn: Callable[[], Any], client: str = "") -> Any:
         if threading.current_thread() is self._thread:
             return fn()  # already on the owner thread
         if self._status.state is not TokenState.READY:
             raise TokenUnavailable(self._unavailable_detail())
         fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        job = _Job(fn, fut, None, time.monotonic() + self._timeout)
+        job = _Job(fn, fut, None, time.monotonic() + self._timeout, client, "sign")
         self._enqueue(job)
         try:
             return fut.result(self._timeout)
@@ -263,17 +273,17 @@ class TokenOwner:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[TokenStatus] = loop.create_future()
         job = _Job(lambda: self._operator_login(pin, accept_new_token, allow_final_try), fut, loop,
-                   time.monotonic() + self._timeout)
+                   time.monotonic() + self._timeout, "operator", "login")
         self._enqueue(job, force=True)
         return await fut
 
-    async def _submit(self, fn: Callable[[], Any]) -> Any:
+    async def _submit(self, fn: Callable[[], Any], client: str, kind: str) -> Any:
         state = self._status.state
         if state is not TokenState.READY:
             raise TokenUnavailable(self._unavailable_detail())
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
-        job = _Job(fn, fut, loop, time.monotonic() + self._timeout)
+        job = _Job(fn, fut, loop, time.monotonic() + self._timeout, client, kind)
         self._enqueue(job)
         try:
             async with asyncio.timeout(self._timeout):
@@ -287,10 +297,12 @@ class TokenOwner:
 
     def _enqueue(self, job: _Job, force: bool = False) -> None:
         with self._cv:
-            if not force and len(self._jobs) >= self._queue_size:
+            try:
+                self._jobs.put(job.client, job, force=force)
+            except QueueLimit as limit:
                 retry = max(1.0, len(self._jobs) * self._service_time)
-                raise QueueFull(f"{len(self._jobs)} requests are waiting for the token", retry)
-            self._jobs.append(job)
+                who = "requests are" if limit.scope == "total" else "of your requests are"
+                raise QueueFull(f"{limit.depth} {who} already waiting for the token", retry) from None
             self._cv.notify()
 
     def _unavailable_detail(self) -> str:
@@ -332,7 +344,7 @@ class TokenOwner:
                     self._cv.wait()
                 if self._stopping:
                     break
-                job = self._jobs.popleft() if self._jobs else None
+                job = self._jobs.get()
             if job is None:
                 self._connect()  # absent: poll for the token's return
                 continue
@@ -359,10 +371,13 @@ class TokenOwner:
         elapsed = time.monotonic() - now
         self._service_time = 0.9 * self._service_time + 0.1 * elapsed
         job.resolve(result, error)
+        if self._observer is not None:
+            outcome = "ok" if error is None else getattr(error, "code", "error")
+            self._observer(job.client, job.kind, now - job.enqueued, elapsed, outcome)
 
     def _fail_pending(self, error: TokenError) -> None:
         with self._cv:
-            jobs, self._jobs = list(self._jobs), collections.deque()
+            jobs = list(self._jobs.drain())
         for job in jobs:
             job.resolve(None, error)
 
