@@ -227,3 +227,17 @@ def test_32_concurrent_signatures_all_verify(service: Service) -> None:
         public.verify(sig, DATA + str(i).encode(), padding.PSS(padding.MGF1(hashes.SHA256()), 32),
                       hashes.SHA256())
     assert service.process.poll() is None
+
+
+def test_metrics_and_readiness(service: Service) -> None:
+    scraper = service.http(service.add_client("prometheus", "metrics"))
+    signer = service.http(service.add_client("metered", "sign"))
+    assert signer.post("/v1/keys/auth-ec/sign", json={"algorithm": "ecdsa-sha256", "data": b64(DATA)}).status_code == 200
+    assert signer.get("/metrics").status_code == 403
+    text = scraper.get("/metrics").text
+    assert 'tokenbridge_operations_total{client="metered",key="auth-ec",operation="sign",outcome="ok"} 1.0' in text
+    assert "tokenbridge_queue_wait_seconds_bucket" in text and "tokenbridge_token_seconds_bucket" in text
+    assert "tokenbridge_token_logged_in 1.0" in text
+    assert 'tokenbridge_certificate_days_left{key=' in text
+    with service.http() as anonymous:
+        assert anonymous.get("/v1/ready").json() == {"status": "ready"}

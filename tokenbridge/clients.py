@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 
 from tokenbridge.store import Store
 
-GRANTS = ("sign", "decrypt", "admin", "cms-sign", "cms-encrypt", "cms-decrypt", "smime-send")
+GRANTS = ("sign", "decrypt", "admin", "metrics", "cms-sign", "cms-encrypt", "cms-decrypt", "smime-send")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 
 

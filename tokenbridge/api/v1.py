@@ -61,6 +61,15 @@ async def health(request: Request) -> dict[str, Any]:
                       "message": status.message, "queue_depth": status.queue_depth}}
 
 
+@router.get("/ready", summary="Readiness: 200 when the token is logged in and usable (no authentication)")
+async def ready(request: Request) -> dict[str, Any]:
+    status = bridge_of(request).owner.status()
+    if status.state is not TokenState.READY:
+        raise Problem(f"token state is {status.state.value}" + (f": {status.message}" if status.message else ""),
+                      code="not_ready", status=503, title="Not ready")
+    return {"status": "ready"}
+
+
 @router.get("/tokens", summary="The token this service owns")
 async def tokens(request: Request, caller: Caller) -> list[dict[str, Any]]:
     status = bridge_of(request).owner.status()
@@ -168,3 +177,15 @@ async def audit_tail(request: Request, caller: Caller,
                      count: Annotated[int, Query(ge=1, le=1000)] = 50) -> list[dict[str, Any]]:
     caller.require("admin")
     return [e.__dict__ for e in bridge_of(request).audit.tail(count)]
+
+
+metrics_router = APIRouter()
+
+
+@metrics_router.get("/metrics", summary="Prometheus metrics (grant: metrics or admin)", response_class=Response)
+async def metrics(request: Request, caller: Caller) -> Response:
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    if not (caller.operator or "metrics" in caller.grants or "admin" in caller.grants):
+        caller.require("metrics")
+    return Response(generate_latest(bridge_of(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -14,6 +14,7 @@ from tokenbridge.audit import AuditLog, AuditUnavailable
 from tokenbridge.clients import ClientRegistry
 from tokenbridge.config import Settings, TokenSettings
 from tokenbridge.drivers import resolve_module
+from tokenbridge.metrics import Metrics
 from tokenbridge.services.keys import load_ca_pool
 from tokenbridge.services.operations import Operations
 from tokenbridge.store import Store
@@ -54,6 +55,7 @@ class Bridge:
     def __init__(self, settings: Settings, pin: str | None = None) -> None:
         self.settings = settings
         self.store, self.audit, self.clients = open_state(settings)
+        self.metrics = Metrics()
         module_path, self.driver = resolve_module(settings.token.module)
         self.module_path = Path(module_path)
         t = settings.token
@@ -67,8 +69,10 @@ class Bridge:
             presence_interval=t.presence_interval,
             environment=t.environment,
             on_event=self._token_event,
+            observer=self.metrics.observe_job,
         )
-        self.operations = Operations(self.owner, self.audit, settings)
+        self.metrics.watch(self.owner)
+        self.operations = Operations(self.owner, self.audit, settings, self.metrics)
         self.ca_pool = load_ca_pool(settings.ca_files)
 
     def start(self) -> None:

@@ -21,6 +21,7 @@ from tokenbridge.audit import AuditLog, AuditUnavailable
 from tokenbridge.config import Settings
 from tokenbridge.errors import Problem
 from tokenbridge.formats.padding import DIGEST_SIZE
+from tokenbridge.metrics import Metrics
 from tokenbridge.services.keys import may_decrypt, may_sign, require_usage
 from tokenbridge.services.principal import Principal
 from tokenbridge.token.model import KeyInfo, TokenError
@@ -51,10 +52,11 @@ async def _hash(hash_name: str, data: bytes) -> bytes:
 
 
 class Operations:
-    def __init__(self, owner: TokenOwner, audit: AuditLog, settings: Settings) -> None:
+    def __init__(self, owner: TokenOwner, audit: AuditLog, settings: Settings, metrics: Metrics | None = None) -> None:
         self.owner = owner
         self.audit = audit
         self.settings = settings
+        self.metrics = metrics
 
     def sign_algorithm(self, name: str) -> SignAlgorithm:
         alg = SIGN_ALGORITHMS.get(name)
@@ -147,15 +149,21 @@ class Operations:
         try:
             result = await operation()
         except TokenError as exc:
+            self._count(event, key, principal, exc.code)
             try:
                 self.audit.record(principal.actor, event, exc.code, key=key.id, algorithm=algorithm,
                                   input_sha256=input_hash)
             except AuditUnavailable as audit_exc:
                 raise _audit_failed(audit_exc) from exc
             raise
+        self._count(event, key, principal, "ok")
         try:
             self.audit.record(principal.actor, event, "ok", key=key.id, algorithm=algorithm,
                               input_sha256=input_hash)
         except AuditUnavailable as exc:
             raise _audit_failed(exc) from None
         return result
+
+    def _count(self, event: str, key: KeyInfo, principal: Principal, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.operations.labels(event, key.label, principal.name, outcome).inc()

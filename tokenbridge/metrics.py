@@ -1,0 +1,69 @@
+"""Prometheus metrics for one bridge: operations, latency split into queue wait and token time, token state.
+
+A registry per bridge (not the global one) so that tests and tools can run
+several bridges in one process. Gauges are read at scrape time from the
+owner's cached state: a scrape never touches the token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from tokenbridge.formats import x509 as x509h
+
+if TYPE_CHECKING:
+    from tokenbridge.token.owner import TokenOwner
+
+_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class _TokenCollector(Collector):
+    def __init__(self, owner: TokenOwner) -> None:
+        self.owner = owner
+
+    def collect(self) -> Iterable[Metric]:
+        status = self.owner.status()
+        present = GaugeMetricFamily("tokenbridge_token_present", "1 when the token is present")
+        present.add_metric([], 0.0 if status.state.value in ("absent", "error", "starting") else 1.0)
+        logged = GaugeMetricFamily("tokenbridge_token_logged_in", "1 when the service is logged in")
+        logged.add_metric([], 1.0 if status.logged_in else 0.0)
+        state = GaugeMetricFamily("tokenbridge_token_state", "current token state", labels=["state"])
+        state.add_metric([status.state.value], 1.0)
+        depth = GaugeMetricFamily("tokenbridge_queue_depth", "requests waiting for the token", labels=["client"])
+        depth.add_metric(["all"], float(status.queue_depth))
+        for client, n in self.owner.queued_by_client().items():
+            depth.add_metric([client], float(n))
+        service = GaugeMetricFamily("tokenbridge_token_service_seconds", "moving average of one token operation")
+        service.add_metric([], self.owner.service_time)
+        days = GaugeMetricFamily("tokenbridge_certificate_days_left", "days until the certificate expires",
+                                 labels=["key", "label"])
+        for key in self.owner.list_keys():
+            if key.certificate is not None:
+                days.add_metric([key.id, key.label], float(x509h.days_left(key.certificate)))
+        yield from (present, logged, state, depth, service, days)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.operations = Counter("tokenbridge_operations", "private-key operations",
+                                  ["operation", "key", "client", "outcome"], registry=self.registry)
+        self.queue_wait = Histogram("tokenbridge_queue_wait_seconds", "time waiting for the token",
+                                    ["operation"], buckets=_BUCKETS, registry=self.registry)
+        self.token_time = Histogram("tokenbridge_token_seconds", "time spent in the token",
+                                    ["operation"], buckets=_BUCKETS, registry=self.registry)
+        self.handshakes = Counter("tokenbridge_upstream_handshakes", "TLS handshakes signed on the token",
+                                  ["upstream", "outcome"], registry=self.registry)
+
+    def watch(self, owner: TokenOwner) -> None:
+        self.registry.register(_TokenCollector(owner))
+
+    def observe_job(self, client: str, kind: str, wait: float, token: float, outcome: str) -> None:
+        """Called on the owner thread after each job: two histogram updates, nothing else."""
+        self.queue_wait.labels(kind).observe(wait)
+        self.token_time.labels(kind).observe(token)
