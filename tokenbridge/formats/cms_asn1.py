@@ -21,7 +21,7 @@ from cryptography import x509
 class GcmParams(core.Sequence):
     """RFC 5084 GCMParameters."""
 
-    _fields = [
+    _fields = [  # noqa: RUF012  (asn1crypto's class-attribute convention)
         ("aes_nonce", core.OctetString),
         ("aes_icvlen", core.Integer, {"default": 12}),
     ]

@@ -82,7 +82,8 @@ def _key_transport_algorithm(kt: str) -> cms.KeyEncryptionAlgorithm:
         return cms.KeyEncryptionAlgorithm({"algorithm": "rsaes_pkcs1v15"})
     h = kt.rsplit("-", 1)[1]
     if h == "sha1":  # all defaults: the empty SEQUENCE
-        return cms.KeyEncryptionAlgorithm({"algorithm": "rsaes_oaep", "parameters": algos.RSAESOAEPParams.load(b"\x30\x00")})
+        empty = algos.RSAESOAEPParams.load(b"\x30\x00")
+        return cms.KeyEncryptionAlgorithm({"algorithm": "rsaes_oaep", "parameters": empty})
     return cms.KeyEncryptionAlgorithm({"algorithm": "rsaes_oaep", "parameters": {
         "hash_algorithm": {"algorithm": h},
         "mask_gen_algorithm": {"algorithm": "mgf1", "parameters": {"algorithm": h}},
@@ -197,7 +198,7 @@ async def decrypt(data: bytes, keys: Sequence[RecipientKey], unwrap: UnwrapFn) -
     if authenticated != (kind == "aes-gcm"):
         raise CmsError("unsupported_algorithm", f"{alg_name} does not fit {ctype}")
     try:
-        key, ktri, scheme, hash_name, encrypted_key = _choose(recipient_infos, keys)
+        key, _ktri, scheme, hash_name, encrypted_key = _choose(recipient_infos, keys)
     except PARSE_ERRORS as exc:
         raise CmsError("cms_malformed", f"not a valid CMS structure: {str(exc)[:200]}") from None
     try:
@@ -256,10 +257,10 @@ def _decrypt_content(kind: str, alg: algos.EncryptionAlgorithm, cek: bytes, ciph
             # cryptography wants a 16-byte tag: shorter tags go through the streaming API.
             if icvlen == 16:
                 return AESGCM(cek).decrypt(nonce, ciphertext + tag, aad)
-            dec = Cipher(algorithms.AES(cek), modes.GCM(nonce, tag, min_tag_length=icvlen)).decryptor()
+            gcm = Cipher(algorithms.AES(cek), modes.GCM(nonce, tag, min_tag_length=icvlen)).decryptor()
             if aad:
-                dec.authenticate_additional_data(aad)
-            return dec.update(ciphertext) + dec.finalize()
+                gcm.authenticate_additional_data(aad)
+            return gcm.update(ciphertext) + gcm.finalize()
         except (InvalidTag, ValueError):
             raise _failed() from None
     iv = alg["parameters"].native

@@ -1,0 +1,245 @@
+"""HTTP API for CMS (``/v1/cms/*``) and S/MIME (``/v1/smime/*``): thin handlers over the services.
+
+Binary inputs are raw request bodies (``application/octet-stream`` or
+``message/rfc822``) with options in the query; results are JSON, or the raw
+bytes when the client asks for them with ``Accept``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from tokenbridge.api.auth import bridge_of, principal
+from tokenbridge.errors import Problem
+from tokenbridge.formats import x509 as x509h
+from tokenbridge.formats.cms_asn1 import to_pem
+from tokenbridge.formats.cms_envelope import CONTENT_CIPHERS, KEY_TRANSPORTS
+from tokenbridge.services.cms import CmsService
+from tokenbridge.services.principal import Principal
+from tokenbridge.services.smime import ComposeRequest, SmimeService
+
+router = APIRouter(prefix="/v1")
+Caller = Annotated[Principal, Depends(principal)]
+_RAW_TYPES = ("application/pkcs7-mime", "application/pkcs7-signature", "application/octet-stream",
+              "application/x-pem-file", "message/rfc822")
+KeyTransportQ = Annotated[Literal[KEY_TRANSPORTS], Query(description="Key transport")]  # type: ignore[valid-type]
+CipherQ = Annotated[Literal[CONTENT_CIPHERS], Query(description="Content cipher")]  # type: ignore[valid-type]
+
+
+def services(request: Request) -> tuple[CmsService, SmimeService]:
+    """One CMS and one S/MIME service per application, made on first use."""
+    state = request.app.state
+    if getattr(state, "cms_services", None) is None:
+        bridge = bridge_of(request)
+        cms = CmsService(bridge.operations, bridge.ca_pool)
+        state.cms_services = (cms, SmimeService(cms))
+    return state.cms_services
+
+
+def _wants_raw(request: Request) -> bool:
+    accept = request.headers.get("accept", "")
+    return any(t in accept for t in _RAW_TYPES) and "application/json" not in accept
+
+
+async def _body(request: Request, hash_name: str | None = None, keep: bool = True) -> tuple[bytes, bytes | None]:
+    """The request body, hashed while it arrives; with ``keep=False`` only the digest is kept."""
+    hasher = hashlib.new(hash_name) if hash_name else None
+    chunks: list[bytes] = []
+    async for chunk in request.stream():
+        if hasher is not None:
+            hasher.update(chunk)
+        if keep:
+            chunks.append(chunk)
+    data = b"".join(chunks)
+    del chunks
+    if not data and keep:
+        raise Problem("the request body is empty", code="empty_body", status=400, title="Empty body")
+    return data, hasher.digest() if hasher else None
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _unb64(value: str, what: str) -> bytes:
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise Problem(f"'{what}' is not valid base64", code="invalid_base64", status=400,
+                      title="Invalid base64") from None
+
+
+def _cms_out(request: Request, der: bytes, fmt: str, info: dict[str, Any]) -> Response | dict[str, Any]:
+    out = to_pem(der) if fmt == "pem" else der
+    if _wants_raw(request):
+        return Response(out, media_type="application/x-pem-file" if fmt == "pem" else "application/pkcs7-mime")
+    return {"cms": out.decode() if fmt == "pem" else _b64(out), "format": fmt, "size": len(out), **info}
+
+
+# ---------------------------------------------------------------------------------------------- CMS
+
+
+@router.post("/cms/sign", summary="CMS SignedData over the raw body (detached by default)",
+             response_model=None)
+async def cms_sign(request: Request, caller: Caller,
+                   key: Annotated[str | None, Query(description="Key id or label (default: e-mail key)")] = None,
+                   algorithm: Annotated[str | None, Query(description="e.g. rsa-pss-sha256")] = None,
+                   detached: bool = True, format: Literal["der", "pem"] = "der") -> Response | dict[str, Any]:
+    cms, _ = services(request)
+    caller.require("cms-sign")
+    k = cms.sign_key(caller, key)
+    alg = cms.ops.sign_algorithm(algorithm or _default_alg(k.key_type))
+    content, digest = await _body(request, alg.hash, keep=not detached)
+    assert digest is not None
+    if detached and content == b"" and digest == hashlib.new(alg.hash).digest():
+        raise Problem("the request body is empty", code="empty_body", status=400, title="Empty body")
+    der = await cms.sign(caller, k, alg.name, digest, None if detached else content)
+    return _cms_out(request, der, format, {"detached": detached, "key": k.id, "key_label": k.label,
+                                           "algorithm": alg.name, "content_digest": digest.hex()})
+
+
+def _default_alg(key_type: str) -> str:
+    return "ecdsa-sha256" if key_type == "ec" else "rsa-pkcs1v15-sha256"
+
+
+@router.post("/cms/encrypt", summary="CMS EnvelopedData (or AuthEnvelopedData with GCM) of the raw body",
+             response_model=None)
+async def cms_encrypt(request: Request, caller: Caller,
+                      to: Annotated[list[str], Query(description="Address-book name, or a PEM certificate")],
+                      key_transport: KeyTransportQ = "rsa-pkcs1v15", cipher: CipherQ = "aes256-cbc",
+                      ski: bool = False, format: Literal["der", "pem"] = "der") -> Response | dict[str, Any]:
+    cms, _ = services(request)
+    caller.require("cms-encrypt")
+    content, _digest = await _body(request)
+    der = await cms.encrypt(caller, content, to, key_transport=key_transport, cipher=cipher, use_ski=ski)
+    return _cms_out(request, der, format, {"cipher": cipher, "key_transport": key_transport})
+
+
+@router.post("/cms/decrypt", summary="Decrypt CMS EnvelopedData / AuthEnvelopedData (DER, BER or PEM body)",
+             response_model=None)
+async def cms_decrypt(request: Request, caller: Caller) -> Response | dict[str, Any]:
+    cms, _ = services(request)
+    caller.require("cms-decrypt")
+    data, _ = await _body(request)
+    result = await cms.decrypt(caller, data)
+    if _wants_raw(request):
+        return Response(result.content, media_type="application/octet-stream")
+    return {"content": _b64(result.content), "size": len(result.content), "content_type": result.content_type,
+            "authenticated": result.authenticated, "cipher": result.cipher,
+            "key_transport": result.key_transport, "key": result.recipient}
+
+
+class VerifyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    signature: str = Field(description="base64 CMS SignedData (DER/BER) or its PEM text")
+    content: str | None = Field(None, description="base64 detached content")
+    sender: str | None = Field(None, description="e-mail address to check against the certificate")
+
+
+@router.post("/cms/verify", summary="Verify CMS SignedData: raw body (attached), or JSON for detached")
+async def cms_verify(request: Request, caller: Caller,
+                     sender: Annotated[str | None, Query(description="address to check")] = None
+                     ) -> dict[str, Any]:
+    cms, _ = services(request)
+    if request.headers.get("content-type", "").startswith("application/json"):
+        raw, _ = await _body(request)
+        try:
+            body = VerifyRequest.model_validate_json(raw)
+        except ValueError as exc:
+            raise Problem(f"invalid JSON body: {str(exc)[:300]}", code="invalid_request", status=422,
+                          title="Invalid request") from None
+        sig = body.signature.encode() if "-----BEGIN" in body.signature else _unb64(body.signature, "signature")
+        content = _unb64(body.content, "content") if body.content is not None else None
+        sender = body.sender or sender
+    else:
+        sig, _ = await _body(request)
+        content = None
+    result = await cms.verify(caller, sig, content, sender)
+    view = result.view()
+    if result.content is not None:
+        view["content"] = _b64(result.content)
+    return view
+
+
+# ------------------------------------------------------------------------------------------- S/MIME
+
+
+def _mime_response(data: bytes) -> Response:
+    return Response(data, media_type="message/rfc822")
+
+
+@router.post("/smime/sign", summary="Sign a message (message/rfc822 in and out)", response_class=Response)
+async def smime_sign(request: Request, caller: Caller, key: str | None = None, algorithm: str | None = None,
+                     opaque: bool = False) -> Response:
+    _, smime = services(request)
+    raw, _ = await _body(request)
+    return _mime_response(await smime.sign_message(caller, raw, key, algorithm, opaque=opaque))
+
+
+@router.post("/smime/encrypt", summary="Encrypt a message (message/rfc822 in and out)", response_class=Response)
+async def smime_encrypt(request: Request, caller: Caller,
+                        to: Annotated[list[str], Query(description="Address-book name or PEM certificate")],
+                        key_transport: KeyTransportQ = "rsa-pkcs1v15", cipher: CipherQ = "aes256-cbc") -> Response:
+    _, smime = services(request)
+    raw, _ = await _body(request)
+    return _mime_response(await smime.encrypt_message(caller, raw, to, key_transport, cipher))
+
+
+@router.post("/smime/sign-and-encrypt", summary="Sign, then encrypt a message", response_class=Response)
+async def smime_sign_and_encrypt(request: Request, caller: Caller,
+                                 to: Annotated[list[str], Query(description="Address-book name or PEM")],
+                                 key: str | None = None, algorithm: str | None = None,
+                                 key_transport: KeyTransportQ = "rsa-pkcs1v15",
+                                 cipher: CipherQ = "aes256-cbc") -> Response:
+    _, smime = services(request)
+    raw, _ = await _body(request)
+    signed = await smime.sign_message(caller, raw, key, algorithm)
+    return _mime_response(await smime.encrypt_message(caller, signed, to, key_transport, cipher))
+
+
+@router.post("/smime/open", summary="Decrypt and verify a message, recursively", response_model=None)
+async def smime_open(request: Request, caller: Caller,
+                     format: Literal["json", "mime"] = "json") -> Response | dict[str, Any]:
+    _, smime = services(request)
+    raw, _ = await _body(request)
+    opened, view = await smime.open_message(caller, raw)
+    if format == "mime":
+        return _mime_response(opened.inner)
+    return view
+
+
+@router.post("/smime/compose", summary="Compose a signed and/or encrypted message: a ready-to-send .eml",
+             response_class=Response)
+async def smime_compose(request: Request, body: ComposeRequest, caller: Caller) -> Response:
+    _, smime = services(request)
+    composed = await smime.compose(caller, body)
+    return Response(composed.message, media_type="message/rfc822",
+                    headers={"X-Message-ID": composed.message_id})
+
+
+@router.post("/smime/send", summary="Compose and send through the configured SMTP server")
+async def smime_send(request: Request, body: ComposeRequest, caller: Caller) -> dict[str, Any]:
+    _, smime = services(request)
+    composed = await smime.send(caller, body)
+    return {"message_id": composed.message_id, "from": composed.sender, "recipients": composed.recipients,
+            "size": len(composed.message), "signed": composed.signed, "encrypted": composed.encrypted}
+
+
+@router.get("/smime/recipients", summary="The address book: names and their certificates")
+async def smime_recipients(request: Request, caller: Caller) -> list[dict[str, Any]]:
+    cms, _ = services(request)
+    out = []
+    for name in sorted(cms.settings.recipients):
+        try:
+            cert = (await cms.recipients([name], include_own=False))[0]
+            out.append({"name": name, "certificate": x509h.summary(cert)})
+        except Problem as exc:
+            out.append({"name": name, "error": exc.detail})
+    return out

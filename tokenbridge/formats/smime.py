@@ -1,0 +1,332 @@
+"""S/MIME (RFC 8551) messages over bytes: compose, sign, encrypt and open, the way mail clients do.
+
+Everything that is signed is spliced in as the exact bytes emitted (never a
+re-serialised parsed message), in canonical CRLF form. The CMS steps are
+callables, so this module knows no key and no token.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import email
+import email.policy
+import hashlib
+import re
+import secrets
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from email.message import EmailMessage, Message
+from email.utils import format_datetime, getaddresses, make_msgid, parseaddr
+from typing import Any
+
+from tokenbridge.formats.cms_asn1 import CmsError
+
+MICALG = {"sha256": "sha-256", "sha384": "sha-384", "sha512": "sha-512", "sha1": "sha1"}
+CONTENT_HEADERS = ("content-type", "content-transfer-encoding", "content-disposition", "content-id",
+                   "content-description", "content-language", "content-location", "content-md5")
+_SMTP = email.policy.SMTP
+MAX_DEPTH = 6
+
+SignDetached = Callable[[bytes], Awaitable[bytes]]  # entity -> DER SignedData (detached)
+SignAttached = Callable[[bytes], Awaitable[bytes]]  # entity -> DER SignedData (content inside)
+Encrypt = Callable[[bytes], Awaitable[tuple[bytes, bool]]]  # entity -> (DER, authenticated?)
+
+
+def canonicalize(data: bytes) -> bytes:
+    """Every line ending CRLF (RFC 8551 3.1.1): content signed with bare LF verifies nowhere."""
+    return re.sub(rb"\r?\n", b"\r\n", data)
+
+
+def split_message(raw: bytes) -> tuple[bytes, bytes]:
+    """(header block without the blank line, body). A message with no blank line is all headers."""
+    m = re.search(rb"\r?\n\r?\n", raw)
+    if m is None:
+        return raw, b""
+    return raw[:m.start()], raw[m.end():]
+
+
+def header_fields(block: bytes) -> list[bytes]:
+    """Raw header fields (folded continuation lines kept), each without its final CRLF."""
+    fields: list[bytes] = []
+    for line in re.split(rb"\r?\n", block):
+        if not line:
+            continue
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1] += b"\r\n" + line
+        else:
+            fields.append(line)
+    return fields
+
+
+def field_name(f: bytes) -> str:
+    return f.split(b":", 1)[0].strip().decode("ascii", "replace").lower()
+
+
+def split_entity(message: bytes) -> tuple[list[bytes], bytes]:
+    """Outer headers (From, To, Subject...) and the MIME entity that gets signed or encrypted."""
+    block, body = split_message(canonicalize(message))
+    outer: list[bytes] = []
+    content: list[bytes] = []
+    for f in header_fields(block):
+        name = field_name(f)
+        if name in CONTENT_HEADERS:
+            content.append(f)
+        elif name != "mime-version":
+            outer.append(f)
+    if not any(field_name(f) == "content-type" for f in content):
+        content.insert(0, b"Content-Type: text/plain; charset=us-ascii")
+    return outer, b"\r\n".join(content) + b"\r\n\r\n" + body
+
+
+def join_message(outer: Sequence[bytes], entity: bytes) -> bytes:
+    return b"".join(f + b"\r\n" for f in outer) + b"MIME-Version: 1.0\r\n" + entity
+
+
+def _b64_lines(der: bytes) -> bytes:
+    b64 = base64.b64encode(der)
+    return b"".join(b64[i:i + 76] + b"\r\n" for i in range(0, len(b64), 76))
+
+
+def signed_multipart(entity: bytes, signature_der: bytes, hash_name: str) -> bytes:
+    """multipart/signed around ``entity``, which is spliced in byte for byte."""
+    boundary = f"----=_tokenbridge_{secrets.token_hex(12)}".encode()
+    if boundary in entity:  # vanishingly unlikely; never emit an ambiguous delimiter
+        return signed_multipart(entity, signature_der, hash_name)
+    micalg = MICALG[hash_name].encode()
+    return (b'Content-Type: multipart/signed; protocol="application/pkcs7-signature"; micalg=' + micalg
+            + b';\r\n boundary="' + boundary + b'"\r\n\r\n'
+            + b"This is a cryptographically signed message in MIME format.\r\n\r\n"
+            + b"--" + boundary + b"\r\n" + entity + b"\r\n--" + boundary + b"\r\n"
+            + b'Content-Type: application/pkcs7-signature; name="smime.p7s"\r\n'
+            + b"Content-Transfer-Encoding: base64\r\n"
+            + b'Content-Disposition: attachment; filename="smime.p7s"\r\n'
+            + b"Content-Description: S/MIME Cryptographic Signature\r\n\r\n"
+            + _b64_lines(signature_der) + b"\r\n--" + boundary + b"--\r\n")
+
+
+def pkcs7_mime(der: bytes, smime_type: str) -> bytes:
+    """application/pkcs7-mime entity (enveloped-data, authEnveloped-data or signed-data)."""
+    return (b"Content-Type: application/pkcs7-mime; smime-type=" + smime_type.encode()
+            + b'; name="smime.p7m"\r\nContent-Transfer-Encoding: base64\r\n'
+            + b'Content-Disposition: attachment; filename="smime.p7m"\r\n'
+            + b"Content-Description: S/MIME Encrypted Message\r\n\r\n" + _b64_lines(der))
+
+
+async def sign_entity(entity: bytes, sign_detached: SignDetached, hash_name: str) -> bytes:
+    entity = canonicalize(entity)
+    return signed_multipart(entity, await sign_detached(entity), hash_name)
+
+
+async def sign_opaque(entity: bytes, sign_attached: SignAttached) -> bytes:
+    return pkcs7_mime(await sign_attached(canonicalize(entity)), "signed-data")
+
+
+async def encrypt_entity(entity: bytes, encrypt: Encrypt) -> bytes:
+    der, authenticated = await encrypt(canonicalize(entity))
+    return pkcs7_mime(der, "authEnveloped-data" if authenticated else "enveloped-data")
+
+
+# --- composing ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Attachment:
+    filename: str
+    content_type: str
+    data: bytes
+
+
+def compose_entity(text: str, attachments: Sequence[Attachment] = ()) -> bytes:
+    """The MIME entity (text, then attachments in base64), serialised once, with CRLF, 7-bit clean."""
+    body = EmailMessage(policy=_SMTP)
+    ascii_text = text.isascii()
+    body.set_content(text, charset="us-ascii" if ascii_text else "utf-8",
+                     cte="7bit" if ascii_text and _short_lines(text) else "quoted-printable")
+    if attachments:
+        body.make_mixed()
+        for a in attachments:
+            maintype, _, subtype = a.content_type.partition("/")
+            if not maintype or not subtype:
+                maintype, subtype = "application", "octet-stream"
+            body.add_attachment(a.data, maintype=maintype, subtype=subtype, filename=a.filename)
+    del body["MIME-Version"]
+    for part in body.walk():
+        del part["MIME-Version"]
+    return canonicalize(body.as_bytes(policy=_SMTP))
+
+
+def _short_lines(text: str) -> bool:
+    return all(len(line) <= 900 for line in text.splitlines())
+
+
+def outer_headers(sender: str, to: Sequence[str], subject: str, *, message_id: str | None = None,
+                  extra: dict[str, str] | None = None) -> tuple[list[bytes], str]:
+    """From/To/Subject/Date/Message-ID, RFC 2047-encoded where needed; returns (fields, Message-ID)."""
+    from datetime import UTC, datetime
+
+    domain = parseaddr(sender)[1].rpartition("@")[2] or "tokenbridge.invalid"
+    mid = message_id or make_msgid(domain=domain)
+    values = {"From": sender, "To": ", ".join(to), "Subject": subject,
+              "Date": format_datetime(datetime.now(UTC)), "Message-ID": mid, **(extra or {})}
+    fields = []
+    for name, value in values.items():
+        folded = _SMTP.header_factory(name, value).fold(policy=_SMTP)
+        fields.append(folded.rstrip("\r\n").encode("ascii"))
+    return fields, mid
+
+
+def addresses(values: Sequence[str]) -> list[str]:
+    return [addr for _, addr in getaddresses(list(values)) if addr]
+
+
+# --- opening --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Opened:
+    """What was found while unwrapping, outermost first; ``inner`` is the innermost entity."""
+
+    layers: list[dict[str, Any]] = field(default_factory=list)
+    inner: bytes = b""
+    outer_headers: list[bytes] = field(default_factory=list)
+    encrypted: bool = False
+    signed: bool = False
+    signatures: list[Any] = field(default_factory=list)  # Verified objects, outermost first
+
+
+Decrypt = Callable[[bytes], Awaitable[tuple[bytes, dict[str, Any]]]]  # DER -> (content, details)
+Verify = Callable[[bytes, bytes | None], Awaitable[Any]]  # (DER, detached content) -> Verified
+
+
+def _content_type(fields: Sequence[bytes]) -> Message:
+    """A header-only Message for reading Content-Type parameters."""
+    block = b"\r\n".join(f for f in fields if field_name(f) in CONTENT_HEADERS)
+    return email.message_from_bytes(block + b"\r\n\r\n", policy=email.policy.compat32)
+
+
+def _decode_body(headers: Message, body: bytes) -> bytes:
+    cte = (headers.get("Content-Transfer-Encoding") or "7bit").strip().lower()
+    if cte == "base64":
+        try:
+            return base64.b64decode(re.sub(rb"[^A-Za-z0-9+/=]", b"", body), validate=True)
+        except (binascii.Error, ValueError):
+            raise CmsError("mime_malformed", "the S/MIME part is not valid base64") from None
+    return body
+
+
+def _signed_parts(entity_body: bytes, boundary: bytes) -> tuple[bytes, bytes]:
+    """The first part's exact bytes and the second part, from a multipart/signed body."""
+    delim = b"--" + boundary
+    if entity_body.startswith(delim + b"\r\n"):
+        first = len(delim) + 2
+    else:
+        i = entity_body.find(b"\r\n" + delim + b"\r\n")
+        if i < 0:
+            raise CmsError("mime_malformed", "multipart/signed: no first boundary")
+        first = i + 2 + len(delim) + 2
+    end = entity_body.find(b"\r\n" + delim, first)
+    if end < 0:
+        raise CmsError("mime_malformed", "multipart/signed: no second boundary")
+    second_start = end + 2 + len(delim)
+    if entity_body[second_start:second_start + 2] != b"\r\n":
+        raise CmsError("mime_malformed", "multipart/signed: the signature part is missing")
+    second_start += 2
+    close = entity_body.find(b"\r\n" + delim, second_start)
+    second = entity_body[second_start: close if close >= 0 else len(entity_body)]
+    return entity_body[first:end], second
+
+
+async def open_message(raw: bytes, decrypt: Decrypt, verify: Verify) -> Opened:
+    """Decrypt and verify layer by layer (any nesting of signed and enveloped parts)."""
+    message = canonicalize(raw)
+    outer, entity = split_entity(message)
+    opened = Opened(outer_headers=outer)
+    for _depth in range(MAX_DEPTH):
+        e_block, e_body = split_message(entity)
+        headers = _content_type(header_fields(e_block))
+        ctype = headers.get_content_type()
+        smime_type = (headers.get_param("smime-type") or "")
+        name = (headers.get_filename() or headers.get_param("name") or "")
+        if isinstance(smime_type, tuple) or isinstance(name, tuple):
+            smime_type, name = str(smime_type), str(name)
+        is_p7m = ctype in ("application/pkcs7-mime", "application/x-pkcs7-mime") or (
+            ctype == "application/octet-stream" and name.lower().endswith(".p7m"))
+        if ctype == "multipart/signed":
+            boundary = headers.get_param("boundary")
+            if not isinstance(boundary, str) or not boundary:
+                raise CmsError("mime_malformed", "multipart/signed without a boundary")
+            signed_part, sig_part = _signed_parts(e_body, boundary.encode())
+            s_block, s_body = split_message(sig_part)
+            signature = _decode_body(_content_type(header_fields(s_block)), s_body)
+            verified = await verify(signature, signed_part)
+            opened.signed = True
+            opened.signatures.append(verified)
+            opened.layers.append({"type": "signed", "format": "multipart/signed",
+                                  "micalg": headers.get_param("micalg")})
+            entity = signed_part
+            continue
+        if is_p7m:
+            der = _decode_body(headers, e_body)
+            kind = smime_type.lower()
+            if kind in ("enveloped-data", "authenveloped-data") or (not kind and _looks_enveloped(der)):
+                content, details = await decrypt(der)
+                opened.encrypted = True
+                opened.layers.append({"type": "encrypted", **details})
+                entity = canonicalize(content)
+                continue
+            verified = await verify(der, None)
+            opened.signed = True
+            opened.signatures.append(verified)
+            opened.layers.append({"type": "signed", "format": "application/pkcs7-mime"})
+            if verified.content is None:
+                raise CmsError("mime_malformed", "opaque signed message without content")
+            entity = canonicalize(verified.content)
+            continue
+        opened.inner = entity
+        return opened
+    raise CmsError("mime_malformed", f"more than {MAX_DEPTH} nested S/MIME layers")
+
+
+def _looks_enveloped(der: bytes) -> bool:
+    from tokenbridge.formats.cms_asn1 import parse_content_info
+
+    return parse_content_info(der)["content_type"].native != "signed_data"
+
+
+def attachments_of(entity: bytes) -> list[dict[str, Any]]:
+    """Attachments of a MIME entity: name, type, size, SHA-256 and the decoded bytes."""
+    msg = email.message_from_bytes(entity, policy=email.policy.default)
+    out = []
+    for part in msg.walk():
+        if part.is_multipart():
+            continue
+        filename = part.get_filename()
+        if filename is None and part.get_content_disposition() != "attachment":
+            continue
+        payload = part.get_payload(decode=True)
+        data = payload if isinstance(payload, bytes) else b""
+        out.append({"filename": filename, "content_type": part.get_content_type(), "size": len(data),
+                    "sha256": hashlib.sha256(data).hexdigest(), "data": data})
+    return out
+
+
+def text_of(entity: bytes) -> str | None:
+    msg = email.message_from_bytes(entity, policy=email.policy.default)
+    body = msg.get_body(preferencelist=("plain",))
+    if body is None:
+        return None
+    try:
+        return str(body.get_content())
+    except (LookupError, ValueError):
+        return None
+
+
+def header_value(fields: Sequence[bytes], name: str) -> str | None:
+    """One outer header, decoded (RFC 2047)."""
+    for f in fields:
+        if field_name(f) == name.lower():
+            msg = email.message_from_bytes(f + b"\r\n\r\n", policy=email.policy.default)
+            value = msg.get(name)
+            return str(value) if value is not None else None
+    return None

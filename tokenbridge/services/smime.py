@@ -1,0 +1,233 @@
+"""S/MIME messages for clients: sign, encrypt, open, compose and send, over ``CmsService``.
+
+The MIME work is tokenbridge.formats.smime's; this layer picks keys and
+recipients, checks grants, audits, and talks SMTP (raw bytes through
+``sendmail``: compat32 ``send_message`` would rewrite "From " lines).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import os
+import smtplib
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass
+from email.utils import parseaddr
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tokenbridge.errors import Problem
+from tokenbridge.formats import smime as fmt
+from tokenbridge.formats import x509 as x509h
+from tokenbridge.formats.cms_asn1 import CmsError
+from tokenbridge.services.cms import CmsService, problem
+from tokenbridge.services.principal import Principal
+from tokenbridge.token.model import KeyInfo
+
+
+class AttachmentIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    filename: str = Field(min_length=1, max_length=255)
+    content_type: str = "application/octet-stream"
+    data: str = Field(description="base64")
+
+
+class ComposeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    sender: str | None = Field(None, alias="from", description="default: [smime] from_address, else the "
+                               "signing certificate's address")
+    to: list[str] = Field(min_length=1, description="e-mail addresses")
+    subject: str = ""
+    text: str = ""
+    attachments: list[AttachmentIn] = Field(default_factory=list)
+    sign: bool = True
+    sign_key: str | None = Field(None, description="key id or label (default: the e-mail signing key)")
+    algorithm: str | None = None
+    encrypt_to: list[str] = Field(default_factory=list, description="address-book names or PEM certificates; "
+                                  "empty: not encrypted")
+    key_transport: str = "rsa-pkcs1v15"
+    cipher: str = "aes256-cbc"
+
+
+@dataclass(frozen=True)
+class Composed:
+    message: bytes
+    message_id: str
+    sender: str
+    recipients: list[str]
+    signed: bool
+    encrypted: bool
+
+
+def _hash_alg(cms: CmsService, key: KeyInfo, algorithm: str | None) -> tuple[str, str]:
+    alg = cms.ops.sign_algorithm(algorithm or ("ecdsa-sha256" if key.key_type == "ec" else "rsa-pkcs1v15-sha256"))
+    if alg.hash == "sha1":
+        raise Problem("S/MIME signatures need SHA-256 or better", code="unsupported_algorithm", status=422,
+                      title="Unsupported algorithm")
+    return alg.name, alg.hash
+
+
+class SmimeService:
+    def __init__(self, cms: CmsService) -> None:
+        self.cms = cms
+        self.settings = cms.settings
+
+    async def sign_entity(self, principal: Principal, entity: bytes, key_ref: str | None, algorithm: str | None,
+                          opaque: bool = False) -> bytes:
+        principal.require("cms-sign")
+        key = self.cms.sign_key(principal, key_ref)
+        alg, hash_name = _hash_alg(self.cms, key, algorithm)
+
+        async def detached(content: bytes) -> bytes:
+            digest = await _digest(hash_name, content)
+            return await self.cms.sign(principal, key, alg, digest, None)
+
+        async def attached(content: bytes) -> bytes:
+            digest = await _digest(hash_name, content)
+            return await self.cms.sign(principal, key, alg, digest, content)
+
+        if opaque:
+            return await fmt.sign_opaque(entity, attached)
+        return await fmt.sign_entity(entity, detached, hash_name)
+
+    async def encrypt_entity(self, principal: Principal, entity: bytes, to: Sequence[str], key_transport: str,
+                             cipher: str) -> bytes:
+        principal.require("cms-encrypt")
+
+        async def encrypt(content: bytes) -> tuple[bytes, bool]:
+            der = await self.cms.encrypt(principal, content, to, key_transport=key_transport, cipher=cipher)
+            return der, cipher.endswith("gcm")
+
+        return await fmt.encrypt_entity(entity, encrypt)
+
+    async def sign_message(self, principal: Principal, raw: bytes, key_ref: str | None, algorithm: str | None,
+                           opaque: bool = False) -> bytes:
+        outer, entity = fmt.split_entity(raw)
+        return fmt.join_message(outer, await self.sign_entity(principal, entity, key_ref, algorithm, opaque))
+
+    async def encrypt_message(self, principal: Principal, raw: bytes, to: Sequence[str], key_transport: str,
+                              cipher: str) -> bytes:
+        outer, entity = fmt.split_entity(raw)
+        return fmt.join_message(outer, await self.encrypt_entity(principal, entity, to, key_transport, cipher))
+
+    async def open_message(self, principal: Principal, raw: bytes) -> tuple[fmt.Opened, dict[str, Any]]:
+        """Decrypt and verify every layer; the JSON view says what was found and whether it holds."""
+        outer, _ = fmt.split_entity(raw)
+        from_header = fmt.header_value(outer, "From")
+        sender = parseaddr(from_header)[1] if from_header else None
+
+        async def decrypt(der: bytes) -> tuple[bytes, dict[str, Any]]:
+            result = await self.cms.decrypt(principal, der)
+            return result.content, {"cipher": result.cipher, "key_transport": result.key_transport,
+                                    "authenticated": result.authenticated, "key": result.recipient}
+
+        async def verify(der: bytes, content: bytes | None) -> Any:
+            return await self.cms.verify(principal, der, content, sender)
+
+        try:
+            opened = await fmt.open_message(raw, decrypt, verify)
+            attachments = fmt.attachments_of(opened.inner)
+            text = fmt.text_of(opened.inner)
+        except CmsError as exc:
+            raise problem(exc) from None
+        signatures = [s.view() for s in opened.signatures]
+        valid = bool(opened.signatures) and all(s.valid for s in opened.signatures)
+        reason = next((s.reason for s in opened.signatures if not s.valid), None) if opened.signatures \
+            else "the message is not signed"
+        view = {
+            "encrypted": opened.encrypted, "signed": opened.signed, "valid": valid, "reason": reason,
+            "from": from_header, "to": fmt.header_value(outer, "To"), "subject": fmt.header_value(outer, "Subject"),
+            "message_id": fmt.header_value(outer, "Message-ID"),
+            "signer": signatures[0]["signer"] if signatures else None,
+            "signatures": signatures, "layers": opened.layers, "text": text,
+            "attachments": [{k: v for k, v in a.items() if k != "data"} for a in attachments],
+            "message": base64.b64encode(opened.inner).decode(),
+        }
+        return opened, view
+
+    async def compose(self, principal: Principal, req: ComposeRequest) -> Composed:
+        key = self.cms.sign_key(principal, req.sign_key) if req.sign else None
+        sender = req.sender or self.settings.smime.from_address
+        if sender is None and key is not None and key.certificate is not None:
+            emails = x509h.emails(key.certificate)
+            sender = emails[0] if emails else None
+        if not sender:
+            raise Problem("no sender: give 'from' or set [smime] from_address", code="no_sender", status=422,
+                          title="No sender")
+        recipients = fmt.addresses(req.to)
+        if not recipients:
+            raise Problem("'to' holds no e-mail address", code="invalid_request", status=422,
+                          title="Invalid request")
+        attachments = [fmt.Attachment(a.filename, a.content_type, _unb64(a.data, a.filename))
+                       for a in req.attachments]
+        entity = fmt.compose_entity(req.text, attachments)
+        del attachments
+        if key is not None:
+            entity = await self.sign_entity(principal, entity, key.id, req.algorithm)
+        if req.encrypt_to:
+            entity = await self.encrypt_entity(principal, entity, req.encrypt_to, req.key_transport, req.cipher)
+        outer, mid = fmt.outer_headers(sender, req.to, req.subject)
+        return Composed(fmt.join_message(outer, entity), mid, parseaddr(sender)[1], recipients, key is not None,
+                        bool(req.encrypt_to))
+
+    async def send(self, principal: Principal, req: ComposeRequest) -> Composed:
+        principal.require("smime-send")
+        smtp = self.settings.smime.smtp
+        if not smtp.host:
+            raise Problem("no SMTP server is configured ([smime.smtp] host)", code="smtp_not_configured",
+                          status=409, title="Sending disabled")
+        composed = await self.compose(principal, req)
+        try:
+            self.cms.audit.ensure_writable()
+        except Exception as exc:
+            raise Problem(f"{exc}; the message was not sent", code="audit_unavailable", status=503,
+                          title="Audit log unavailable") from None
+        try:
+            await asyncio.to_thread(self._smtp_send, composed)
+        except (smtplib.SMTPException, OSError) as exc:
+            self.cms.audit_event(principal, "smime-send", "smtp_failed", detail=f"{type(exc).__name__}: {exc}"[:300])
+            raise Problem(f"the SMTP server did not take the message: {exc}", code="smtp_failed", status=502,
+                          title="Sending failed") from None
+        self.cms.audit_event(principal, "smime-send", "ok", hashlib.sha256(composed.message).hexdigest(),
+                             f"message_id={composed.message_id}, to={','.join(composed.recipients)}")
+        return composed
+
+    def _smtp_send(self, composed: Composed) -> None:
+        s = self.settings.smime.smtp
+        assert s.host is not None
+        client: smtplib.SMTP = (smtplib.SMTP_SSL(s.host, s.port, timeout=s.timeout,
+                                                 context=ssl.create_default_context())
+                                if s.security == "tls" else smtplib.SMTP(s.host, s.port, timeout=s.timeout))
+        with client:
+            if s.security == "starttls":
+                client.starttls(context=ssl.create_default_context())
+            if s.username:
+                client.login(s.username, self._smtp_password())
+            client.sendmail(composed.sender, composed.recipients, composed.message)
+
+    def _smtp_password(self) -> str:
+        s = self.settings.smime.smtp
+        if s.password_file is not None:
+            path = s.password_file if s.password_file.is_absolute() or self.settings.config_file is None \
+                else self.settings.config_file.parent / s.password_file
+            return path.read_text().strip()
+        return os.environ.get(s.password_env, "")
+
+
+async def _digest(hash_name: str, data: bytes) -> bytes:
+    if len(data) < 256 * 1024:
+        return hashlib.new(hash_name, data).digest()
+    return await asyncio.to_thread(lambda: hashlib.new(hash_name, data).digest())
+
+
+def _unb64(value: str, what: str) -> bytes:
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise Problem(f"attachment {what!r}: data is not valid base64", code="invalid_base64", status=400,
+                      title="Invalid base64") from None
