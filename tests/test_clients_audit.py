@@ -144,3 +144,14 @@ def test_unwritable_audit_refuses_operations(fresh_service) -> None:
     assert "signature" not in r.json()
     assert client.post("/v1/keys/sign-rsa/sign", json=SIGN).status_code == 200
     assert "intact" in svc.cli("audit", "verify").stdout
+
+
+def test_refusals_are_audited_and_last_seen_recorded(service: Service) -> None:
+    client = service.http(service.add_client("nosy", "decrypt"))
+    r = client.post("/v1/keys/sign-rsa/sign", json=SIGN)
+    assert r.status_code == 403
+    entries = [json.loads(x) for x in service.cli("audit", "tail", "-n", "20", "--json").stdout.splitlines()]
+    refused = [e for e in entries if e["actor"] == "client:nosy"]
+    assert refused and refused[-1]["outcome"] == "grant_missing" and refused[-1]["event"] == "sign"
+    listed = json.loads(service.cli("clients", "list", "--json").stdout)
+    assert next(c for c in listed if c["name"] == "nosy")["last_seen"]

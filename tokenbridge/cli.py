@@ -14,10 +14,12 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
+import httpx
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from tokenbridge.cli_smime import app as smime_app
 from tokenbridge.client import Client, TokenbridgeError
 from tokenbridge.config import Settings, default_data_dir, load_settings
 
@@ -31,6 +33,7 @@ app.add_typer(clients_app, name="clients")
 app.add_typer(audit_app, name="audit")
 app.add_typer(cert_app, name="cert")
 app.add_typer(softhsm_app, name="softhsm")
+app.add_typer(smime_app, name="smime")
 
 console = Console()
 err = Console(stderr=True)
@@ -69,8 +72,8 @@ def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
         return fn(*args, **kwargs)
     except TokenbridgeError as exc:
         _fail(f"{exc.detail} ({exc.code})")
-    except OSError as exc:
-        _fail(f"cannot reach the service: {exc}")
+    except (OSError, httpx.TransportError) as exc:
+        _fail(f"cannot reach the service (is `tokenbridge serve` running?): {exc}")
 
 
 @app.command()
@@ -79,6 +82,7 @@ def serve(config: ConfigOpt = None,
           port: Annotated[int | None, typer.Option(help="Listen port (default from config).")] = None,
           log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info") -> None:
     """Run the service on the configured token."""
+    from tokenbridge.drivers import DriverNotFound
     from tokenbridge.server import ServeError
     from tokenbridge.server import serve as run
     from tokenbridge.services.bridge import PinUnavailable
@@ -91,8 +95,10 @@ def serve(config: ConfigOpt = None,
         prompted = getpass.getpass(f"User PIN for token {settings.token.label or ''}: ")
     try:
         run(settings, host=host, port=port, prompted_pin=prompted, log_level=log_level)
-    except (ServeError, PinUnavailable) as exc:
+    except (ServeError, PinUnavailable, DriverNotFound) as exc:
         _fail(str(exc))
+    except FileNotFoundError as exc:
+        _fail(f"file not found: {exc.filename}")
 
 
 @app.command()
@@ -207,14 +213,14 @@ def clients_list(config: ConfigOpt = None,
     items = registry.list()
     if as_json:
         print(json.dumps([{"name": c.name, "grants": sorted(c.grants), "keys": sorted(c.keys),
-                           "created": c.created, "revoked": c.revoked} for c in items]))
+                           "created": c.created, "last_seen": c.last_seen, "revoked": c.revoked} for c in items]))
         return
     table = Table(title="clients")
-    for col in ("name", "grants", "keys", "created", "revoked"):
+    for col in ("name", "grants", "keys", "created", "last seen", "revoked"):
         table.add_column(col)
     for c in items:
         table.add_row(c.name, ",".join(sorted(c.grants)), ",".join(sorted(c.keys)) or "(all)", c.created,
-                      c.revoked or "")
+                      c.last_seen or "", c.revoked or "")
     console.print(table)
 
 

@@ -46,6 +46,8 @@ def _headers(secret: str | None) -> dict[str, str]:
 
 
 def _sign_body(data: bytes | None, digest: bytes | None, algorithm: str, fmt: str) -> dict[str, Any]:
+    if not algorithm:
+        raise ValueError("name the algorithm, e.g. 'rsa-pkcs1v15-sha256' (there is no default)")
     body: dict[str, Any] = {"algorithm": algorithm, "format": fmt}
     if data is not None:
         body["data"] = base64.b64encode(data).decode()
@@ -115,6 +117,46 @@ class Client:
         return self._json("POST", "/v1/admin/login",
                           json={"pin": pin, "accept_new_token": accept_new_token, "final_try": final_try})
 
+    def _raw(self, path: str, content: bytes, params: Any = None, accept: str = "application/octet-stream",
+             content_type: str = "application/octet-stream") -> bytes:
+        response = self._http.post(path, content=content, params=params,
+                                   headers={"accept": accept, "content-type": content_type})
+        _raise_for_problem(response)
+        return response.content
+
+    def cms_sign(self, data: bytes, key: str | None = None, *, detached: bool = True,
+                 algorithm: str | None = None) -> bytes:
+        """DER CMS SignedData."""
+        params = {"detached": str(detached).lower(), **({"key": key} if key else {}),
+                  **({"algorithm": algorithm} if algorithm else {})}
+        return self._raw("/v1/cms/sign", data, params, "application/pkcs7-mime")
+
+    def cms_encrypt(self, data: bytes, to: list[str], **options: str) -> bytes:
+        """DER CMS EnvelopedData to address-book names or PEM certificates (plus the organisation)."""
+        return self._raw("/v1/cms/encrypt", data, {"to": to, **options}, "application/pkcs7-mime")
+
+    def cms_decrypt(self, data: bytes) -> bytes:
+        return self._raw("/v1/cms/decrypt", data)
+
+    def cms_verify(self, signature: bytes, content: bytes | None = None, sender: str | None = None) -> dict[str, Any]:
+        body = {"signature": base64.b64encode(signature).decode(), "sender": sender,
+                "content": base64.b64encode(content).decode() if content is not None else None}
+        return self._json("POST", "/v1/cms/verify", json=body)
+
+    def smime_compose(self, message: dict[str, Any]) -> bytes:
+        """A ready-to-send .eml from {from, to, subject, text, attachments, sign_key, encrypt_to}."""
+        response = self._http.post("/v1/smime/compose", json=message)
+        _raise_for_problem(response)
+        return response.content
+
+    def smime_send(self, message: dict[str, Any]) -> dict[str, Any]:
+        return self._json("POST", "/v1/smime/send", json=message)
+
+    def smime_open(self, eml: bytes) -> dict[str, Any]:
+        """Decrypt and verify; JSON with the inner message (base64) and its attachments."""
+        return self._json("POST", "/v1/smime/open", content=eml,
+                          headers={"content-type": "message/rfc822"})
+
 
 class AsyncClient:
     """Asynchronous client with the same methods."""
@@ -144,6 +186,14 @@ class AsyncClient:
     async def health(self) -> dict[str, Any]:
         return await self._json("GET", "/v1/health")
 
+    async def tokens(self) -> list[dict[str, Any]]:
+        return await self._json("GET", "/v1/tokens")
+
+    async def chain(self, key: str) -> bytes:
+        response = await self._http.get(f"/v1/keys/{key}/chain")
+        _raise_for_problem(response)
+        return response.content
+
     async def keys(self) -> list[dict[str, Any]]:
         return await self._json("GET", "/v1/keys")
 
@@ -165,3 +215,16 @@ class AsyncClient:
         result = await self._json("POST", f"/v1/keys/{key}/decrypt", json={
             "algorithm": algorithm, "ciphertext": base64.b64encode(ciphertext).decode()})
         return base64.b64decode(result["plaintext"])
+
+    async def smime_send(self, message: dict[str, Any]) -> dict[str, Any]:
+        return await self._json("POST", "/v1/smime/send", json=message)
+
+    async def smime_open(self, eml: bytes) -> dict[str, Any]:
+        return await self._json("POST", "/v1/smime/open", content=eml,
+                                headers={"content-type": "message/rfc822"})
+
+    async def cms_decrypt(self, data: bytes) -> bytes:
+        response = await self._http.post("/v1/cms/decrypt", content=data,
+                                         headers={"accept": "application/octet-stream"})
+        _raise_for_problem(response)
+        return response.content

@@ -12,6 +12,7 @@ import hmac
 import re
 import secrets
 import sqlite3
+from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -126,4 +127,14 @@ class ClientRegistry:
         row = rows[0]
         if not hmac.compare_digest(_hash(secret), bytes(row["secret_hash"])) or row["revoked"]:
             return None
+        self._touch(row["client_id"], row["last_seen"])
         return _row_to_client(row)
+
+    def _touch(self, client_id: str, last_seen: str | None) -> None:
+        """Record when a client was last seen, at most once a minute (a write per request would cost)."""
+        now = datetime.now(UTC)
+        if last_seen and (now - datetime.fromisoformat(last_seen)).total_seconds() < 60:
+            return
+        with suppress(sqlite3.Error), self._store.transaction(immediate=True) as db:
+            db.execute("UPDATE clients SET last_seen = ? WHERE client_id = ?",
+                       (now.isoformat(timespec="seconds"), client_id))

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -31,6 +31,8 @@ def default_data_dir() -> Path:
 
 class TokenSettings(BaseModel):
     """Which PKCS#11 module and token to use, and where the PIN comes from."""
+
+    model_config = ConfigDict(extra="forbid")
 
     module: str = Field("softhsm2", description="Path of the PKCS#11 module, or a drivers/ profile name.")
     label: str | None = Field(None, description="Select the token by label.")
@@ -51,6 +53,8 @@ class TokenSettings(BaseModel):
 
 
 class ServerSettings(BaseModel):
+
+    model_config = ConfigDict(extra="forbid")
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
@@ -63,6 +67,8 @@ class ServerSettings(BaseModel):
 
 class KeyPolicy(BaseModel):
     """Per-key options, in ``[keys.<id or label>]`` tables."""
+
+    model_config = ConfigDict(extra="forbid")
 
     allow_rsa_pkcs1v15_decrypt: bool = Field(
         False, description="Raw PKCS#1 v1.5 decryption is a padding oracle: off unless you need it."
@@ -133,7 +139,10 @@ class Settings(BaseSettings):
         base = self.config_file.parent if self.config_file else Path.cwd()
 
         def fix(p: Path | None) -> Path | None:
-            return None if p is None else (p if p.is_absolute() else (base / p)).resolve()
+            if p is None:
+                return None
+            p = p.expanduser()
+            return (p if p.is_absolute() else (base / p)).resolve()
 
         self.data_dir = fix(self.data_dir) or self.data_dir
         self.token.pin_file = fix(self.token.pin_file)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import httpx
 from rich.console import Console
 
 from tokenbridge.client import Client, TokenbridgeError
@@ -42,7 +43,7 @@ def _from_service(settings: Settings) -> tuple[dict[str, Any], list[dict[str, An
     try:
         with Client(uds=str(path), timeout=10) as c:
             return c.tokens()[0], c.keys()
-    except (TokenbridgeError, OSError):
+    except (TokenbridgeError, OSError, httpx.TransportError):
         return None
 
 

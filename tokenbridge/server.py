@@ -78,8 +78,19 @@ def serve(settings: Settings, *, host: str | None = None, port: int | None = Non
     logging.getLogger("tokenbridge").setLevel(log_level.upper())
     config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="on",
                             timeout_keep_alive=30, limit_concurrency=4096)
-    try:
-        uvicorn.Server(config).run(sockets=[tcp, admin])
-    finally:
-        with contextlib.suppress(OSError):
-            settings.server.admin_socket.unlink()
+    _Server(config, settings.server.admin_socket).run(sockets=[tcp, admin])
+
+
+class _Server(uvicorn.Server):
+    """Removes the admin socket at shutdown (uvicorn re-raises SIGTERM afterwards, so no finally runs)."""
+
+    def __init__(self, config: uvicorn.Config, admin_socket: Path) -> None:
+        super().__init__(config)
+        self.admin_socket = admin_socket
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        try:
+            await super().shutdown(sockets)
+        finally:
+            with contextlib.suppress(OSError):
+                self.admin_socket.unlink()

@@ -7,6 +7,7 @@ across processes.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -47,13 +48,18 @@ class Store:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=2.0)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        old_umask = os.umask(0o077)  # the database and its -wal/-shm files: owner only
+        try:
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=2.0)
+            self._db.execute("PRAGMA journal_mode=WAL")
+        finally:
+            os.umask(old_umask)
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
-        with suppress(OSError):
-            path.chmod(0o600)
+        for side in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+            with suppress(OSError):
+                side.chmod(0o600)
 
     @contextmanager
     def transaction(self, immediate: bool = False) -> Iterator[sqlite3.Connection]:

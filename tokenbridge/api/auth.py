@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from fastapi import Request
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from tokenbridge.errors import Problem
 from tokenbridge.services.bridge import Bridge
@@ -20,7 +21,12 @@ def bridge_of(request: Request) -> Bridge:
     return bridge
 
 
-async def principal(request: Request) -> Principal:
+# Declares the scheme in OpenAPI (the Authorize button in /docs); checking stays ours, for problem+json.
+_bearer = HTTPBearer(auto_error=False, description="A client secret from `tokenbridge clients add`.")
+
+
+async def principal(request: Request,
+                    _credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> Principal:
     if via_admin_socket(request):
         return OPERATOR
     header = request.headers.get("authorization", "")

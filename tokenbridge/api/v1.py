@@ -14,9 +14,10 @@ from tokenbridge import __version__
 from tokenbridge.api.auth import bridge_of, operator, principal
 from tokenbridge.errors import Problem
 from tokenbridge.formats import x509 as x509h
+from tokenbridge.services.bridge import Bridge
 from tokenbridge.services.keys import key_view, require_certificate
 from tokenbridge.services.principal import Principal
-from tokenbridge.token.model import TokenState, TokenStatus
+from tokenbridge.token.model import KeyInfo, TokenState, TokenStatus
 
 router = APIRouter(prefix="/v1")
 Caller = Annotated[Principal, Depends(principal)]
@@ -53,6 +54,10 @@ def token_view(status: TokenStatus) -> dict[str, Any]:
     }
 
 
+def _view(bridge: Bridge, key: KeyInfo) -> dict[str, Any]:
+    return key_view(key, bridge.settings.key_policy(key.id, key.label).allow_rsa_pkcs1v15_decrypt)
+
+
 @router.get("/health", summary="Service and token state (no authentication)")
 async def health(request: Request) -> dict[str, Any]:
     status = bridge_of(request).owner.status()
@@ -80,12 +85,14 @@ async def tokens(request: Request, caller: Caller) -> list[dict[str, Any]]:
 
 @router.get("/keys", summary="Keys on the token that the caller may use")
 async def keys(request: Request, caller: Caller) -> list[dict[str, Any]]:
-    return [key_view(k) for k in bridge_of(request).owner.list_keys() if caller.may_use(k)]
+    bridge = bridge_of(request)
+    return [_view(bridge, k) for k in bridge.owner.list_keys() if caller.may_use(k)]
 
 
 @router.get("/keys/{key}", summary="One key, by id or label")
 async def key(request: Request, key: str, caller: Caller) -> dict[str, Any]:
-    return key_view(bridge_of(request).operations.resolve_key(caller, key))
+    bridge = bridge_of(request)
+    return _view(bridge, bridge.operations.resolve_key(caller, key))
 
 
 @router.get("/keys/{key}/certificate", summary="The key's certificate, PEM or DER",

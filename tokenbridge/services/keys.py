@@ -47,7 +47,7 @@ def require_usage(ok_reason: tuple[bool, str]) -> None:
         raise Problem(reason, code="key_usage_forbids", status=403, title="Forbidden by key usage")
 
 
-def key_view(key: KeyInfo) -> dict[str, Any]:
+def key_view(key: KeyInfo, pkcs1v15_decrypt: bool = False) -> dict[str, Any]:
     operations: list[str] = []
     sign_algs: list[str] = []
     decrypt_algs: list[str] = []
@@ -56,7 +56,7 @@ def key_view(key: KeyInfo) -> dict[str, Any]:
         sign_algs = sign_algorithms_for(key.key_type)
     if may_decrypt(key)[0]:
         operations.append("decrypt")
-        decrypt_algs = list(DECRYPT_ALGORITHMS)
+        decrypt_algs = [a for a in DECRYPT_ALGORITHMS if a != "rsa-pkcs1v15" or pkcs1v15_decrypt]
     return {
         "id": key.id,
         "label": key.label,

@@ -70,9 +70,27 @@ class Operations:
         principal.require_key(key)
         return key
 
+    def refused(self, principal: Principal, event: str, problem: Problem, key: str | None = None) -> Problem:
+        """Audit a refusal that says something about a client (a grant, key or usage it lacks)."""
+        if problem.status == 403:
+            try:
+                self.audit.record(principal.actor, event, problem.code, key=key, detail=problem.detail)
+            except AuditUnavailable as exc:
+                return _audit_failed(exc)
+        return problem
+
     async def sign(self, principal: Principal, key_ref: str, algorithm: str, *,
                    data: bytes | None = None, digest: bytes | None = None,
                    raw_ecdsa: bool = False, event: str = "sign", grant: str = "sign") -> SignResult:
+        try:
+            return await self._sign(principal, key_ref, algorithm, data, digest, raw_ecdsa, event, grant)
+        except Problem as problem:
+            if isinstance(problem, TokenError):
+                raise
+            raise self.refused(principal, event, problem, key_ref) from None
+
+    async def _sign(self, principal: Principal, key_ref: str, algorithm: str, data: bytes | None,
+                    digest: bytes | None, raw_ecdsa: bool, event: str, grant: str) -> SignResult:
         principal.require(grant)
         alg = self.sign_algorithm(algorithm)
         key = self.resolve_key(principal, key_ref)
@@ -104,6 +122,15 @@ class Operations:
 
     async def decrypt(self, principal: Principal, key_ref: str, algorithm: str, ciphertext: bytes,
                       event: str = "decrypt", grant: str = "decrypt") -> bytes:
+        try:
+            return await self._decrypt(principal, key_ref, algorithm, ciphertext, event, grant)
+        except Problem as problem:
+            if isinstance(problem, TokenError):
+                raise
+            raise self.refused(principal, event, problem, key_ref) from None
+
+    async def _decrypt(self, principal: Principal, key_ref: str, algorithm: str, ciphertext: bytes,
+                       event: str, grant: str) -> bytes:
         principal.require(grant)
         alg = DECRYPT_ALGORITHMS.get(algorithm)
         if alg is None:

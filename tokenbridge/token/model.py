@@ -76,11 +76,13 @@ class TokenError(Problem):
 class TokenUnavailable(TokenError):
     code = "token_unavailable"
     status = 503
+    title = "Token unavailable"
 
 
 class QueueFull(TokenError):
     code = "queue_full"
     status = 503
+    title = "Token queue full"
 
     def __init__(self, detail: str, retry_after: float) -> None:
         super().__init__(detail, headers={"Retry-After": str(max(1, round(retry_after)))})
@@ -90,16 +92,19 @@ class QueueFull(TokenError):
 class DeadlineExceeded(TokenError):
     code = "deadline_exceeded"
     status = 503
+    title = "Token deadline exceeded"
 
 
 class KeyNotFound(TokenError):
     code = "key_not_found"
     status = 404
+    title = "Key not found"
 
 
 class MechanismUnsupported(TokenError):
     code = "mechanism_unsupported"
     status = 422
+    title = "Mechanism not supported by the token"
 
 
 class DecryptionFailed(TokenError):
@@ -107,13 +112,16 @@ class DecryptionFailed(TokenError):
 
     code = "decryption_failed"
     status = 422
+    title = "Decryption failed"
 
 
 class OperationFailed(TokenError):
     code = "token_operation_failed"
     status = 502
+    title = "Token operation failed"
 
 
 class LoginFailed(TokenError):
     code = "login_failed"
     status = 409
+    title = "Login failed"

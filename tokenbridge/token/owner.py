@@ -501,12 +501,16 @@ class TokenOwner:
             return self.status()
         self._session = None
         self._handles = {}
-        token = self._find_token()
-        if token is None:
-            self._set_state(TokenState.ABSENT, f"no token matching {self.selector.describe()}")
-            return self.status()
-        public = token.open()
-        identity = (token.serial.decode(errors="replace"), self._certificate_fingerprints(public))
+        try:
+            token = self._find_token()
+            if token is None:
+                self._set_state(TokenState.ABSENT, f"no token matching {self.selector.describe()}")
+                return self.status()
+            public = token.open()
+            identity = (token.serial.decode(errors="replace"), self._certificate_fingerprints(public))
+        except p11e.PKCS11Error as exc:
+            self._set_state(TokenState.ABSENT, f"cannot open the token: {type(exc).__name__}")
+            raise LoginFailed(self._unavailable_detail()) from None
         if self._identity is not None and identity != self._identity:
             self._set_state(TokenState.FOREIGN, "a different token is present")
             return self.status()
