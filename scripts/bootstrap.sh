@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 VENV=${TOKENBRIDGE_VENV:-$ROOT/.venv}
-APT_PACKAGES=(python3 python3-venv python3-dev gcc openssl softhsm2 opensc libnss3-tools curl)
+APT_PACKAGES=(python3 python3-venv python3-dev gcc openssl softhsm2 opensc libnss3-tools curl libp11-kit-dev chromium nginx)
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 

@@ -69,7 +69,8 @@ def make_pki(directory: Path) -> Pki:
     return pki
 
 
-_HASH = {"sha256": hashes.SHA256, "sha384": hashes.SHA384, "sha512": hashes.SHA512}
+_HASH: dict[str, type[hashes.SHA256] | type[hashes.SHA384] | type[hashes.SHA512] | type[hashes.SHA1]] = {
+    "sha1": hashes.SHA1, "sha256": hashes.SHA256, "sha384": hashes.SHA384, "sha512": hashes.SHA512}
 
 
 def software_signer(cert: x509.Certificate, key: Key, scheme: cms_sign.SignScheme, hash_name: str = "sha256",
@@ -95,7 +96,7 @@ def software_unwrap(key: rsa.RSAPrivateKey) -> cms_envelope.UnwrapFn:
             if scheme == "rsa-pkcs1v15":
                 return key.decrypt(blob, padding.PKCS1v15())
             assert hash_name is not None
-            h = _HASH.get(hash_name, hashes.SHA1)()
+            h = _HASH[hash_name]()
             return key.decrypt(blob, padding.OAEP(padding.MGF1(h), h, None))
         except ValueError:
             raise cms_envelope.UnwrapFailed() from None

@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -45,10 +46,12 @@ class Service:
     env: dict[str, str]
     log: Path
     secrets: dict[str, str] = field(default_factory=dict)
+    scheme: str = "http"
+    verify: bool | ssl.SSLContext = True
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     @property
     def admin_socket(self) -> Path:
@@ -71,7 +74,7 @@ class Service:
 
     def http(self, secret: str | None = None) -> httpx.Client:
         headers = {"Authorization": f"Bearer {secret}"} if secret else {}
-        return httpx.Client(base_url=self.url, headers=headers, timeout=60)
+        return httpx.Client(base_url=self.url, headers=headers, timeout=60, verify=self.verify)
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -87,22 +90,23 @@ class Service:
 
 
 def start_service(config: Path, data_dir: Path, extra_env: dict[str, str] | None = None,
-                  wait_state: tuple[str, ...] = ("ready",), timeout: float = 30.0) -> Service:
-    port = free_port()
+                  wait_state: tuple[str, ...] = ("ready",), timeout: float = 30.0, port: int | None = None,
+                  scheme: str = "http", verify: bool | ssl.SSLContext = True) -> Service:
+    port = port or free_port()
     data_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "TOKENBRIDGE_DATA_DIR": str(data_dir), "TOKENBRIDGE_CONFIG": str(config),
            **(extra_env or {})}
     log = data_dir / f"service-{port}.log"
     process = subprocess.Popen([*TB, "serve", "--config", str(config), "--port", str(port)], env=env,
                                stdout=log.open("wb"), stderr=subprocess.STDOUT)
-    service = Service(config, data_dir, port, process, env, log)
+    service = Service(config, data_dir, port, process, env, log, scheme=scheme, verify=verify)
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise AssertionError(f"service exited with {process.returncode}:\n{service.output()}")
         try:
-            last = httpx.get(f"{service.url}/v1/health", timeout=2).json()
+            last = httpx.get(f"{service.url}/v1/health", timeout=2, verify=verify).json()
             if last["token"]["state"] in wait_state:
                 return service
         except httpx.HTTPError:

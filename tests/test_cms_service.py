@@ -50,7 +50,7 @@ def _problem(r: httpx.Response, status: int, code: str) -> dict[str, object]:
     assert r.status_code == status, r.text
     body = r.json()
     assert body["code"] == code and r.headers["content-type"].startswith("application/problem+json")
-    return body  # type: ignore[no-any-return]
+    return dict(body)
 
 
 @pytest.mark.parametrize(("key", "algorithm"), [("sign-rsa", None), ("sign-rsa", "rsa-pss-sha256"),
@@ -256,3 +256,18 @@ def test_grants_are_checked(service: Service) -> None:
     _problem(plain.post("/v1/smime/send", json={"to": ["a@b.example"]}), 403, "grant_missing")
     anonymous = service.http()
     _problem(anonymous.post("/v1/cms/verify", content=b"x"), 401, "unauthorized")
+
+
+def test_every_operation_is_audited(service: Service) -> None:
+    http = service.http(service.add_client("cms-audited", GRANTS))
+    sig = http.post("/v1/cms/sign", content=DATA, headers={"accept": "application/pkcs7-mime"}).content
+    http.post("/v1/cms/verify", json={"signature": base64.b64encode(sig).decode(),
+                                      "content": base64.b64encode(DATA).decode()})
+    env = http.post("/v1/cms/encrypt", params={"to": "national"}, content=DATA,
+                    headers={"accept": "application/pkcs7-mime"}).content
+    http.post("/v1/cms/decrypt", content=env)
+    import json
+
+    lines = service.cli("audit", "tail", "-n", "200", "--json").stdout.splitlines()
+    events = {(e["event"], e["outcome"]) for e in map(json.loads, lines) if e["actor"] == "client:cms-audited"}
+    assert {("cms-sign", "ok"), ("cms-verify", "valid"), ("cms-encrypt", "ok"), ("cms-decrypt", "ok")} <= events

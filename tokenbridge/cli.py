@@ -36,7 +36,7 @@ app.add_typer(softhsm_app, name="softhsm")
 app.add_typer(smime_app, name="smime")
 
 console = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 ConfigOpt = Annotated[
     Path | None,
@@ -343,6 +343,11 @@ def doctor(config: ConfigOpt = None) -> None:
 
 
 def main() -> None:
+    from tokenbridge import cli_lan
+
+    app.add_typer(cli_lan.tls_app, name="tls")
+    app.add_typer(cli_lan.workstations_app, name="workstations")
+    app.command("relay")(cli_lan.relay)
     app()
 
 

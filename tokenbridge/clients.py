@@ -18,7 +18,8 @@ from datetime import UTC, datetime
 
 from tokenbridge.store import Store
 
-GRANTS = ("sign", "decrypt", "admin", "metrics", "cms-sign", "cms-encrypt", "cms-decrypt", "smime-send")
+GRANTS = ("sign", "decrypt", "admin", "metrics", "cms-sign", "cms-encrypt", "cms-decrypt", "smime-send",
+          "proxy")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 
 
@@ -35,6 +36,8 @@ class Client:
     created: str
     revoked: str | None
     last_seen: str | None
+    kind: str = "client"  # or "workstation": authenticated by its certificate
+    cert_sha256: str | None = None
 
     def may_use(self, key_id: str, key_label: str) -> bool:
         return not self.keys or key_id in self.keys or key_label in self.keys
@@ -54,6 +57,7 @@ def _row_to_client(row: sqlite3.Row) -> Client:
         grants=frozenset(g for g in row["grants"].split(",") if g),
         keys=frozenset(k for k in row["keys"].split(",") if k),
         created=row["created"], revoked=row["revoked"], last_seen=row["last_seen"],
+        kind=row["kind"], cert_sha256=row["cert_sha256"],
     )
 
 
@@ -61,8 +65,9 @@ class ClientRegistry:
     def __init__(self, store: Store) -> None:
         self._store = store
 
-    def add(self, name: str, grants: list[str], keys: list[str] | None = None) -> tuple[Client, str]:
-        """Create a client; the secret is returned once and never stored."""
+    def add(self, name: str, grants: list[str], keys: list[str] | None = None, *, kind: str = "client",
+            cert_sha256: str | None = None) -> tuple[Client, str]:
+        """Create a client (or a workstation with its certificate); the secret is returned once, never stored."""
         if not NAME_RE.match(name):
             raise ClientError("a client name is 1-64 letters, digits, '.', '_', '@' or '-'")
         unknown = sorted(set(grants) - set(GRANTS))
@@ -74,10 +79,10 @@ class ClientRegistry:
         try:
             with self._store.transaction(immediate=True) as db:
                 db.execute(
-                    "INSERT INTO clients (client_id, name, secret_hash, grants, keys, created)"
-                    " VALUES (?,?,?,?,?,?)",
+                    "INSERT INTO clients (client_id, name, secret_hash, grants, keys, created, kind, cert_sha256)"
+                    " VALUES (?,?,?,?,?,?,?,?)",
                     (client_id, name, _hash(secret), ",".join(sorted(set(grants))),
-                     ",".join(sorted(set(keys or []))), _now()),
+                     ",".join(sorted(set(keys or []))), _now(), kind, cert_sha256),
                 )
         except sqlite3.IntegrityError:
             raise ClientError(f"a client named {name!r} already exists") from None
@@ -114,6 +119,15 @@ class ClientRegistry:
         client = self.get(name)
         assert client is not None
         return client, secret
+
+    def authenticate_certificate(self, cert_sha256: str) -> Client | None:
+        """The active workstation enrolled with this certificate, or None (revocation applies at once)."""
+        rows = self._store.query("SELECT * FROM clients WHERE cert_sha256 = ? AND kind = 'workstation'",
+                                 (cert_sha256,))
+        if not rows or rows[0]["revoked"]:
+            return None
+        self._touch(rows[0]["client_id"], rows[0]["last_seen"])
+        return _row_to_client(rows[0])
 
     def authenticate(self, secret: str) -> Client | None:
         """The active client holding this secret, or None. Revocation applies at once."""

@@ -61,8 +61,20 @@ class ServerSettings(BaseModel):
     admin_socket: Path | None = Field(
         None, description="Unix socket for local operator commands (default: DATA_DIR/tokenbridge.sock)."
     )
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
+    tls_cert: Path | None = Field(
+        None, description="Server certificate (PEM; default: DATA_DIR/tls/server.pem once `tokenbridge tls init` ran)."
+    )
+    tls_key: Path | None = Field(None, description="Its private key (default: DATA_DIR/tls/server.key).")
+    tls_client_ca: Path | None = Field(
+        None, description="CA that issues workstation certificates (default: the bridge CA, DATA_DIR/tls/ca.pem)."
+    )
+    client_auth: Literal["secret", "certificate", "either", "both"] = Field(
+        "either", description="How workstations on the TLS listener authenticate."
+    )
+    workers: int = Field(1, ge=1, le=64, description="Service processes; keep 1 for a smart card.")
+    tls: Literal["auto", "on"] = Field(
+        "auto", description="auto: TLS on any non-loopback address; on: TLS on loopback too."
+    )
 
 
 class KeyPolicy(BaseModel):
@@ -101,6 +113,33 @@ class SmimeSettings(BaseModel):
     smtp: SmtpSettings = Field(default_factory=SmtpSettings)
 
 
+class UpstreamSettings(BaseModel):
+    """A web service called with mutual TLS (``[upstreams.NAME]``); see docs/tls-proxy.md."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(description="Base URL, https://host[:port][/path]; requests are appended to it.")
+    key: str = Field(description="Token key (label or id) whose certificate authenticates the client.")
+    ca: Path = Field(description="CA bundle that verifies the server (verification is never off).")
+    client_chain: Path | None = Field(None, description="Intermediate certificates to send after ours.")
+    min_tls: Literal["1.2", "1.3"] = "1.2"
+    max_tls: Literal["1.2", "1.3"] = "1.3"
+    server_name: str | None = Field(None, description="Name checked in the server's certificate (default: "
+                                    "the URL's host).")
+    connect_timeout: float = Field(10.0, gt=0, description="Seconds for the TCP connection.")
+    handshake_timeout: float = Field(30.0, gt=0, description="Seconds per TLS handshake read/write (the "
+                                     "token's own deadline is token.operation_timeout).")
+    read_timeout: float = Field(120.0, gt=0, description="Seconds to wait for each piece of the response.")
+    pool_size: int = Field(8, ge=1, le=256, description="Connections kept to this upstream.")
+    keepalive: float = Field(300.0, ge=0, description="Seconds an idle connection is kept.")
+    session_resumption: bool = Field(True, description="Resume TLS sessions: no token signature when the "
+                                     "server agrees.")
+    clients: list[str] = Field(default_factory=list, description="Clients allowed (empty: any client with "
+                               "the proxy grant whose key list allows the key).")
+    listen: str | None = Field(None, description="Plain-HTTP loopback listener, e.g. 127.0.0.1:8201.")
+    listen_client: str | None = Field(None, description="Client identity (name) the listener acts as.")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="TOKENBRIDGE_", env_nested_delimiter="__", extra="forbid", validate_default=True
@@ -116,6 +155,7 @@ class Settings(BaseSettings):
     )
     service_url: str | None = Field(None, description="URL the CLI uses for a running service.")
     smime: SmimeSettings = Field(default_factory=SmimeSettings)
+    upstreams: dict[str, UpstreamSettings] = Field(default_factory=dict, description="mTLS proxy targets.")
 
     config_file: Path | None = Field(None, exclude=True)
 
@@ -146,11 +186,16 @@ class Settings(BaseSettings):
 
         self.data_dir = fix(self.data_dir) or self.data_dir
         self.token.pin_file = fix(self.token.pin_file)
-        self.server.tls_cert = fix(self.server.tls_cert)
-        self.server.tls_key = fix(self.server.tls_key)
+        tls_dir = self.data_dir / "tls"
+        self.server.tls_cert = fix(self.server.tls_cert) or _existing(tls_dir / "server.pem")
+        self.server.tls_key = fix(self.server.tls_key) or _existing(tls_dir / "server.key")
+        self.server.tls_client_ca = fix(self.server.tls_client_ca) or _existing(tls_dir / "ca.pem")
         self.server.admin_socket = fix(self.server.admin_socket) or self.data_dir / "tokenbridge.sock"
         self.ca_files = [p for p in (fix(p) for p in self.ca_files) if p is not None]
         self.recipients = {k: fix(v) or v for k, v in self.recipients.items()}
+        for upstream in self.upstreams.values():
+            upstream.ca = fix(upstream.ca) or upstream.ca
+            upstream.client_chain = fix(upstream.client_chain)
         return self
 
     @property
@@ -162,6 +207,10 @@ class Settings(BaseSettings):
 
 
 _CURRENT_FILE: dict[str, Path | None] = {"path": None}
+
+
+def _existing(path: Path) -> Path | None:
+    return path if path.exists() else None
 
 
 def resolve_config_path(path: Path | str | None) -> Path | None:

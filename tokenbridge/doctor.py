@@ -124,5 +124,8 @@ def run_doctor(settings: Settings, console: Console) -> int:
             r.ok("a certificate has digitalSignature (signing, TLS client authentication)")
         else:
             r.fail("no certificate has digitalSignature: cannot sign or authenticate")
+    from tokenbridge.services.proxy import doctor_upstreams
+
+    doctor_upstreams(settings, r, token_ready=state == "ready")  # mTLS upstreams (docs/tls-proxy.md)
     console.print(f"{r.errors} error(s), {r.warnings} warning(s)")
     return 1 if r.errors else 0

@@ -1,19 +1,41 @@
-"""Run the service: bind the API port and the operator's admin socket, then hand both to uvicorn."""
+"""Run the service: bind the API listener and the operator's admin socket, then serve both with uvicorn.
+
+* The API listener is plain HTTP on loopback; on any other address it must be
+  TLS (secrets and plaintexts cross it), with workstation certificates from the
+  bridge CA accepted for mutual TLS.
+* The admin socket is a Unix socket only the service's user can open; whoever
+  connects acts as the operator (``tokenbridge login``, ``keys``...).
+* ``server.workers = N`` forks N service processes after binding, each with
+  its own token owner and login (for software and network HSMs; a card stays
+  at 1). The PKCS#11 module is loaded only in the children, after the fork.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import ipaddress
 import logging
 import os
+import signal
 import socket
+import ssl
+import sys
 from pathlib import Path
+from typing import Any
 
 import uvicorn
+from uvicorn._compat import asyncio_run
+from uvicorn.config import HTTP_PROTOCOLS
+from uvicorn.importer import import_from_string
 
 from tokenbridge.api.app import create_app
+from tokenbridge.api.proxy import start_listeners
 from tokenbridge.config import Settings
 from tokenbridge.services.bridge import Bridge, read_pin
+
+log = logging.getLogger("tokenbridge")
 
 
 class ServeError(Exception):
@@ -29,14 +51,33 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_address(host: str, settings: Settings) -> None:
-    """Secrets and plaintexts cross the socket: only loopback until TLS serving lands."""
-    if not is_loopback(host):
+def wants_tls(host: str, settings: Settings) -> bool:
+    """TLS on every non-loopback address, and on loopback when asked (``server.tls = "on"``)."""
+    return settings.server.tls == "on" or not is_loopback(host)
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext:
+    s = settings.server
+    if s.tls_cert is None or s.tls_key is None:
         raise ServeError(
-            f"refusing to serve on {host}: a non-loopback address needs TLS, and TLS serving is not "
-            "available yet in this version; bind 127.0.0.1 (the default) and reach it from other machines "
-            "through an SSH tunnel or a TLS reverse proxy"
+            "a non-loopback address needs TLS, and no server certificate is configured: run "
+            "`tokenbridge tls init --hostname <this machine's name>` (or set server.tls_cert and server.tls_key)"
         )
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers("ECDHE+AESGCM:ECDHE+CHACHA20")
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    try:
+        ctx.load_cert_chain(s.tls_cert, s.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ServeError(f"cannot load the server certificate {s.tls_cert}: {exc}") from exc
+    if s.tls_client_ca is not None:
+        ctx.load_verify_locations(s.tls_client_ca)
+        # A workstation may show a certificate from the bridge CA; a bad one fails the handshake.
+        ctx.verify_mode = ssl.CERT_REQUIRED if s.client_auth in ("certificate", "both") else ssl.CERT_OPTIONAL
+    elif s.client_auth in ("certificate", "both"):
+        raise ServeError("server.client_auth needs workstation certificates, but no client CA is configured")
+    return ctx
 
 
 def _admin_socket(path: Path) -> socket.socket:
@@ -61,13 +102,32 @@ def _admin_socket(path: Path) -> socket.socket:
     return sock
 
 
+def _peer_certificate_protocol() -> type[asyncio.Protocol]:
+    """uvicorn's HTTP protocol, telling the app about the client certificate (ASGI TLS extension)."""
+    base: Any = import_from_string(HTTP_PROTOCOLS["auto"])
+
+    class PeerCertificateProtocol(base):
+        def connection_made(self, transport: asyncio.Transport) -> None:
+            super().connection_made(transport)
+            ssl_object = transport.get_extra_info("ssl_object")
+            if ssl_object is not None:
+                inner: Any = getattr(self, "app")  # noqa: B009 (set by the base class)
+                self.app = functools.partial(_with_tls, inner, ssl_object.getpeercert(binary_form=True))
+
+    return PeerCertificateProtocol
+
+
+async def _with_tls(app: Any, peer_der: bytes | None, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    scope = {**scope, "extensions": {**(scope.get("extensions") or {}), "tls": {"client_cert_der": peer_der}}}
+    await app(scope, receive, send)
+
+
 def serve(settings: Settings, *, host: str | None = None, port: int | None = None,
           prompted_pin: str | None = None, log_level: str = "info") -> None:
     host = host or settings.server.host
     port = port if port is not None else settings.server.port
-    check_address(host, settings)
-    bridge = Bridge(settings, pin=read_pin(settings.token, prompted_pin))
-    app = create_app(bridge)
+    ssl_context = tls_context(settings) if wants_tls(host, settings) else None
+    read_pin(settings.token, prompted_pin)  # fail early, before binding anything
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
         tcp = socket.create_server((host, port), family=family, backlog=2048)
@@ -76,21 +136,103 @@ def serve(settings: Settings, *, host: str | None = None, port: int | None = Non
     assert settings.server.admin_socket is not None
     admin = _admin_socket(settings.server.admin_socket)
     logging.getLogger("tokenbridge").setLevel(log_level.upper())
-    config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="on",
-                            timeout_keep_alive=30, limit_concurrency=4096)
-    _Server(config, settings.server.admin_socket).run(sockets=[tcp, admin])
+    scheme = "https" if ssl_context else "http"
+    log.info("tokenbridge API on %s://%s:%d, admin socket %s", scheme, host, port, settings.server.admin_socket)
+    workers = settings.server.workers
+    if workers == 1:
+        _run_worker(settings, prompted_pin, tcp, admin, ssl_context, log_level)
+        return
+    _run_workers(workers, settings, prompted_pin, tcp, admin, ssl_context, log_level)
 
 
-class _Server(uvicorn.Server):
-    """Removes the admin socket at shutdown (uvicorn re-raises SIGTERM afterwards, so no finally runs)."""
+def _run_worker(settings: Settings, prompted_pin: str | None, tcp: socket.socket, admin: socket.socket | None,
+                ssl_context: ssl.SSLContext | None, log_level: str) -> None:
+    bridge = Bridge(settings, pin=read_pin(settings.token, prompted_pin))
+    app = create_app(bridge)
+    common: dict[str, Any] = {"log_level": log_level, "access_log": False, "timeout_keep_alive": 30,
+                              "limit_concurrency": 4096, "h11_max_incomplete_event_size": 64 * 1024,
+                              "timeout_graceful_shutdown": 10}
+    tls: dict[str, Any] = {}
+    if ssl_context is not None:  # built by us, with our options, instead of uvicorn's from files
+        tls = {"ssl_context_factory": lambda _config, _default: ssl_context}
+    api = uvicorn.Config(app, lifespan="on", http=_peer_certificate_protocol(), **tls, **common)
+    servers: list[uvicorn.Server] = []
+    admin_server = None
+    if admin is not None:
+        admin_server = _AdminServer(uvicorn.Config(app, lifespan="off", **common), settings.server.admin_socket)
+        servers.append(admin_server)
+    listeners = start_listeners(bridge, settings, tcp.getsockname()[1], common) if admin is not None else []
+    servers.extend(listeners)  # mTLS proxy listeners (docs/tls-proxy.md): worker 0 only
+    main = _MainServer(api, servers)
 
-    def __init__(self, config: uvicorn.Config, admin_socket: Path) -> None:
+    async def run() -> None:
+        tasks = [asyncio.create_task(main.serve(sockets=[tcp]))]
+        if admin_server is not None and admin is not None:
+            tasks.append(asyncio.create_task(admin_server.serve(sockets=[admin])))
+        tasks.extend(asyncio.create_task(listener.serve_listener()) for listener in listeners)
+        await asyncio.gather(*tasks)
+
+    asyncio_run(run(), loop_factory=api.get_loop_factory())
+
+
+def _run_workers(n: int, settings: Settings, prompted_pin: str | None, tcp: socket.socket, admin: socket.socket,
+                 ssl_context: ssl.SSLContext | None, log_level: str) -> None:
+    """Fork n workers sharing the listener; worker 0 also serves the admin socket."""
+    children: list[int] = []
+    for i in range(n):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                _run_worker(settings, prompted_pin, tcp, admin if i == 0 else None, ssl_context, log_level)
+            finally:
+                os._exit(0)
+        children.append(pid)
+
+    def forward(sig: int, _frame: object) -> None:
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    status = 0
+    for pid in children:
+        _, code = os.waitpid(pid, 0)
+        status = status or os.waitstatus_to_exitcode(code)
+    with contextlib.suppress(OSError):
+        assert settings.server.admin_socket is not None
+        settings.server.admin_socket.unlink()
+    sys.exit(status if status > 0 else 0)
+
+
+class _MainServer(uvicorn.Server):
+    """Owns the signals and stops the admin server with itself."""
+
+    def __init__(self, config: uvicorn.Config, companions: list[uvicorn.Server]) -> None:
         super().__init__(config)
-        self.admin_socket = admin_socket
+        self.companions = companions
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        for companion in self.companions:
+            companion.should_exit = True
+        super().handle_exit(sig, frame)
+
+
+class _AdminServer(uvicorn.Server):
+    """The admin socket's server: no signal handling of its own; removes the socket when it stops."""
+
+    def __init__(self, config: uvicorn.Config, path: Path | None) -> None:
+        super().__init__(config)
+        self.path = path
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Any:
+        yield
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         try:
             await super().shutdown(sockets)
         finally:
-            with contextlib.suppress(OSError):
-                self.admin_socket.unlink()
+            if self.path is not None:
+                with contextlib.suppress(OSError):
+                    self.path.unlink()

@@ -57,9 +57,17 @@ class Store:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
+        self._migrate()
         for side in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
             with suppress(OSError):
                 side.chmod(0o600)
+
+    def _migrate(self) -> None:
+        """Columns added after the first release; adding one twice is harmless."""
+        for ddl in ("ALTER TABLE clients ADD COLUMN kind TEXT NOT NULL DEFAULT 'client'",
+                    "ALTER TABLE clients ADD COLUMN cert_sha256 TEXT"):
+            with suppress(sqlite3.OperationalError):
+                self._db.execute(ddl)
 
     @contextmanager
     def transaction(self, immediate: bool = False) -> Iterator[sqlite3.Connection]:

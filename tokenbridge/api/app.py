@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from tokenbridge import __version__
-from tokenbridge.api import cms, problems, v1
+from tokenbridge.api import admin, cms, problems, proxy, v1
 from tokenbridge.api.limits import BodyLimitMiddleware
 from tokenbridge.services.bridge import Bridge
 
@@ -39,5 +39,7 @@ def create_app(bridge: Bridge, manage: bool = True) -> FastAPI:
     app.include_router(v1.router)
     app.include_router(v1.metrics_router)
     app.include_router(cms.router)
+    app.include_router(admin.router)
+    app.include_router(proxy.router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=bridge.settings.server.max_body_bytes)
     return app

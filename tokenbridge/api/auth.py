@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from tokenbridge.clients import Client
 from tokenbridge.errors import Problem
 from tokenbridge.services.bridge import Bridge
 from tokenbridge.services.principal import OPERATOR, Principal
@@ -25,21 +28,51 @@ def bridge_of(request: Request) -> Bridge:
 _bearer = HTTPBearer(auto_error=False, description="A client secret from `tokenbridge clients add`.")
 
 
+def _unauthorized(detail: str, challenge: str = 'Bearer realm="tokenbridge"') -> Problem:
+    return Problem(detail, code="unauthorized", status=401, title="Unauthorized",
+                   headers={"WWW-Authenticate": challenge})
+
+
+def _workstation(request: Request) -> Client | None:
+    """The enrolled workstation behind the TLS client certificate, if one was shown (and is not revoked)."""
+    tls = (request.scope.get("extensions") or {}).get("tls") or {}
+    der = tls.get("client_cert_der")
+    if not der:
+        return None
+    workstation = bridge_of(request).clients.authenticate_certificate(hashlib.sha256(der).hexdigest())
+    if workstation is None:
+        raise _unauthorized("this workstation certificate is not enrolled, or was revoked")
+    return workstation
+
+
 async def principal(request: Request,
                     _credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> Principal:
+    """Who is asking. On the TLS listener, ``server.client_auth`` says whether a workstation certificate,
+    a client secret, either, or both are needed; a secret used through a workstation names both."""
     if via_admin_socket(request):
         return OPERATOR
+    bridge = bridge_of(request)
+    mode = bridge.settings.server.client_auth if request.url.scheme == "https" else "secret"
+    workstation = _workstation(request) if mode != "secret" else None
     header = request.headers.get("authorization", "")
     scheme, _, secret = header.partition(" ")
-    if scheme.lower() != "bearer" or not secret.strip():
-        raise Problem("send 'Authorization: Bearer <secret>' (create one with `tokenbridge clients add`)",
-                      code="unauthorized", status=401, title="Unauthorized",
-                      headers={"WWW-Authenticate": 'Bearer realm="tokenbridge"'})
-    client = bridge_of(request).clients.authenticate(secret.strip())
-    if client is None:
-        raise Problem("the secret is unknown or revoked", code="unauthorized", status=401,
-                      title="Unauthorized", headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
-    return Principal(name=client.name, grants=client.grants, keys=client.keys)
+    has_secret = scheme.lower() == "bearer" and bool(secret.strip())
+    client = None
+    if has_secret:
+        client = bridge.clients.authenticate(secret.strip())
+        if client is None:
+            raise _unauthorized("the secret is unknown or revoked", 'Bearer error="invalid_token"')
+    if mode == "both" and (workstation is None or client is None):
+        raise _unauthorized("this service needs both a workstation certificate and a client secret")
+    if mode == "certificate" and workstation is None:
+        raise _unauthorized("this service needs a workstation certificate (see `tokenbridge workstations enroll`)")
+    if client is None and workstation is None:
+        raise _unauthorized("send 'Authorization: Bearer <secret>' (create one with `tokenbridge clients add`)")
+    if client is not None:
+        return Principal(name=client.name, grants=client.grants, keys=client.keys,
+                         via=workstation.name if workstation else None)
+    assert workstation is not None
+    return Principal(name=workstation.name, grants=workstation.grants, keys=workstation.keys, kind="workstation")
 
 
 async def operator(request: Request) -> Principal:

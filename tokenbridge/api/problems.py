@@ -29,7 +29,41 @@ def problem_response(status: int, code: str, title: str, detail: str, instance: 
     return JSONResponse(body, status_code=status, headers=headers, media_type=MEDIA_TYPE)
 
 
+PROBLEM_SCHEMA: dict[str, Any] = {
+    "type": "object", "required": ["type", "title", "status", "detail", "code"],
+    "properties": {"type": {"type": "string"}, "title": {"type": "string"}, "status": {"type": "integer"},
+                   "detail": {"type": "string"}, "code": {"type": "string"}, "instance": {"type": "string"}},
+}
+
+
+def _document_problems(app: FastAPI) -> None:
+    """Every operation's errors in the OpenAPI document: problem+json for 4XX and 5XX (422 included)."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = generate()
+        schema.setdefault("components", {}).setdefault("schemas", {})["Problem"] = PROBLEM_SCHEMA
+        problem = {"description": "An RFC 9457 problem document; clients switch on its stable `code`",
+                   "content": {MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}}}
+        for item in schema.get("paths", {}).values():
+            for op in item.values():
+                if isinstance(op, dict) and isinstance(op.get("responses"), dict):
+                    responses = op["responses"]
+                    if "HTTPValidationError" in str(responses.get("422", "")):
+                        del responses["422"]  # validation errors are problem documents too
+                    responses.setdefault("4XX", problem)
+                    responses.setdefault("5XX", problem)
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def install(app: FastAPI) -> None:
+    _document_problems(app)
+
     @app.exception_handler(Problem)
     async def _problem(request: Request, exc: Problem) -> JSONResponse:
         return problem_response(exc.status, exc.code, exc.title, exc.detail, request.url.path, exc.headers)

@@ -146,6 +146,8 @@ def compose_entity(text: str, attachments: Sequence[Attachment] = ()) -> bytes:
     if attachments:
         body.make_mixed()
         for a in attachments:
+            if any(c in a.filename + a.content_type for c in "\r\n\0"):
+                raise CmsError("invalid_header", "line breaks are not allowed in attachment names and types")
             maintype, _, subtype = a.content_type.partition("/")
             if not maintype or not subtype:
                 maintype, subtype = "application", "octet-stream"
@@ -171,6 +173,8 @@ def outer_headers(sender: str, to: Sequence[str], subject: str, *, message_id: s
               "Date": format_datetime(datetime.now(UTC)), "Message-ID": mid, **(extra or {})}
     fields = []
     for name, value in values.items():
+        if "\r" in value or "\n" in value:  # no header injection (e.g. a Bcc smuggled into Subject)
+            raise CmsError("invalid_header", f"line breaks are not allowed in the {name} header")
         folded = _SMTP.header_factory(name, value).fold(policy=_SMTP)
         fields.append(folded.rstrip("\r\n").encode("ascii"))
     return fields, mid

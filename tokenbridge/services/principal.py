@@ -14,10 +14,14 @@ class Principal:
     grants: frozenset[str]
     keys: frozenset[str] = frozenset()  # empty: every key
     operator: bool = False
+    kind: str = "client"  # or "workstation"
+    via: str | None = None  # the workstation a client's request came through
 
     @property
     def actor(self) -> str:
-        return "operator" if self.operator else f"client:{self.name}"
+        if self.operator:
+            return "operator"
+        return f"{self.kind}:{self.name}" + (f"@workstation:{self.via}" if self.via else "")
 
     def require(self, grant: str) -> None:
         if not self.operator and grant not in self.grants:

@@ -17,7 +17,7 @@ import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from email.utils import parseaddr
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -50,8 +50,8 @@ class ComposeRequest(BaseModel):
     algorithm: str | None = None
     encrypt_to: list[str] = Field(default_factory=list, description="address-book names or PEM certificates; "
                                   "empty: not encrypted")
-    key_transport: str = "rsa-pkcs1v15"
-    cipher: str = "aes256-cbc"
+    key_transport: Literal["rsa-pkcs1v15", "rsa-oaep-sha1", "rsa-oaep-sha256"] = "rsa-pkcs1v15"
+    cipher: Literal["aes128-cbc", "aes192-cbc", "aes256-cbc", "aes128-gcm", "aes256-gcm"] = "aes256-cbc"
 
 
 @dataclass(frozen=True)
@@ -165,13 +165,18 @@ class SmimeService:
                           title="Invalid request")
         attachments = [fmt.Attachment(a.filename, a.content_type, _unb64(a.data, a.filename))
                        for a in req.attachments]
-        entity = fmt.compose_entity(req.text, attachments)
+        try:  # everything that can be refused is checked before the token signs
+            outer, mid = fmt.outer_headers(sender, req.to, req.subject)
+            entity = fmt.compose_entity(req.text, attachments)
+        except CmsError as exc:
+            raise problem(exc) from None
         del attachments
+        if req.encrypt_to:
+            await self.cms.recipients(req.encrypt_to)
         if key is not None:
             entity = await self.sign_entity(principal, entity, key.id, req.algorithm)
         if req.encrypt_to:
             entity = await self.encrypt_entity(principal, entity, req.encrypt_to, req.key_transport, req.cipher)
-        outer, mid = fmt.outer_headers(sender, req.to, req.subject)
         return Composed(fmt.join_message(outer, entity), mid, parseaddr(sender)[1], recipients, key is not None,
                         bool(req.encrypt_to))
 

@@ -1,0 +1,211 @@
+"""Many workstations, one card: the hub's TLS listener, enrolled workstations, and relays on counters."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+from tests.conftest import TB, Service, free_port, start_service
+from tokenbridge.services.bridge_ca import load_credential
+
+DATA = base64.b64encode(b"demande 2026-000777").decode()
+SIGN = {"algorithm": "rsa-pkcs1v15-sha256", "data": DATA}
+
+
+def cli(data_dir: Path, config: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "TOKENBRIDGE_DATA_DIR": str(data_dir)}
+    r = subprocess.run([*TB, *args, "--config", str(config)], env=env, capture_output=True, text=True, timeout=60)
+    if check:
+        assert r.returncode == 0, r.stdout + r.stderr
+    return r
+
+
+class Workstation:
+    """A counter's machine holding its enrolled credential."""
+
+    def __init__(self, tmp: Path, name: str, credential: Path, password: str) -> None:
+        cert, key, cas = load_credential(credential.read_bytes(), password)
+        self.name = name
+        self.cert_file, self.key_file = tmp / f"{name}.crt", tmp / f"{name}.key"
+        self.cert_file.write_bytes(cert)
+        self.key_file.write_bytes(key)
+        self.credential = credential
+        self.password = password
+
+    def context(self, ca: Path) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=str(ca))
+        ctx.load_cert_chain(self.cert_file, self.key_file)
+        return ctx
+
+
+@pytest.fixture
+def hub(demo, tmp_path: Path) -> Iterator[Service]:
+    data = tmp_path / "hub"
+    data.mkdir()
+    out = cli(data, demo.config_file, "tls", "init", "--hostname", "localhost").stdout
+    assert "fingerprint" in out
+    svc = start_service(demo.config_file, data, {"TOKENBRIDGE_SERVER__TLS": "on"}, scheme="https",
+                        verify=ssl.create_default_context(cafile=str(data / "tls" / "ca.pem")))
+    yield svc
+    svc.stop()
+
+
+def enroll(hub: Service, tmp_path: Path, name: str, grants: str = "sign,decrypt") -> Workstation:
+    out = json.loads(cli(hub.data_dir, hub.config, "workstations", "enroll", name, "--grant", grants,
+                         "--json").stdout)
+    assert Path(out["credential"]).stat().st_mode & 0o777 == 0o600
+    return Workstation(tmp_path, name, Path(out["credential"]), out["password"])
+
+
+def test_plain_http_on_the_lan_is_refused(demo, tmp_path: Path) -> None:
+    r = subprocess.run([*TB, "serve", "--config", str(demo.config_file), "--host", "0.0.0.0"],
+                       env={**os.environ, "TOKENBRIDGE_DATA_DIR": str(tmp_path)}, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode != 0
+    assert "needs TLS" in r.stderr and "tokenbridge tls init" in r.stderr
+
+
+def test_workstation_signs_with_its_certificate_and_is_audited(hub: Service, tmp_path: Path) -> None:
+    ca = hub.data_dir / "tls" / "ca.pem"
+    ws = enroll(hub, tmp_path, "guichet-1", "sign")
+    with httpx.Client(base_url=hub.url, verify=ws.context(ca)) as client:
+        r = client.post("/v1/keys/sign-rsa/sign", json=SIGN)
+        assert r.status_code == 200, r.text
+        cert = x509.load_pem_x509_certificate(client.get("/v1/keys/sign-rsa/certificate").content)
+        public = cert.public_key()
+        assert isinstance(public, rsa.RSAPublicKey)
+        public.verify(base64.b64decode(r.json()["signature"]), b"demande 2026-000777", padding.PKCS1v15(),
+                      hashes.SHA256())
+        entries = [json.loads(x) for x in cli(hub.data_dir, hub.config, "audit", "tail", "--json").stdout.split("\n")
+                   if x]
+        assert any(e["actor"] == "workstation:guichet-1" and e["event"] == "sign" for e in entries)
+
+        # Revocation applies at once, on the same open connection.
+        cli(hub.data_dir, hub.config, "workstations", "revoke", "guichet-1")
+        r = client.post("/v1/keys/sign-rsa/sign", json=SIGN)
+        assert r.status_code == 401 and "revoked" in r.json()["detail"]
+
+
+def test_secrets_still_work_on_the_tls_listener_and_tls_is_modern(hub: Service) -> None:
+    secret = json.loads(cli(hub.data_dir, hub.config, "clients", "add", "software", "--grant", "sign",
+                            "--json").stdout)["secret"]
+    with hub.http(secret) as client:
+        assert client.post("/v1/keys/sign-rsa/sign", json=SIGN).status_code == 200
+    old = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    old.check_hostname = False
+    old.verify_mode = ssl.CERT_NONE
+    old.maximum_version = ssl.TLSVersion.TLSv1_1
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{hub.url}/v1/health", verify=old)
+    with pytest.raises((httpx.ConnectError, httpx.RemoteProtocolError)):  # plain HTTP to the TLS port
+        httpx.get(f"http://127.0.0.1:{hub.port}/v1/health", timeout=5)
+
+
+def test_foreign_workstation_certificate_is_refused(hub: Service, demo, tmp_path: Path) -> None:
+    ca = hub.data_dir / "tls" / "ca.pem"
+    other = tmp_path / "other-hub"
+    other.mkdir()
+    cli(other, demo.config_file, "tls", "init", "--hostname", "localhost")
+    foreign = enroll(Service(demo.config_file, other, 0, hub.process, hub.env, hub.log), tmp_path, "intruder")
+    with pytest.raises(httpx.HTTPError), httpx.Client(base_url=hub.url, verify=foreign.context(ca)) as c:
+        c.get("/v1/keys")
+    assert hub.process.poll() is None
+    with hub.http() as anonymous:
+        assert anonymous.get("/v1/health").status_code == 200
+
+
+def start_relay(hub: Service, ws: Workstation, fingerprint: str | None, *extra: str) -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    args = [*TB, "relay", "--hub", hub.url, "--credential", str(ws.credential), "--listen", f"127.0.0.1:{port}",
+            *extra]
+    if fingerprint:
+        args += ["--hub-fingerprint", fingerprint]
+    log = (hub.data_dir / f"relay-{port}.log").open("wb")
+    proc = subprocess.Popen(args, env={**os.environ, "TOKENBRIDGE_CREDENTIAL_PASSWORD": ws.password},
+                            stdout=log, stderr=subprocess.STDOUT)
+    return proc, port
+
+
+def wait_up(url: str, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "relay exited"
+        try:
+            httpx.get(url, timeout=2)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise AssertionError("relay did not start")
+
+
+def test_relay_serves_the_same_api_on_the_counter(hub: Service, tmp_path: Path) -> None:
+    ws = enroll(hub, tmp_path, "guichet-2", "sign,decrypt")
+    fingerprint = x509.load_pem_x509_certificate((hub.data_dir / "tls" / "server.pem").read_bytes()) \
+        .fingerprint(hashes.SHA256()).hex()
+    secret = json.loads(cli(hub.data_dir, hub.config, "clients", "add", "logiciel-metier", "--grant", "sign",
+                            "--json").stdout)["secret"]
+    relay, port = start_relay(hub, ws, fingerprint)
+    try:
+        local = f"http://127.0.0.1:{port}"
+        wait_up(f"{local}/v1/health", relay)
+        with httpx.Client(base_url=local, headers={"Authorization": f"Bearer {secret}"}, timeout=30) as software:
+            r = software.post("/v1/keys/sign-rsa/sign", json=SIGN)
+            assert r.status_code == 200, r.text
+            assert software.get("/v1/keys/sign-rsa/certificate", params={"format": "der"}).headers[
+                "content-type"] == "application/pkix-cert"
+            r = software.post("/v1/keys/nope/sign", json=SIGN)
+            assert r.status_code == 404 and r.headers["content-type"] == "application/problem+json"
+        entries = [json.loads(x) for x in cli(hub.data_dir, hub.config, "audit", "tail", "--json").stdout.split("\n")
+                   if x]
+        assert any(e["actor"] == "client:logiciel-metier@workstation:guichet-2" for e in entries)
+
+        # The hub goes away: clear 503 from the relay; it comes back: the relay works again by itself.
+        hub.stop()
+        r = httpx.post(f"{local}/v1/keys/sign-rsa/sign", json=SIGN, headers={"Authorization": f"Bearer {secret}"})
+        assert r.status_code == 503 and r.json()["code"] == "hub_unreachable"
+        restarted = start_service(hub.config, hub.data_dir, {"TOKENBRIDGE_SERVER__TLS": "on"}, port=hub.port,
+                                  scheme="https", verify=hub.verify)
+        try:
+            r = httpx.post(f"{local}/v1/keys/sign-rsa/sign", json=SIGN,
+                           headers={"Authorization": f"Bearer {secret}"}, timeout=30)
+            assert r.status_code == 200, r.text
+        finally:
+            restarted.stop()
+    finally:
+        relay.terminate()
+        relay.wait(10)
+
+
+def test_relay_refuses_a_hub_with_the_wrong_pin(hub: Service, tmp_path: Path) -> None:
+    ws = enroll(hub, tmp_path, "guichet-3")
+    relay, _ = start_relay(hub, ws, "00" * 32)
+    assert relay.wait(30) != 0
+    assert b"refusing to relay" in (hub.data_dir / next(p.name for p in hub.data_dir.glob("relay-*.log"))) \
+        .read_bytes()
+
+
+def test_relay_without_local_secret_uses_the_workstation_identity(hub: Service, tmp_path: Path) -> None:
+    ws = enroll(hub, tmp_path, "guichet-4", "sign")
+    relay, port = start_relay(hub, ws, None, "--local-auth", "none")
+    try:
+        wait_up(f"http://127.0.0.1:{port}/v1/health", relay)
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/keys/auth-ec/sign",
+                       json={"algorithm": "ecdsa-sha256", "data": DATA}, timeout=30)
+        assert r.status_code == 200, r.text
+    finally:
+        relay.terminate()
+        relay.wait(10)
+    assert sys.executable

@@ -1,0 +1,382 @@
+"""Real token faults, injected by a PKCS#11 module in C in front of SoftHSM (tests/faulty.py).
+
+Each test starts the real service on the fault module and changes the token under it through
+the module's control file: a wrong PIN, a PIN at its final try or locked, a token pulled out
+under load and put back, a different token put in its place, bursts of device errors. The
+module's call log tells how often the service really called C_Login, C_Sign and the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+from tests.conftest import Service
+from tests.faulty import FaultControl, build_module
+from tokenbridge.demo import DemoInfo
+
+SIGNERS = 64  # concurrent clients during the removal test (the figure of issue 6)
+SIGN_URL = "/v1/keys/sign-rsa/sign"
+ALGORITHM = "rsa-pkcs1v15-sha256"
+PROBLEM = "application/problem+json"
+
+
+@pytest.fixture(scope="module")
+def faulty_module() -> Path:
+    return build_module()
+
+
+@pytest.fixture
+def faults(tmp_path: Path, faulty_module: Path) -> FaultControl:
+    return FaultControl(tmp_path / "faulty", present=1)
+
+
+def start(fresh_service: Any, faults: FaultControl, wait_state: tuple[str, ...] = ("ready",),
+          **env: str) -> Service:
+    svc: Service = fresh_service({**faults.env(), **env}, wait_state=wait_state)
+    return svc
+
+
+def sign_body(data: bytes) -> dict[str, str]:
+    return {"algorithm": ALGORITHM, "data": base64.b64encode(data).decode()}
+
+
+def public_key(client: httpx.Client) -> rsa.RSAPublicKey:
+    response = client.get("/v1/keys/sign-rsa/certificate", params={"format": "der"})
+    assert response.status_code == 200, response.text
+    key = x509.load_der_x509_certificate(response.content).public_key()
+    assert isinstance(key, rsa.RSAPublicKey)
+    return key
+
+
+def verify(key: rsa.RSAPublicKey, response: httpx.Response, data: bytes) -> None:
+    signature = base64.b64decode(response.json()["signature"])
+    key.verify(signature, data, padding.PKCS1v15(), hashes.SHA256())
+
+
+def assert_problem(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith(PROBLEM), response.headers
+    body: dict[str, Any] = response.json()
+    assert body["code"] == code and body["status"] == status and body["detail"], body
+    return body
+
+
+def health(svc: Service) -> dict[str, Any]:
+    token: dict[str, Any] = httpx.get(f"{svc.url}/v1/health", timeout=5).json()["token"]
+    return token
+
+
+def wait_state(svc: Service, states: tuple[str, ...], timeout: float) -> float:
+    """Seconds until the service reports one of ``states``; fails after ``timeout``."""
+    start_time = time.monotonic()
+    while True:
+        token = health(svc)
+        if token["state"] in states:
+            return time.monotonic() - start_time
+        if time.monotonic() - start_time > timeout:
+            raise AssertionError(f"token not {states} after {timeout}s: {token}")
+        time.sleep(0.02)
+
+
+def token_view(client: httpx.Client) -> dict[str, Any]:
+    response = client.get("/v1/tokens")
+    assert response.status_code == 200, response.text
+    view: dict[str, Any] = response.json()[0]
+    return view
+
+
+def assert_alive(svc: Service) -> None:
+    assert svc.process.poll() is None, svc.output()
+    out = svc.output()
+    assert "Traceback" not in out and "unexpected error" not in out, out
+
+
+# ---------------------------------------------------------------------- PIN
+
+
+def test_wrong_pin_is_tried_once_until_an_operator_gives_a_new_one(
+        fresh_service: Any, faults: FaultControl, demo: DemoInfo) -> None:
+    faults.set(pin_retries=3)
+    svc = start(fresh_service, faults, ("needs_pin",),
+                TOKENBRIDGE_TOKEN__PIN_SOURCE="env", TOKENBRIDGE_PIN="wrong")
+    assert faults.count("C_Login") == 1
+    assert faults.count("C_Login", "CKR_PIN_INCORRECT") == 1
+
+    client = svc.http(svc.add_client("counter", "sign"))
+    view = token_view(client)
+    assert view["state"] == "needs_pin" and not view["logged_in"]
+    assert view["pin"] == {"count_low": True, "final_try": False, "locked": False, "to_be_changed": False}
+    assert "refused" in view["message"]
+
+    # Requests and time (many presence intervals) do not make the service try the PIN again.
+    for i in range(6):
+        assert_problem(client.post(SIGN_URL, json=sign_body(b"no pin %d" % i)), 503, "token_unavailable")
+        time.sleep(0.25)
+    assert health(svc)["state"] == "needs_pin"
+    assert faults.count("C_Login") == 1
+
+    out = svc.cli("login", "--pin-file", str(demo.pin_file))
+    assert "ready" in out.stdout
+    assert health(svc)["state"] == "ready"
+    assert [rv for f, rv, _ in faults.calls() if f == "C_Login"] == ["CKR_PIN_INCORRECT", "CKR_OK"]
+    assert token_view(client)["pin"] == {"count_low": False, "final_try": False, "locked": False,
+                                         "to_be_changed": False}
+    response = client.post(SIGN_URL, json=sign_body(b"after login"))
+    assert response.status_code == 200, response.text
+    verify(public_key(client), response, b"after login")
+    assert_alive(svc)
+
+
+@pytest.mark.parametrize(("retries", "flag", "words"), [(1, "final_try", "final try"), (0, "locked", "locked")])
+def test_pin_at_final_try_or_locked_is_never_tried(
+        fresh_service: Any, faults: FaultControl, demo: DemoInfo, retries: int, flag: str, words: str) -> None:
+    faults.set(pin_retries=retries)
+    svc = start(fresh_service, faults, ("locked",))  # the demo config has the right PIN in a file
+    assert faults.count("C_Login") == 0
+
+    client = svc.http(svc.add_client("counter", "sign"))
+    view = token_view(client)
+    assert view["state"] == "locked" and not view["logged_in"]
+    assert view["pin"][flag] is True
+    assert words in view["message"], view["message"]
+    assert words in health(svc)["message"]
+    body = assert_problem(client.post(SIGN_URL, json=sign_body(b"locked")), 503, "token_unavailable")
+    assert words in body["detail"]
+    time.sleep(0.6)  # three presence intervals
+    assert faults.count("C_Login") == 0
+
+    # A plain operator login does not spend the last try either.
+    result = svc.cli("login", "--pin-file", str(demo.pin_file), check=False)
+    assert result.returncode != 0 and words in result.stdout + result.stderr
+    assert faults.count("C_Login") == 0
+
+    if flag == "final_try":  # the operator may spend it knowingly
+        svc.cli("login", "--pin-file", str(demo.pin_file), "--final-try")
+        assert health(svc)["state"] == "ready"
+        assert [rv for f, rv, _ in faults.calls() if f == "C_Login"] == ["CKR_OK"]
+        assert token_view(client)["pin"]["final_try"] is False
+        assert client.post(SIGN_URL, json=sign_body(b"final try")).status_code == 200
+    assert_alive(svc)
+
+
+# ---------------------------------------------------------------------- removal
+
+
+async def test_removal_under_load_gives_only_503_and_recovers_without_restart(
+        fresh_service: Any, faults: FaultControl) -> None:
+    svc = start(fresh_service, faults)
+    with svc.http(svc.add_client("counter", "sign")) as sync_client:
+        key = public_key(sync_client)
+    secret = svc.secrets["counter"]
+    pid = svc.process.pid
+    results: list[tuple[float, float, int, str]] = []  # start, end, status, problem code
+    wrong: list[str] = []
+    stop = asyncio.Event()
+
+    async def signer(http: httpx.AsyncClient, n: int) -> None:
+        i = 0
+        while not stop.is_set():
+            data = b"signer %d request %d" % (n, i)
+            i += 1
+            t0 = time.monotonic()
+            response = await http.post(SIGN_URL, json=sign_body(data))
+            t1 = time.monotonic()
+            code = ""
+            if response.status_code == 200:
+                try:
+                    verify(key, response, data)
+                except InvalidSignature:
+                    wrong.append(data.decode())
+            else:
+                if not response.headers.get("content-type", "").startswith(PROBLEM):
+                    wrong.append(f"{response.status_code} without problem+json: {response.text}")
+                code = response.json().get("code", "")
+                await asyncio.sleep(0.1)  # a client backs off a little on 503
+            results.append((t0, t1, response.status_code, code))
+
+    async def state(http: httpx.AsyncClient) -> str:
+        return str((await http.get("/v1/health")).json()["token"]["state"])
+
+    async def wait_for(http: httpx.AsyncClient, wanted: str, timeout: float) -> float:
+        t0 = time.monotonic()
+        while await state(http) != wanted:
+            assert time.monotonic() - t0 < timeout, f"not {wanted} after {timeout}s"
+            await asyncio.sleep(0.01)
+        return time.monotonic() - t0
+
+    limits = httpx.Limits(max_connections=SIGNERS + 4, max_keepalive_connections=SIGNERS + 4)
+    async with httpx.AsyncClient(base_url=svc.url, headers={"Authorization": f"Bearer {secret}"},
+                                 timeout=30, limits=limits) as http:
+        tasks = [asyncio.create_task(signer(http, n)) for n in range(SIGNERS)]
+        await asyncio.sleep(1.0)
+        faults.set(present=0)
+        await wait_for(http, "absent", 2.0)
+        absent_seen = time.monotonic()
+        await asyncio.sleep(1.0)
+        mark = faults.mark()
+        reinserted = time.monotonic()
+        faults.set(present=1)
+        await wait_for(http, "ready", 10.0)
+        ready_seen = time.monotonic()
+        await asyncio.sleep(1.0)
+        stop.set()
+        await asyncio.gather(*tasks)
+
+    assert not wrong, wrong[:5]
+    statuses = {(status, code) for _, _, status, code in results}
+    assert statuses <= {(200, ""), (503, "token_unavailable")}, statuses
+    during = [status for t0, t1, status, _ in results if t0 > absent_seen and t1 < reinserted]
+    assert during and set(during) == {503}
+    before = [status for _, t1, status, _ in results if t1 < absent_seen]
+    after = [status for t0, _, status, _ in results if t0 > ready_seen]
+    assert 200 in before and after and set(after) == {200}, (len(before), set(after))
+    # Recovery, timed by the module's own clock (the same CLOCK_MONOTONIC): from re-insertion to
+    # the first signature the token made again. Not by /v1/health, whose answer is delayed by
+    # the load this very test puts on a 2-core machine.
+    recovery = min(t for t, f, rv, _ in faults.entries(mark) if f == "C_Sign" and rv == "CKR_OK") - reinserted
+    assert recovery < 2.0
+    assert svc.process.pid == pid
+    # Removal logged the token out: recovery logged in again, once, with the configured PIN.
+    assert [rv for f, rv, _ in faults.calls(mark) if f == "C_Login"] == ["CKR_OK"]
+    # The session open before the removal was never used again.
+    assert faults.count("C_Sign", "CKR_SESSION_HANDLE_INVALID") == 0
+    assert_alive(svc)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "while ready and idle the owner makes no token call (TokenOwner._run waits on its queue with no "
+    "timeout unless ABSENT, tokenbridge/token/owner.py:344), so a card pulled between requests is "
+    "reported 'ready' by /v1/health and the next request fails with 503 instead of being refused "
+    "up front. Fix: in READY also wake every presence_interval when the queue is empty and check "
+    "C_GetSlotInfo(slot).flags & CKF_TOKEN_PRESENT (or C_WaitForSlotEvent with CKF_DONT_BLOCK); "
+    "on absence set ABSENT."))
+def test_idle_removal_is_noticed_without_a_request(fresh_service: Any, faults: FaultControl) -> None:
+    svc = start(fresh_service, faults)
+    faults.set(present=0)
+    wait_state(svc, ("absent",), 2.0)
+
+
+def test_a_different_token_is_refused_until_an_operator_accepts_it(
+        fresh_service: Any, faults: FaultControl) -> None:
+    svc = start(fresh_service, faults)
+    client = svc.http(svc.add_client("counter", "sign"))
+    first_serial = token_view(client)["serial"]
+    assert client.post(SIGN_URL, json=sign_body(b"first token")).status_code == 200
+
+    faults.set(present=0)
+    # The owner notices a removal at the next token call (see the idle-removal test below).
+    assert_problem(client.post(SIGN_URL, json=sign_body(b"removed")), 503, "token_unavailable")
+    wait_state(svc, ("absent",), 5.0)
+    mark = faults.mark()
+    faults.set(present=1, serial="FOREIGN000000042")
+    wait_state(svc, ("foreign",), 5.0)
+    body = assert_problem(client.post(SIGN_URL, json=sign_body(b"foreign")), 503, "token_unavailable")
+    assert "different token" in body["detail"]
+    time.sleep(0.6)
+    assert health(svc)["state"] == "foreign"
+    assert faults.count("C_Login", since=mark) == 0  # no PIN is offered to a token it does not know
+    assert faults.count("C_SignInit", since=mark) == 0
+
+    out = svc.cli("login", "--accept-new-token", input="\n")
+    assert "ready" in out.stdout
+    view = token_view(client)
+    assert view["state"] == "ready" and view["serial"].strip() == "FOREIGN000000042" != first_serial
+    response = client.post(SIGN_URL, json=sign_body(b"accepted token"))
+    assert response.status_code == 200, response.text
+    verify(public_key(client), response, b"accepted token")
+    assert_alive(svc)
+
+
+# ---------------------------------------------------------------------- error bursts
+
+
+def test_error_bursts_fail_clearly_never_repeat_a_signature_and_recover(
+        fresh_service: Any, faults: FaultControl) -> None:
+    svc = start(fresh_service, faults)
+    client = svc.http(svc.add_client("counter", "sign"))
+    key = public_key(client)
+
+    # A slow card: the latency is really spent in C_Sign.
+    faults.set(latency_ms=300)
+    t0 = time.monotonic()
+    assert client.post(SIGN_URL, json=sign_body(b"slow")).status_code == 200
+    assert time.monotonic() - t0 >= 0.3
+    faults.set(latency_ms=0)
+
+    def burst(fail: str, status: int, code: str) -> list[int]:
+        """Sign one request at a time until the 3 injected faults are spent; return the statuses."""
+        faults.set(fail=fail, fail_count=3)
+        statuses: list[int] = []
+        deadline = time.monotonic() + 10
+        while faults.count("C_Sign", fail) < 3:
+            assert time.monotonic() < deadline, faults.summary()
+            mark = faults.mark()
+            data = b"burst request %d" % len(statuses)
+            response = client.post(SIGN_URL, json=sign_body(data))
+            signs = faults.count("C_Sign", since=mark)
+            assert signs == faults.count("C_SignInit", since=mark) <= 1  # never a second try
+            if response.status_code == 200:
+                assert signs == 1
+                verify(key, response, data)
+            else:
+                assert_problem(response, status, code)
+                time.sleep(0.05)
+            statuses.append(response.status_code)
+        return statuses
+
+    # CKR_FUNCTION_FAILED: the operation failed, the token is still there: 502, state stays ready.
+    start_mark = faults.mark()
+    statuses = burst("CKR_FUNCTION_FAILED", 502, "token_operation_failed")
+    assert statuses == [502, 502, 502]
+    assert health(svc)["state"] == "ready"
+
+    # CKR_DEVICE_ERROR: the token is taken for gone (503) and reopened by the service itself.
+    statuses += burst("CKR_DEVICE_ERROR", 503, "token_unavailable")
+    wait_state(svc, ("ready",), 5.0)  # by itself
+    for i in range(3):
+        data = b"after the burst %d" % i
+        response = client.post(SIGN_URL, json=sign_body(data))
+        assert response.status_code == 200, response.text
+        verify(key, response, data)
+        statuses.append(200)
+
+    # Over the whole test: one C_Sign per request that reached the token, never more.
+    signs = [(rv, note) for f, rv, note in faults.calls(start_mark) if f == "C_Sign" and note != "query"]
+    assert sum(1 for _, note in signs if note == "injected") == 6
+    assert len(signs) == statuses.count(200) + 6 <= len(statuses)
+    assert faults.count("C_Sign", "CKR_OK", since=start_mark) == statuses.count(200)
+    assert_alive(svc)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "the owner never closes a session it stops using: TokenOwner._connect opens a public session "
+    "(tokenbridge/token/owner.py:428) and _login opens another (owner.py:456), dropping the first; "
+    "the session of a failed C_Login, and the old session after an error in _with_session "
+    "(owner.py:571), are dropped too. Each recovery leaks two sessions, "
+    "which a card or HSM with a session limit runs out of. Fix: close (best effort, ignoring "
+    "errors) the public session once the login session exists, the login session when C_Login "
+    "fails, and the old self._session in _with_session before setting it to None."))
+def test_recovery_closes_the_sessions_it_abandons(fresh_service: Any, faults: FaultControl) -> None:
+    svc = start(fresh_service, faults)
+    client = svc.http(svc.add_client("counter", "sign"))
+    faults.set(fail="CKR_DEVICE_ERROR", fail_count=3)
+    deadline = time.monotonic() + 10
+    while faults.count("C_Sign", "CKR_DEVICE_ERROR") < 3 and time.monotonic() < deadline:
+        wait_state(svc, ("ready",), 5.0)
+        client.post(SIGN_URL, json=sign_body(b"error"))
+    wait_state(svc, ("ready",), 5.0)
+    assert client.post(SIGN_URL, json=sign_body(b"recovered")).status_code == 200
+    opened = faults.count("C_OpenSession", "CKR_OK")
+    closed = faults.count("C_CloseSession", "CKR_OK")
+    assert opened - closed == 1, faults.summary()  # the one session in use

@@ -1,0 +1,286 @@
+"""The read-only admin page: ``GET /v1/admin/overview`` (grant ``admin``) and the static page at ``/ui``.
+
+The overview is built from cached state only: the token owner's last known
+status and keys, its queue, the client registry and the audit log. It never
+calls the token, so refreshing the page every two seconds costs the card
+nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, time
+from importlib import resources
+from typing import Annotated, Any
+
+from cryptography.x509.oid import NameOID
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+from starlette.datastructures import State
+
+from tokenbridge import __version__
+from tokenbridge.api.auth import bridge_of, principal
+from tokenbridge.audit import AuditEntry
+from tokenbridge.errors import Problem
+from tokenbridge.formats import x509 as x509h
+from tokenbridge.services.bridge import Bridge
+from tokenbridge.services.principal import Principal
+from tokenbridge.store import Store
+from tokenbridge.token.model import KeyInfo, TokenState, TokenStatus
+
+router = APIRouter()
+Caller = Annotated[Principal, Depends(principal)]
+
+AUDIT_ENTRIES = 20
+EXPIRY_WARNING_DAYS = 30
+
+# Key usages (RFC 5280 names, as formats.x509 gives them) in the words an operator uses.
+USAGE_WORDS = {
+    "digitalSignature": "signature",
+    "nonRepudiation": "non-repudiation",
+    "keyEncipherment": "key encipherment (decrypt the national system's replies)",
+    "dataEncipherment": "data encipherment",
+    "keyAgreement": "key agreement",
+    "keyCertSign": "certificate signing (CA)",
+    "cRLSign": "CRL signing (CA)",
+    "encipherOnly": "encipher only",
+    "decipherOnly": "decipher only",
+}
+EXTENDED_USAGE_WORDS = {
+    "emailProtection": "e-mail protection (S/MIME)",
+    "clientAuth": "TLS client authentication",
+    "serverAuth": "TLS server authentication",
+    "codeSigning": "code signing",
+    "timeStamping": "time stamping",
+    "OCSPSigning": "OCSP signing",
+}
+STATE_WORDS = {
+    TokenState.STARTING: "Starting: the token is being opened",
+    TokenState.READY: "Ready: present and logged in",
+    TokenState.ABSENT: "Absent: removed or not responding; it is reopened automatically when it comes back",
+    TokenState.NEEDS_PIN: "Needs the PIN: an operator must run `tokenbridge login`",
+    TokenState.LOCKED: "PIN locked or at its final try: the service will not try it",
+    TokenState.FOREIGN: "A different token was inserted: an operator must accept it "
+                        "(`tokenbridge login --accept-new-token`)",
+    TokenState.ERROR: "Error: the PKCS#11 module or the token cannot be used",
+}
+PRESENT_STATES = frozenset({TokenState.READY, TokenState.NEEDS_PIN, TokenState.LOCKED, TokenState.FOREIGN})
+_HIDDEN_CLIENT_FIELDS = frozenset({"client_id", "secret_hash"})
+
+
+# ---------------------------------------------------------------------- operations today
+
+
+@dataclass
+class _DayCounts:
+    """Audit entries per actor since local midnight, counted incrementally.
+
+    Sequence numbers grow with time, so the day's first entry is found once by
+    bisection over ``seq`` (the rowid) and each refresh reads only new rows.
+    """
+
+    since: str = ""
+    last_seq: int = 0
+    counts: Counter[str] = field(default_factory=Counter)
+
+    def update(self, store: Store, since: str) -> Counter[str]:
+        if since != self.since:
+            self.since, self.counts = since, Counter()
+            self.last_seq = _first_seq_at_or_after(store, since) - 1
+        rows = store.query("SELECT seq, actor FROM audit WHERE seq > ? AND ts >= ? ORDER BY seq",
+                           (self.last_seq, since))
+        for row in rows:
+            # "client:NAME@workstation:WS" counts for the client and for the workstation it came through.
+            for part in set(str(row["actor"]).split("@")):
+                self.counts[part] += 1
+            self.last_seq = row["seq"]
+        return self.counts
+
+
+def _first_seq_at_or_after(store: Store, since: str) -> int:
+    """A sequence number such that every entry before it is older than ``since`` (bisection on the rowid)."""
+    bounds = store.query("SELECT MIN(seq) AS lo, MAX(seq) AS hi FROM audit")
+    lo, hi = bounds[0]["lo"], bounds[0]["hi"]
+    if lo is None:
+        return 1
+    hi += 1  # the answer is in [lo, hi]; hi means "no entry yet today"
+    while lo < hi:
+        mid = (lo + hi) // 2
+        row = store.query("SELECT seq, ts FROM audit WHERE seq >= ? ORDER BY seq LIMIT 1", (mid,))
+        if not row or row[0]["ts"] >= since:
+            hi = mid
+        else:
+            lo = row[0]["seq"] + 1
+    return int(lo)
+
+
+def _local_midnight_utc(now: datetime | None = None) -> str:
+    """The start of the service's local day, as an audit timestamp (UTC, microseconds)."""
+    local = (now or datetime.now(UTC)).astimezone()
+    midnight = datetime.combine(local.date(), time(0), tzinfo=local.tzinfo)
+    return midnight.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def _day_counts(state: State) -> _DayCounts:
+    counts = getattr(state, "admin_day_counts", None)
+    if not isinstance(counts, _DayCounts):
+        counts = _DayCounts()
+        state.admin_day_counts = counts
+    return counts
+
+
+# ---------------------------------------------------------------------- views
+
+
+def token_overview(status: TokenStatus) -> dict[str, Any]:
+    return {
+        "state": status.state.value,
+        "state_text": STATE_WORDS.get(status.state, status.state.value),
+        "message": status.message,
+        "present": status.state in PRESENT_STATES,
+        "logged_in": status.logged_in,
+        "label": status.label,
+        "serial": status.serial,
+        "manufacturer": status.manufacturer,
+        "model": status.model,
+        "slot": status.slot,
+        "pin": {"count_low": status.pin.count_low, "final_try": status.pin.final_try,
+                "locked": status.pin.locked, "to_be_changed": status.pin.to_be_changed},
+        "protected_authentication_path": status.protected_auth_path,
+    }
+
+
+def certificate_overview(key: KeyInfo, now: datetime) -> dict[str, Any] | None:
+    cert = key.certificate
+    if cert is None:
+        return None
+    days = x509h.days_left(cert, now)
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    common_name = str(names[0].value) if names else None
+    usages = x509h.key_usages(cert)
+    extended = x509h.extended_key_usages(cert)
+    return {
+        "key_id": key.id,
+        "label": key.label,
+        "key_type": key.key_type,
+        "key_size": key.size,
+        "subject": cert.subject.rfc4514_string(),
+        "common_name": common_name,
+        "issuer": cert.issuer.rfc4514_string(),
+        "usages": [USAGE_WORDS.get(u, u) for u in usages] if usages else ["any (no key usage restriction)"],
+        "extended_usages": [EXTENDED_USAGE_WORDS.get(u, u) for u in extended],
+        "not_after": cert.not_valid_after_utc.isoformat(),
+        "days_left": days,
+        "expired": now > cert.not_valid_after_utc,
+        "warning": days < EXPIRY_WARNING_DAYS,
+    }
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, frozenset | set):
+        return sorted(value)
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def client_overview(client: Any, counts: Counter[str]) -> dict[str, Any]:
+    """Whatever the registry's ``Client`` holds (workstations add fields), less its secret parts."""
+    view: dict[str, Any] = {}
+    if dataclasses.is_dataclass(client):
+        view = {f.name: _plain(getattr(client, f.name)) for f in dataclasses.fields(client)
+                if f.name not in _HIDDEN_CLIENT_FIELDS}
+    name = str(client.name)
+    kind = str(view.get("kind") or "client")
+    view["kind"] = kind
+    view["name"] = name
+    view["operations_today"] = counts.get(f"{kind}:{name}", 0)
+    return view
+
+
+def who(actor: str) -> dict[str, str | None]:
+    """``client:NAME``, ``workstation:NAME``, ``client:NAME@workstation:WS``, ``operator`` or ``service``."""
+    first, _, through = actor.partition("@")
+    kind, sep, name = first.partition(":")
+    return {"kind": kind if sep else None, "name": name if sep else first,
+            "via": through.partition(":")[2] or through or None}
+
+
+def audit_overview(entry: AuditEntry, labels: dict[str, str]) -> dict[str, Any]:
+    return {
+        "seq": entry.seq, "ts": entry.ts, "actor": entry.actor, "who": who(entry.actor), "event": entry.event,
+        "key": entry.key, "key_label": labels.get(entry.key or ""), "algorithm": entry.algorithm,
+        "outcome": entry.outcome, "detail": entry.detail,
+    }
+
+
+def overview(bridge: Bridge, counts: _DayCounts, now: datetime | None = None) -> dict[str, Any]:
+    """The whole page's data, from cached state only (no token call)."""
+    now = now or datetime.now(UTC)
+    keys = sorted(bridge.owner.list_keys(), key=lambda k: k.label)
+    labels = {k.id: k.label for k in keys}
+    since = _local_midnight_utc(now)
+    per_actor = counts.update(bridge.store, since)
+    status = bridge.owner.status()
+    by_client = bridge.owner.queued_by_client()
+    return {
+        "generated": now.isoformat(timespec="seconds"),
+        "version": __version__,
+        "token": token_overview(status),
+        "certificates": [c for k in keys if (c := certificate_overview(k, now)) is not None],
+        "clients": [client_overview(c, per_actor) for c in bridge.clients.list()],
+        "operations_today_since": since,
+        "queue": {
+            "depth": status.queue_depth,
+            "by_client": [{"actor": actor, "who": who(actor), "depth": n} for actor, n in sorted(by_client.items())],
+            "service_time_ms": round(bridge.owner.service_time * 1000, 2),
+        },
+        "audit": [audit_overview(e, labels) for e in reversed(bridge.audit.tail(AUDIT_ENTRIES))],
+    }
+
+
+@router.get("/v1/admin/overview", summary="Admin page data: token, certificates, clients, queue, audit "
+                                           "(grant: admin; never calls the token)")
+async def admin_overview(request: Request, caller: Caller) -> dict[str, Any]:
+    caller.require("admin")
+    return overview(bridge_of(request), _day_counts(request.app.state))
+
+
+# ---------------------------------------------------------------------- the static page
+
+_UI_FILES = {
+    "index.html": "text/html; charset=utf-8",
+    "app.js": "text/javascript; charset=utf-8",
+    "style.css": "text/css; charset=utf-8",
+}
+_UI_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+                               "connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+    "Cache-Control": "no-cache",
+}
+
+
+def _ui_file(name: str) -> Response:
+    media_type = _UI_FILES.get(name)
+    if media_type is None:
+        raise Problem(f"no such file in the admin page: {name!r}", code="not_found", status=404, title="Not found")
+    data = resources.files("tokenbridge").joinpath("ui", name).read_bytes()
+    return Response(data, media_type=media_type, headers=_UI_HEADERS)
+
+
+@router.get("/ui", include_in_schema=False)
+@router.get("/ui/", include_in_schema=False)
+async def ui_index() -> Response:
+    """The page itself needs no secret: it asks for one and calls the API with it."""
+    return _ui_file("index.html")
+
+
+@router.get("/ui/{name}", include_in_schema=False)
+async def ui_asset(name: str) -> Response:
+    return _ui_file(name)
+

@@ -1,0 +1,135 @@
+"""CLI for sharing over the LAN: the TLS listener's certificate, workstation enrolment, relay mode."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from tokenbridge.cli import ConfigOpt, _fail, _settings, console
+
+tls_app = typer.Typer(help="The TLS listener's certificate (from the bridge's own CA).", no_args_is_help=True)
+workstations_app = typer.Typer(help="Workstations: machines that authenticate with a certificate.",
+                               no_args_is_help=True)
+
+
+@tls_app.command("init")
+def tls_init(hostname: Annotated[list[str], typer.Option("--hostname", help="DNS name or IP the workstations "
+                                                                            "use (repeatable).")],
+             config: ConfigOpt = None) -> None:
+    """Create the bridge CA (once) and a server certificate; print its fingerprint for pinning."""
+    from tokenbridge.services.bridge_ca import issue_server_certificate
+
+    settings = _settings(config)
+    issued = issue_server_certificate(settings.data_dir, hostname)
+    console.print(f"server certificate {issued.cert} for {', '.join(hostname)}")
+    console.print(f"SHA-256 fingerprint (give it to relays as --hub-fingerprint): {issued.fingerprint}")
+    console.print("serve on the LAN with: tokenbridge serve --host 0.0.0.0")
+
+
+@workstations_app.command("enroll")
+def enroll(name: str,
+           grant: Annotated[str, typer.Option(help="Comma-separated grants (sign, decrypt, ...).")],
+           keys: Annotated[str | None, typer.Option("--keys", help="Comma-separated key ids or labels.")] = None,
+           output: Annotated[Path | None, typer.Option("-o", "--output", help="PKCS#12 file to write.")] = None,
+           config: ConfigOpt = None,
+           as_json: Annotated[bool, typer.Option("--json", help="Print {name, credential, password}.")] = False
+           ) -> None:
+    """Issue a workstation certificate (PKCS#12 with a one-time password); it authenticates by mutual TLS."""
+    from tokenbridge.clients import ClientError
+    from tokenbridge.services.bridge import open_state
+    from tokenbridge.services.bridge_ca import fingerprint, issue_workstation
+
+    settings = _settings(config)
+    _, audit, registry = open_state(settings)
+    p12, password, cert = issue_workstation(settings.data_dir, name)
+    try:
+        registry.add(name, [g.strip() for g in grant.split(",") if g.strip()],
+                     [k.strip() for k in (keys or "").split(",") if k.strip()], kind="workstation",
+                     cert_sha256=fingerprint(cert))
+    except ClientError as exc:
+        _fail(str(exc))
+    target = output or settings.data_dir / "workstations" / f"{name}.p12"
+    target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(p12)
+    audit.record("operator", "workstation_enrolled", "ok", detail=f"name={name}, grants={grant}, "
+                 f"cert_sha256={fingerprint(cert)}")
+    if as_json:
+        print(json.dumps({"name": name, "credential": str(target), "password": password}))
+    else:
+        console.print(f"workstation [bold]{name}[/bold]: credential {target}")
+        console.print("one-time password (give it with the file, by another channel):")
+        print(password)
+
+
+@workstations_app.command("list")
+def workstations_list(config: ConfigOpt = None,
+                      as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """Enrolled workstations."""
+    from tokenbridge.services.bridge import open_state
+
+    _, _, registry = open_state(_settings(config))
+    items = [c for c in registry.list() if c.kind == "workstation"]
+    if as_json:
+        print(json.dumps([{"name": c.name, "grants": sorted(c.grants), "keys": sorted(c.keys),
+                           "cert_sha256": c.cert_sha256, "created": c.created, "last_seen": c.last_seen,
+                           "revoked": c.revoked} for c in items]))
+        return
+    table = Table(title="workstations")
+    for col in ("name", "grants", "certificate sha256", "last seen", "revoked"):
+        table.add_column(col)
+    for c in items:
+        table.add_row(c.name, ",".join(sorted(c.grants)), (c.cert_sha256 or "")[:16], c.last_seen or "",
+                      c.revoked or "")
+    console.print(table)
+
+
+@workstations_app.command("revoke")
+def workstations_revoke(name: str, config: ConfigOpt = None) -> None:
+    """Revoke a workstation: its certificate stops working at its next request, open connections included."""
+    from tokenbridge.clients import ClientError
+    from tokenbridge.services.bridge import open_state
+
+    _, audit, registry = open_state(_settings(config))
+    client = registry.get(name)
+    if client is None or client.kind != "workstation":
+        _fail(f"no workstation named {name!r}")
+    try:
+        registry.revoke(name)
+    except ClientError as exc:
+        _fail(str(exc))
+    audit.record("operator", "workstation_revoked", "ok", detail=f"name={name}")
+    console.print(f"revoked workstation {name}")
+
+
+def relay(hub: Annotated[str, typer.Option(help="The hub's URL, e.g. https://hub.example:8155.")],
+          credential: Annotated[Path, typer.Option(help="This workstation's PKCS#12 file.")],
+          listen: Annotated[str, typer.Option(help="Local address for the counters' software.")] = "127.0.0.1:8155",
+          hub_fingerprint: Annotated[str | None, typer.Option(help="SHA-256 of the hub's certificate "
+                                                                   "(from `tokenbridge tls init`).")] = None,
+          local_auth: Annotated[str, typer.Option(help="pass-through: local software sends its own secret; "
+                                                       "none: the workstation's certificate alone.")]
+          = "pass-through") -> None:
+    """Serve the /v1 API on this machine, forwarding to the hub over mutual TLS."""
+    from tokenbridge.relay import RelayError, run_relay
+
+    password = os.environ.get("TOKENBRIDGE_CREDENTIAL_PASSWORD")
+    if password is None:
+        import getpass
+        import sys
+
+        if not sys.stdin.isatty():
+            _fail("set TOKENBRIDGE_CREDENTIAL_PASSWORD (no terminal to ask the credential's password on)")
+        password = getpass.getpass("Credential password: ")
+    if local_auth not in ("pass-through", "none"):
+        _fail("--local-auth is pass-through or none")
+    try:
+        run_relay(hub, credential, password, listen, hub_fingerprint, local_auth)
+    except RelayError as exc:
+        _fail(str(exc))

@@ -1,0 +1,149 @@
+"""``tokenbridge smime send|open``: S/MIME mail through a running service, as a counter's software would.
+
+The service URL comes from ``--url``, ``$TOKENBRIDGE_URL``, the configuration's
+``service_url`` or its ``[server]`` address; the client secret from
+``--secret``, ``$TOKENBRIDGE_SECRET`` or ``--secret-file``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import mimetypes
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from tokenbridge.client import Client, TokenbridgeError
+from tokenbridge.config import load_settings
+
+app = typer.Typer(help="S/MIME mail through the running service (sign, encrypt, send, open).",
+                  no_args_is_help=True)
+console = Console()
+err = Console(stderr=True)
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML file.", show_default=False)]
+UrlOpt = Annotated[str | None, typer.Option("--url", help="Service URL (default: config / $TOKENBRIDGE_URL).")]
+SecretOpt = Annotated[str | None, typer.Option("--secret", envvar="TOKENBRIDGE_SECRET", show_envvar=True,
+                                               help="Client secret.")]
+SecretFileOpt = Annotated[Path | None, typer.Option("--secret-file", help="File holding the client secret.")]
+
+
+def _fail(message: str) -> Any:
+    err.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(1)
+
+
+def _client(config: Path | None, url: str | None, secret: str | None, secret_file: Path | None) -> Client:
+    base = url or os.environ.get("TOKENBRIDGE_URL")
+    if base is None:
+        try:
+            settings = load_settings(config)
+        except (FileNotFoundError, ValueError) as exc:
+            _fail(f"no --url and no usable configuration: {exc}")
+        base = settings.service_url or f"http://{settings.server.host}:{settings.server.port}"
+    if secret is None and secret_file is not None:
+        secret = secret_file.read_text().strip()
+    if not secret:
+        _fail("no client secret: --secret, $TOKENBRIDGE_SECRET or --secret-file")
+    return Client(base, secret)
+
+
+def _call(fn: Any, *args: Any) -> Any:
+    try:
+        return fn(*args)
+    except TokenbridgeError as exc:
+        _fail(f"{exc.detail} ({exc.code})")
+    except OSError as exc:
+        _fail(f"cannot reach the service: {exc}")
+
+
+@app.command("send")
+def send(to: Annotated[list[str], typer.Option("--to", help="E-mail address (repeatable).")],
+         recipient: Annotated[list[str], typer.Option("--recipient", "-r",
+                                                      help="Encrypt to this address-book name (repeatable).")],
+         attach: Annotated[list[Path] | None, typer.Option("--attach", "-a", help="File to attach.")] = None,
+         subject: Annotated[str, typer.Option(help="Subject.")] = "",
+         text: Annotated[str, typer.Option(help="Message text.")] = "",
+         sender: Annotated[str | None, typer.Option("--from", help="From (default: the certificate's).")] = None,
+         sign_key: Annotated[str | None, typer.Option(help="Signing key (default: the e-mail key).")] = None,
+         save: Annotated[Path | None, typer.Option(help="Only compose, and write the .eml here.")] = None,
+         as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+         config: ConfigOpt = None, url: UrlOpt = None, secret: SecretOpt = None,
+         secret_file: SecretFileOpt = None) -> None:
+    """Compose a signed message encrypted to RECIPIENT (and the organisation), and send it."""
+    attachments = []
+    for path in attach or []:
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            _fail(f"cannot read {path}: {exc.strerror}")
+        content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        attachments.append({"filename": path.name, "content_type": content_type,
+                            "data": base64.b64encode(data).decode()})
+    message: dict[str, Any] = {"to": to, "subject": subject, "text": text, "attachments": attachments,
+                               "sign_key": sign_key, "encrypt_to": recipient}
+    if sender:
+        message["from"] = sender
+    with _client(config, url, secret, secret_file) as client:
+        if save is not None:
+            save.write_bytes(_call(client.smime_compose, message))
+            console.print(f"written {save}")
+            return
+        result = _call(client.smime_send, message)
+    if as_json:
+        print(json.dumps(result))
+    else:
+        console.print(f"sent {result['message_id']} to {', '.join(result['recipients'])}")
+
+
+_SAFE = re.compile(r"[^A-Za-z0-9._ -]")
+
+
+@app.command("open")
+def open_(message: Annotated[Path, typer.Argument(help="The .eml to open.")],
+          output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the attachments here.")] = None,
+          as_json: Annotated[bool, typer.Option("--json", help="Print the service's JSON.")] = False,
+          config: ConfigOpt = None, url: UrlOpt = None, secret: SecretOpt = None,
+          secret_file: SecretFileOpt = None) -> None:
+    """Decrypt and verify a message; print who signed it; write its attachments to DIR."""
+    try:
+        raw = message.read_bytes()
+    except OSError as exc:
+        _fail(f"cannot read {message}: {exc.strerror}")
+    with _client(config, url, secret, secret_file) as client:
+        result = _call(client.smime_open, raw)
+    written = []
+    if output is not None:
+        import email
+        import email.policy
+
+        output.mkdir(parents=True, exist_ok=True)
+        inner = email.message_from_bytes(base64.b64decode(result["message"]), policy=email.policy.default)
+        for i, part in enumerate(p for p in inner.walk() if not p.is_multipart()):
+            name = part.get_filename()
+            if name is None and part.get_content_disposition() != "attachment":
+                continue
+            safe = _SAFE.sub("_", Path(name or f"attachment-{i}").name).lstrip(".") or f"attachment-{i}"
+            payload = part.get_payload(decode=True)
+            (output / safe).write_bytes(payload if isinstance(payload, bytes) else b"")
+            written.append(str(output / safe))
+    if as_json:
+        print(json.dumps({**result, "written": written}))
+        raise typer.Exit(0 if result["valid"] else 2)
+    signer = (result.get("signer") or {}).get("subject", "-")
+    state = "[green]valid[/green]" if result["valid"] else f"[red]NOT valid[/red]: {result['reason']}"
+    console.print(f"from: {result.get('from')}\nsubject: {result.get('subject')}\n"
+                  f"encrypted: {result['encrypted']}  signed: {result['signed']}  signature: {state}\n"
+                  f"signer: {signer}")
+    if result.get("text"):
+        console.print(result["text"], markup=False, highlight=False)
+    for a in result["attachments"]:
+        console.print(f"  {a['filename']}  {a['content_type']}  {a['size']} bytes  sha256 {a['sha256']}")
+    for path in written:
+        console.print(f"written {path}")
+    raise typer.Exit(0 if result["valid"] else 2)
