@@ -254,13 +254,6 @@ async def test_removal_under_load_gives_only_503_and_recovers_without_restart(
     assert_alive(svc)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "while ready and idle the owner makes no token call (TokenOwner._run waits on its queue with no "
-    "timeout unless ABSENT, tokenbridge/token/owner.py:344), so a card pulled between requests is "
-    "reported 'ready' by /v1/health and the next request fails with 503 instead of being refused "
-    "up front. Fix: in READY also wake every presence_interval when the queue is empty and check "
-    "C_GetSlotInfo(slot).flags & CKF_TOKEN_PRESENT (or C_WaitForSlotEvent with CKF_DONT_BLOCK); "
-    "on absence set ABSENT."))
 def test_idle_removal_is_noticed_without_a_request(fresh_service: Any, faults: FaultControl) -> None:
     svc = start(fresh_service, faults)
     faults.set(present=0)
@@ -359,14 +352,6 @@ def test_error_bursts_fail_clearly_never_repeat_a_signature_and_recover(
     assert_alive(svc)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the owner never closes a session it stops using: TokenOwner._connect opens a public session "
-    "(tokenbridge/token/owner.py:428) and _login opens another (owner.py:456), dropping the first; "
-    "the session of a failed C_Login, and the old session after an error in _with_session "
-    "(owner.py:571), are dropped too. Each recovery leaks two sessions, "
-    "which a card or HSM with a session limit runs out of. Fix: close (best effort, ignoring "
-    "errors) the public session once the login session exists, the login session when C_Login "
-    "fails, and the old self._session in _with_session before setting it to None."))
 def test_recovery_closes_the_sessions_it_abandons(fresh_service: Any, faults: FaultControl) -> None:
     svc = start(fresh_service, faults)
     client = svc.http(svc.add_client("counter", "sign"))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import hashlib
 import logging
 import os
@@ -338,17 +339,19 @@ class TokenOwner:
         while True:
             with self._cv:
                 while not self._jobs and not self._stopping:
-                    if self._status.state is TokenState.ABSENT:
+                    if self._status.state in (TokenState.ABSENT, TokenState.READY):
                         self._cv.wait(self._presence_interval)
                         break
                     self._cv.wait()
                 if self._stopping:
                     break
                 job = self._jobs.get()
-            if job is None:
-                self._connect()  # absent: poll for the token's return
-                continue
-            self._execute(job)
+            if job is not None:
+                self._execute(job)
+            elif self._status.state is TokenState.ABSENT:
+                self._connect()  # poll for the token's return
+            elif self._status.state is TokenState.READY:
+                self._check_presence()  # idle: notice a card pulled between requests
         self._fail_pending(TokenUnavailable("the service is stopping"))
 
     def _execute(self, job: _Job) -> None:
@@ -432,9 +435,10 @@ class TokenOwner:
             return
         identity = (info["serial"], fingerprints)
         if self._identity is not None and identity != self._identity:
+            _close_quietly(public)
             self._set_state(TokenState.FOREIGN,
                             f"serial {info['serial']} / certificates differ from the token first opened")
-            self._session = None
+            self._drop_session()
             return
         self._status = replace(self._status, mechanisms=frozenset(m.name if hasattr(m, "name") else str(m)
                                                                    for m in self._mechanisms))
@@ -444,10 +448,12 @@ class TokenOwner:
                allow_final_try: bool = False) -> None:
         pin_flags = _pin_flags(token.flags)
         if pin_flags.locked or (pin_flags.final_try and not allow_final_try):
+            _close_quietly(public_session)
             self._set_state(TokenState.LOCKED, "user PIN locked" if pin_flags.locked else
                             "user PIN at its final try: not attempted; use `tokenbridge login --final-try`")
             return
         if self._login_failed or self._pin is None:
+            _close_quietly(public_session)
             self._set_state(TokenState.NEEDS_PIN, "the last PIN failed" if self._login_failed
                             else "no PIN configured")
             return
@@ -455,6 +461,7 @@ class TokenOwner:
         try:
             session = token.open(user_pin=pin)
             self._emit("login", {"outcome": "ok"})
+            _close_quietly(public_session)
         except p11e.UserAlreadyLoggedIn:
             session = public_session  # login state is per process: still logged in
         except _PIN_WRONG as exc:
@@ -484,6 +491,22 @@ class TokenOwner:
         self._status = replace(self._status, logged_in=True, pin=_pin_flags(self._refresh_flags(token)))
         self._set_state(TokenState.READY, None)
 
+    def _check_presence(self) -> None:
+        """Slot status only (no card operation): is our token still in its slot?"""
+        slot_id = self._status.slot
+        try:
+            present = any(slot.slot_id == slot_id for slot in self._lib.get_slots(token_present=True))
+        except p11e.PKCS11Error:
+            present = False
+        if not present:
+            self._drop_session()
+            self._set_state(TokenState.ABSENT, "the token was removed")
+
+    def _drop_session(self) -> None:
+        """Forget the session and its handles, closing it if the module still knows it."""
+        session, self._session, self._handles = self._session, None, {}
+        _close_quietly(session)
+
     def _refresh_flags(self, token: Any) -> Any:
         try:
             return token.slot.get_token().flags
@@ -499,8 +522,7 @@ class TokenOwner:
             self._emit("token_accepted", {})
         if self._status.state is TokenState.READY and pin is None:
             return self.status()
-        self._session = None
-        self._handles = {}
+        self._drop_session()
         try:
             token = self._find_token()
             if token is None:
@@ -572,8 +594,7 @@ class TokenOwner:
         try:
             return op()
         except _GONE as exc:
-            self._session = None
-            self._handles = {}
+            self._drop_session()
             self._set_state(TokenState.ABSENT, f"{type(exc).__name__} during an operation")
             raise TokenUnavailable(self._unavailable_detail()) from None
 
@@ -655,6 +676,14 @@ class TokenOwner:
                 self._on_event(event, data)
             except Exception:
                 log.exception("event handler failed")
+
+
+def _close_quietly(session: Any) -> None:
+    """Close a session we stop using; a card has few, and a dead one may fail to close: ignore that."""
+    if session is None:
+        return
+    with contextlib.suppress(p11e.PKCS11Error):
+        session.close()
 
 
 def _pin_flags(flags: Any) -> PinFlags:
