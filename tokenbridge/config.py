@@ -45,6 +45,10 @@ class TokenSettings(BaseModel):
         default_factory=dict, description="Variables set before the module loads (e.g. SOFTHSM2_CONF)."
     )
     queue_size: int = Field(256, ge=1, description="Requests waiting for the token; beyond it: 503.")
+    client_rate: float | None = Field(
+        None, gt=0, description="Private-key operations per second one client may start (default: no limit)."
+    )
+    client_burst: int = Field(10, ge=1, description="Operations a client may start at once above its rate.")
     client_queue_size: int | None = Field(
         None, ge=1, description="Requests one client may have waiting (default: queue_size); beyond it: 503."
     )

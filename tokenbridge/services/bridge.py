@@ -65,6 +65,8 @@ class Bridge:
             pin,
             queue_size=t.queue_size,
             per_client_queue=t.client_queue_size,
+            client_rate=t.client_rate,
+            client_burst=t.client_burst,
             operation_timeout=t.operation_timeout,
             presence_interval=t.presence_interval,
             environment=t.environment,

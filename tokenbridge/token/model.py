@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 
 from cryptography import x509
@@ -86,6 +87,16 @@ class QueueFull(TokenError):
 
     def __init__(self, detail: str, retry_after: float) -> None:
         super().__init__(detail, headers={"Retry-After": str(max(1, round(retry_after)))})
+        self.retry_after = retry_after
+
+
+class RateLimited(TokenError):
+    code = "rate_limited"
+    status = 429
+    title = "Too many requests"
+
+    def __init__(self, detail: str, retry_after: float) -> None:
+        super().__init__(detail, headers={"Retry-After": str(max(1, math.ceil(retry_after)))})
         self.retry_after = retry_after
 
 

@@ -48,12 +48,13 @@ from tokenbridge.token.model import (
     OperationFailed,
     PinFlags,
     QueueFull,
+    RateLimited,
     TokenError,
     TokenState,
     TokenStatus,
     TokenUnavailable,
 )
-from tokenbridge.token.scheduler import FairQueue, QueueLimit
+from tokenbridge.token.scheduler import FairQueue, QueueLimit, RateLimiter
 
 log = logging.getLogger("tokenbridge.token")
 
@@ -141,6 +142,8 @@ class TokenOwner:
         environment: dict[str, str] | None = None,
         on_event: Callable[[str, dict[str, Any]], None] | None = None,
         per_client_queue: int | None = None,
+        client_rate: float | None = None,
+        client_burst: int = 10,
         observer: Callable[[str, str, float, float, str], None] | None = None,
     ) -> None:
         self.module_path = module_path
@@ -154,6 +157,7 @@ class TokenOwner:
 
         self._jobs: FairQueue[_Job] = FairQueue(queue_size, per_client_queue)
         self._observer = observer  # (client, kind, queue wait s, token time s, outcome), for metrics
+        self._rates = RateLimiter(client_rate, client_burst) if client_rate else None
         self._cv = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -298,6 +302,11 @@ class TokenOwner:
 
     def _enqueue(self, job: _Job, force: bool = False) -> None:
         with self._cv:
+            if self._rates is not None and not force:
+                wait = self._rates.take(job.client, time.monotonic())
+                if wait > 0:
+                    raise RateLimited(f"more than {self._rates.rate:g} operations per second for this client",
+                                      wait)
             try:
                 self._jobs.put(job.client, job, force=force)
             except QueueLimit as limit:

@@ -69,3 +69,22 @@ class FairQueue(Generic[T]):
 
     def clients(self) -> dict[str, int]:
         return {client: len(queue) for client, queue in self._queues.items()}
+
+
+class RateLimiter:
+    """Token buckets per client: ``rate`` operations per second, bursts up to ``burst``."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self._buckets: dict[str, tuple[float, float]] = {}  # client -> (tokens, last refill)
+
+    def take(self, client: str, now: float) -> float:
+        """0 if the client may go now (and charge it), else the seconds until it may."""
+        tokens, last = self._buckets.get(client, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        if tokens >= 1.0:
+            self._buckets[client] = (tokens - 1.0, now)
+            return 0.0
+        self._buckets[client] = (tokens, now)
+        return (1.0 - tokens) / self.rate
