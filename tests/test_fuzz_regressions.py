@@ -60,6 +60,32 @@ def test_smime_open_from_group_syntax(service: Service, secret: str) -> None:
     assert _is_problem_below_500(r), (r.status_code, r.text[:300])
 
 
+def test_cms_encrypt_uploaded_recipient_with_malformed_extension(service: Service, secret: str) -> None:
+    """Was a 500 (services/cms.py: key_usages() parsed the extensions lazily, outside the try); fixed."""
+    pem = (DATA / "recipient-bad-key-usage.pem").read_text()
+    r = httpx.post(f"{service.url}/v1/cms/encrypt", params={"to": pem}, content=b"hello", timeout=30,
+                   headers={"Authorization": f"Bearer {secret}"})
+    assert r.status_code == 400 and r.json()["code"] == "invalid_certificate", r.text
+
+
+def test_cms_encrypt_uploaded_recipient_with_invalid_version(service: Service, secret: str) -> None:
+    """Was a 500: cryptography's InvalidVersion is not a ValueError (services/cms.py); fixed."""
+    pem = (DATA / "recipient-invalid-version.pem").read_text()
+    r = httpx.post(f"{service.url}/v1/cms/encrypt", params={"to": pem}, content=b"hello", timeout=30,
+                   headers={"Authorization": f"Bearer {secret}"})
+    assert r.status_code == 400 and r.json()["code"] == "invalid_certificate", r.text
+
+
+@pytest.mark.xfail(strict=True, reason="bug: a signer certificate whose extensions asn1crypto accepts but "
+                   "cryptography refuses: formats/cms_verify.py Verified.view -> formats/x509.py summary -> "
+                   "key_usages raises ValueError (certificates from messages are parsed lazily): 500")
+def test_smime_open_signer_certificate_with_malformed_extension(service: Service, secret: str) -> None:
+    data = (DATA / "smime-signer-bad-extension.bin").read_bytes()
+    body = data[3 + data[2]:]  # fuzz_api layout: op, flags, query length, query, body
+    r = _post(service, secret, "/v1/smime/open", body, "message/rfc822")
+    assert _is_problem_below_500(r), (r.status_code, r.text[:300])
+
+
 def test_service_survives_the_fuzz_findings(service: Service, secret: str) -> None:
     """Whatever the answers above, the service is still up and signing."""
     assert httpx.get(f"{service.url}/v1/health", timeout=10).json()["status"] == "ok"

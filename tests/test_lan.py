@@ -7,7 +7,6 @@ import json
 import os
 import ssl
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,7 +36,7 @@ class Workstation:
     """A counter's machine holding its enrolled credential."""
 
     def __init__(self, tmp: Path, name: str, credential: Path, password: str) -> None:
-        cert, key, cas = load_credential(credential.read_bytes(), password)
+        cert, key, _ = load_credential(credential.read_bytes(), password)
         self.name = name
         self.cert_file, self.key_file = tmp / f"{name}.crt", tmp / f"{name}.key"
         self.cert_file.write_bytes(cert)
@@ -127,7 +126,8 @@ def test_foreign_workstation_certificate_is_refused(hub: Service, demo, tmp_path
         assert anonymous.get("/v1/health").status_code == 200
 
 
-def start_relay(hub: Service, ws: Workstation, fingerprint: str | None, *extra: str) -> tuple[subprocess.Popen[bytes], int]:
+def start_relay(hub: Service, ws: Workstation, fingerprint: str | None,
+                *extra: str) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     args = [*TB, "relay", "--hub", hub.url, "--credential", str(ws.credential), "--listen", f"127.0.0.1:{port}",
             *extra]
@@ -208,4 +208,3 @@ def test_relay_without_local_secret_uses_the_workstation_identity(hub: Service, 
     finally:
         relay.terminate()
         relay.wait(10)
-    assert sys.executable

@@ -20,7 +20,7 @@ def test_round_robin_between_clients() -> None:
 
 def test_three_hammering_clients_get_a_third_each() -> None:
     q: FairQueue[str] = FairQueue(total_limit=1000)
-    for i in range(300):
+    for _ in range(300):
         for client in ("a", "b", "c"):
             q.put(client, client)
     first = [q.get() for _ in range(90)]

@@ -232,7 +232,8 @@ def test_32_concurrent_signatures_all_verify(service: Service) -> None:
 def test_metrics_and_readiness(service: Service) -> None:
     scraper = service.http(service.add_client("prometheus", "metrics"))
     signer = service.http(service.add_client("metered", "sign"))
-    assert signer.post("/v1/keys/auth-ec/sign", json={"algorithm": "ecdsa-sha256", "data": b64(DATA)}).status_code == 200
+    r = signer.post("/v1/keys/auth-ec/sign", json={"algorithm": "ecdsa-sha256", "data": b64(DATA)})
+    assert r.status_code == 200
     assert signer.get("/metrics").status_code == 403
     text = scraper.get("/metrics").text
     assert 'tokenbridge_operations_total{client="metered",key="auth-ec",operation="sign",outcome="ok"} 1.0' in text

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from pyhanko_certvalidator import CertificateValidator, ValidationContext
 from pyhanko_certvalidator.errors import PathBuildingError, PathError, ValidationError
 
@@ -115,7 +116,9 @@ class CmsService:
             if "-----BEGIN" in name:
                 try:
                     uploaded = x509.load_pem_x509_certificates(name.encode())
-                except ValueError:
+                    for c in uploaded[:1]:  # parsed lazily: a malformed part must fail here, not as a 500 later
+                        _ = (c.extensions, c.subject.rfc4514_string(), c.public_key())
+                except (ValueError, UnsupportedAlgorithm, x509.InvalidVersion):
                     raise Problem("an uploaded recipient is not a valid PEM certificate",
                                   code="invalid_certificate", status=400, title="Invalid certificate") from None
                 for cert in uploaded[:1]:
