@@ -115,11 +115,16 @@ def relay(hub: Annotated[str, typer.Option(help="The hub's URL, e.g. https://hub
                                                                    "(from `tokenbridge tls init`).")] = None,
           local_auth: Annotated[str, typer.Option(help="pass-through: local software sends its own secret; "
                                                        "none: the workstation's certificate alone.")]
-          = "pass-through") -> None:
+          = "pass-through",
+          password_file: Annotated[Path | None, typer.Option(help="File holding the credential's password "
+                                                                  "(e.g. a systemd credential).")] = None) -> None:
     """Serve the /v1 API on this machine, forwarding to the hub over mutual TLS."""
     from tokenbridge.relay import RelayError, run_relay
 
-    password = os.environ.get("TOKENBRIDGE_CREDENTIAL_PASSWORD")
+    if password_file is not None:
+        password: str | None = password_file.read_text().strip()
+    else:
+        password = os.environ.get("TOKENBRIDGE_CREDENTIAL_PASSWORD")
     if password is None:
         import getpass
         import sys

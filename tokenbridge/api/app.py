@@ -12,6 +12,7 @@ from tokenbridge import __version__
 from tokenbridge.api import admin, cms, problems, proxy, v1
 from tokenbridge.api.limits import BodyLimitMiddleware
 from tokenbridge.services.bridge import Bridge
+from tokenbridge.systemd import notify
 
 
 def create_app(bridge: Bridge, manage: bool = True) -> FastAPI:
@@ -21,10 +22,14 @@ def create_app(bridge: Bridge, manage: bool = True) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if manage:
             await asyncio.to_thread(bridge.start)
+            status = bridge.owner.status()
+            # systemd (Type=notify): ready to serve, even if the token still needs an operator.
+            notify(f"READY=1\nSTATUS=token {status.label or '?'}: {status.state.value}")
         try:
             yield
         finally:
             if manage:
+                notify("STOPPING=1")
                 await asyncio.to_thread(bridge.stop)
 
     app = FastAPI(
