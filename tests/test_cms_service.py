@@ -271,3 +271,30 @@ def test_every_operation_is_audited(service: Service) -> None:
     lines = service.cli("audit", "tail", "-n", "200", "--json").stdout.splitlines()
     events = {(e["event"], e["outcome"]) for e in map(json.loads, lines) if e["actor"] == "client:cms-audited"}
     assert {("cms-sign", "ok"), ("cms-verify", "valid"), ("cms-encrypt", "ok"), ("cms-decrypt", "ok")} <= events
+
+
+def test_20_mb_attachment_signed_and_encrypted_interop(service, tmp_path) -> None:
+    """The registrars' zip can be large: 20 MB signs (only the digest reaches the token) and encrypts."""
+    import os
+    import subprocess
+
+    secret = service.add_client("big-zip", "cms-sign,cms-encrypt")
+    big = os.urandom(20 * 1024 * 1024)
+    (tmp_path / "demandes.zip").write_bytes(big)
+    with service.http(secret) as c:
+        r = c.post("/v1/cms/sign", params={"key": "sign-rsa", "detached": "true"}, content=big,
+                   headers={"content-type": "application/octet-stream", "accept": "application/pkcs7-signature"})
+        assert r.status_code == 200, r.text[:300]
+        (tmp_path / "sig.der").write_bytes(r.content)
+        r = c.post("/v1/cms/encrypt", params={"to": "national"}, content=big,
+                   headers={"content-type": "application/octet-stream", "accept": "application/pkcs7-mime"})
+        assert r.status_code == 200, r.text[:300]
+        (tmp_path / "enc.der").write_bytes(r.content)
+    pki = service.config.parent / "pki"
+    out = subprocess.run(["openssl", "cms", "-verify", "-binary", "-inform", "DER", "-in", tmp_path / "sig.der",
+                          "-content", tmp_path / "demandes.zip", "-CAfile", pki / "root-ca.pem", "-purpose", "any",
+                          "-out", "/dev/null"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    subprocess.run(["openssl", "cms", "-decrypt", "-inform", "DER", "-in", tmp_path / "enc.der", "-recip",
+                    pki / "national.pem", "-inkey", pki / "national.key", "-out", tmp_path / "out.zip"], check=True)
+    assert (tmp_path / "out.zip").read_bytes() == big

@@ -61,7 +61,11 @@ class ServerSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
-    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Largest JSON request body.")
+    max_message_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024,
+        description="Largest raw body on /v1/cms, /v1/smime and /v1/proxy (mail with attachments, uploads).",
+    )
     admin_socket: Path | None = Field(
         None, description="Unix socket for local operator commands (default: DATA_DIR/tokenbridge.sock)."
     )

@@ -46,5 +46,6 @@ def create_app(bridge: Bridge, manage: bool = True) -> FastAPI:
     app.include_router(cms.router)
     app.include_router(admin.router)
     app.include_router(proxy.router)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=bridge.settings.server.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=bridge.settings.server.max_body_bytes,
+                       max_message_bytes=bridge.settings.server.max_message_bytes)
     return app

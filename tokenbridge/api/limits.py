@@ -7,26 +7,33 @@ import json
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+# Raw message bodies (mail, CMS, proxied uploads) may be larger than JSON requests.
+MESSAGE_PREFIXES = ("/v1/cms/", "/v1/smime/", "/v1/proxy/")
+
 
 class BodyTooLarge(HTTPException):
     """An HTTPException, so that FastAPI's body parsing lets it through as a 413."""
 
-    def __init__(self, limit: int) -> None:
-        super().__init__(413, f"the request body exceeds {limit} bytes (server.max_body_bytes)")
+    def __init__(self, limit: int, setting: str) -> None:
+        super().__init__(413, f"the request body exceeds {limit} bytes (server.{setting})")
 
 
 class BodyLimitMiddleware:
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, max_message_bytes: int | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.max_message_bytes = max_message_bytes or max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit, setting = self.max_bytes, "max_body_bytes"
+        if str(scope.get("path", "")).startswith(MESSAGE_PREFIXES):
+            limit, setting = self.max_message_bytes, "max_message_bytes"
         declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._reject(send)
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await self._reject(send, limit, setting)
             return
         seen = 0
         started = False
@@ -36,8 +43,8 @@ class BodyLimitMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise BodyTooLarge(self.max_bytes)
+                if seen > limit:
+                    raise BodyTooLarge(limit, setting)
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -50,12 +57,12 @@ class BodyLimitMiddleware:
             await self.app(scope, limited_receive, tracking_send)
         except BodyTooLarge:
             if not started:
-                await self._reject(send)
+                await self._reject(send, limit, setting)
 
-    async def _reject(self, send: Send) -> None:
+    async def _reject(self, send: Send, limit: int, setting: str) -> None:
         body = json.dumps({
             "type": "urn:tokenbridge:problem:payload_too_large", "title": "Payload too large", "status": 413,
-            "detail": f"the request body exceeds {self.max_bytes} bytes (server.max_body_bytes)",
+            "detail": f"the request body exceeds {limit} bytes (server.{setting})",
             "code": "payload_too_large",
         }).encode()
         await send({"type": "http.response.start", "status": 413, "headers": [
