@@ -118,3 +118,28 @@ def test_non_loopback_address_is_refused(demo) -> None:
                         "--host", "0.0.0.0"], capture_output=True, text=True, timeout=60)
     assert r.returncode != 0
     assert "non-loopback" in r.stderr and "TLS" in r.stderr
+
+
+def test_slowloris_connections_are_closed_and_others_served(fresh_service) -> None:
+    import socket
+    import time
+
+    svc: Service = fresh_service({"TOKENBRIDGE_SERVER__FIRST_REQUEST_TIMEOUT": "1"})
+    client = svc.http(svc.add_client("patient", "sign"))
+    slow = []
+    for _ in range(50):
+        s = socket.create_connection(("127.0.0.1", svc.port))
+        s.sendall(b"POST /v1/keys/sign-rsa/sign HTTP/1.1\r\nHost: x\r\n")  # and never finish
+        slow.append(s)
+    r = client.post("/v1/keys/sign-rsa/sign", json={"algorithm": "rsa-pkcs1v15-sha256", "data": GOOD})
+    assert r.status_code == 200  # the others are served meanwhile
+    time.sleep(1.5)
+    closed = 0
+    for s in slow:
+        s.settimeout(2)
+        try:
+            closed += s.recv(1) == b""
+        except OSError:
+            closed += 1
+        s.close()
+    assert closed == 50

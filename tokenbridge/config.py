@@ -79,6 +79,9 @@ class ServerSettings(BaseModel):
     client_auth: Literal["secret", "certificate", "either", "both"] = Field(
         "either", description="How workstations on the TLS listener authenticate."
     )
+    first_request_timeout: float = Field(
+        10.0, gt=0, description="Seconds a new connection has to send a complete request (slowloris guard)."
+    )
     workers: int = Field(1, ge=1, le=64, description="Service processes; keep 1 for a smart card.")
     tls: Literal["auto", "on"] = Field(
         "auto", description="auto: TLS on any non-loopback address; on: TLS on loopback too."

@@ -102,8 +102,9 @@ def _admin_socket(path: Path) -> socket.socket:
     return sock
 
 
-def _peer_certificate_protocol() -> type[asyncio.Protocol]:
-    """uvicorn's HTTP protocol, telling the app about the client certificate (ASGI TLS extension)."""
+def _peer_certificate_protocol(first_request_timeout: float) -> type[asyncio.Protocol]:
+    """uvicorn's HTTP protocol, telling the app about the client certificate (ASGI TLS extension),
+    and closing connections that never send a complete first request."""
     base: Any = import_from_string(HTTP_PROTOCOLS["auto"])
 
     class PeerCertificateProtocol(base):
@@ -113,6 +114,17 @@ def _peer_certificate_protocol() -> type[asyncio.Protocol]:
             if ssl_object is not None:
                 inner: Any = getattr(self, "app")  # noqa: B009 (set by the base class)
                 self.app = functools.partial(_with_tls, inner, ssl_object.getpeercert(binary_form=True))
+            loop = asyncio.get_running_loop()
+            self._first_request_timer = loop.call_later(first_request_timeout, self._drop_if_silent, transport)
+
+        def _drop_if_silent(self, transport: asyncio.Transport) -> None:
+            if getattr(self, "cycle", None) is None and not transport.is_closing():
+                log.warning("closing a connection that sent no complete request in %ss", first_request_timeout)
+                transport.close()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._first_request_timer.cancel()
+            super().connection_lost(exc)
 
     return PeerCertificateProtocol
 
@@ -155,7 +167,7 @@ def _run_worker(settings: Settings, prompted_pin: str | None, tcp: socket.socket
     tls: dict[str, Any] = {}
     if ssl_context is not None:  # built by us, with our options, instead of uvicorn's from files
         tls = {"ssl_context_factory": lambda _config, _default: ssl_context}
-    api = uvicorn.Config(app, lifespan="on", http=_peer_certificate_protocol(), **tls, **common)
+    api = uvicorn.Config(app, lifespan="on", http=_peer_certificate_protocol(settings.server.first_request_timeout), **tls, **common)
     servers: list[uvicorn.Server] = []
     admin_server = None
     if admin is not None:
