@@ -167,7 +167,8 @@ def _run_worker(settings: Settings, prompted_pin: str | None, tcp: socket.socket
     tls: dict[str, Any] = {}
     if ssl_context is not None:  # built by us, with our options, instead of uvicorn's from files
         tls = {"ssl_context_factory": lambda _config, _default: ssl_context}
-    api = uvicorn.Config(app, lifespan="on", http=_peer_certificate_protocol(settings.server.first_request_timeout), **tls, **common)
+    protocol = _peer_certificate_protocol(settings.server.first_request_timeout)
+    api = uvicorn.Config(app, lifespan="on", http=protocol, **tls, **common)
     servers: list[uvicorn.Server] = []
     admin_server = None
     if admin is not None:
