@@ -36,16 +36,12 @@ def _is_problem_below_500(r: httpx.Response) -> bool:
     return True
 
 
-@pytest.mark.xfail(strict=True, reason="bug: formats/cms_verify.py _verify_raw calls cert.public_key(), which "
-                   "raises cryptography's UnsupportedAlgorithm for a signer key of unknown type: 500")
 def test_cms_verify_signer_with_unknown_key_type(service: Service, secret: str) -> None:
     data = (DATA / "cms-verify-unknown-key-type.bin").read_bytes()[1:]  # first byte: the harness's op
     r = _post(service, secret, "/v1/cms/verify", data, "application/pkcs7-mime")
     assert _is_problem_below_500(r), (r.status_code, r.text[:300])
 
 
-@pytest.mark.xfail(strict=True, reason="bug: formats/smime.py _decode_body: a non-ASCII Content-Transfer-Encoding "
-                   "comes back from email (compat32) as a Header object, .strip() raises AttributeError: 500")
 def test_smime_open_non_ascii_transfer_encoding(service: Service, secret: str) -> None:
     msg = (b"From: a@example.org\r\nContent-Type: application/pkcs7-mime; smime-type=enveloped-data\r\n"
            b"Content-Transfer-Encoding: b\xd1ase64\r\n\r\nMIAGCSqGSIb3DQEHA6CAMIACAQAxggE=\r\n")
@@ -53,8 +49,6 @@ def test_smime_open_non_ascii_transfer_encoding(service: Service, secret: str) -
     assert _is_problem_below_500(r), (r.status_code, r.text[:300])
 
 
-@pytest.mark.xfail(strict=True, reason="bug: formats/smime.py header_value: the stdlib email parser raises "
-                   "AttributeError on a group address followed by more text ('From: g: a; b'): 500")
 def test_smime_open_from_group_syntax(service: Service, secret: str) -> None:
     r = _post(service, secret, "/v1/smime/open", b"From: g: a; b\r\nSubject: x\r\n\r\nbody\r\n", "message/rfc822")
     assert _is_problem_below_500(r), (r.status_code, r.text[:300])
@@ -76,9 +70,6 @@ def test_cms_encrypt_uploaded_recipient_with_invalid_version(service: Service, s
     assert r.status_code == 400 and r.json()["code"] == "invalid_certificate", r.text
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a signer certificate whose extensions asn1crypto accepts but "
-                   "cryptography refuses: formats/cms_verify.py Verified.view -> formats/x509.py summary -> "
-                   "key_usages raises ValueError (certificates from messages are parsed lazily): 500")
 def test_smime_open_signer_certificate_with_malformed_extension(service: Service, secret: str) -> None:
     data = (DATA / "smime-signer-bad-extension.bin").read_bytes()
     body = data[3 + data[2]:]  # fuzz_api layout: op, flags, query length, query, body

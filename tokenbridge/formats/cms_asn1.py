@@ -14,6 +14,8 @@ from asn1crypto import algos, cms, core
 from asn1crypto import tsp as _tsp  # noqa: F401  (registers signing_certificate_v2)
 from asn1crypto import x509 as ax509
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.x509 import InvalidVersion
 
 # --- registrations ----------------------------------------------------------------------------
 
@@ -59,7 +61,7 @@ def malformed(what: str) -> CmsError:
 # --- helpers ----------------------------------------------------------------------------------
 
 # What asn1crypto raises on bad input, lazily, wherever a field is first read.
-PARSE_ERRORS = (ValueError, TypeError, KeyError, IndexError, OverflowError, AttributeError)
+PARSE_ERRORS = (ValueError, TypeError, KeyError, IndexError, OverflowError, AttributeError, InvalidVersion)
 
 HASH_OIDS = {"sha1": "sha1", "sha224": "sha224", "sha256": "sha256", "sha384": "sha384", "sha512": "sha512"}
 
@@ -118,7 +120,12 @@ def subject_key_identifier(cert: x509.Certificate) -> bytes:
     try:
         return cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
     except x509.ExtensionNotFound:
-        return x509.SubjectKeyIdentifier.from_public_key(cert.public_key()).digest
+        try:
+            return x509.SubjectKeyIdentifier.from_public_key(cert.public_key()).digest
+        except (UnsupportedAlgorithm, ValueError):
+            return b""  # a key we cannot read has no usable identifier: it matches nothing
+    except ValueError:
+        return b""
 
 
 def matches_rid(rid: Any, cert: x509.Certificate) -> bool:

@@ -15,7 +15,7 @@ from typing import Any
 
 from asn1crypto import cms, core
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from pyhanko_certvalidator import CertificateValidator, ValidationContext
@@ -180,7 +180,10 @@ def _encryption_preference(values: dict[str, Any], certs: list[x509.Certificate]
 
 
 def _verify_raw(cert: x509.Certificate, sig_alg: Any, hash_name: str, signature: bytes, data: bytes) -> None:
-    public = cert.public_key()
+    try:
+        public = cert.public_key()
+    except (UnsupportedAlgorithm, ValueError):
+        raise CmsError("unsupported_algorithm", "the signer's key type is not supported") from None
     algo = sig_alg.signature_algo
     if isinstance(public, rsa.RSAPublicKey) and algo == "rsassa_pkcs1v15":
         public.verify(signature, data, padding.PKCS1v15(), _HASHES[hash_name]())
@@ -213,6 +216,8 @@ async def _check_chain(signer: x509.Certificate, certs: list[x509.Certificate],
         return False, "no path to a trusted root"
     except (ValidationError, PathError) as exc:
         return False, str(exc)[:300] or type(exc).__name__
+    if not x509h.extensions_parse(signer):
+        return False, "the signer's certificate has extensions that cannot be parsed"
     usages = x509h.key_usages(signer)
     if usages and not {"digitalSignature", "nonRepudiation"} & set(usages):
         return False, f"key usage {', '.join(usages)} does not allow signing"

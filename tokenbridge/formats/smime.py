@@ -210,7 +210,7 @@ def _content_type(fields: Sequence[bytes]) -> Message:
 
 
 def _decode_body(headers: Message, body: bytes) -> bytes:
-    cte = (headers.get("Content-Transfer-Encoding") or "7bit").strip().lower()
+    cte = str(headers.get("Content-Transfer-Encoding") or "7bit").strip().lower()
     if cte == "base64":
         try:
             return base64.b64decode(re.sub(rb"[^A-Za-z0-9+/=]", b"", body), validate=True)
@@ -330,7 +330,10 @@ def header_value(fields: Sequence[bytes], name: str) -> str | None:
     """One outer header, decoded (RFC 2047)."""
     for f in fields:
         if field_name(f) == name.lower():
-            msg = email.message_from_bytes(f + b"\r\n\r\n", policy=email.policy.default)
-            value = msg.get(name)
-            return str(value) if value is not None else None
+            try:
+                msg = email.message_from_bytes(f + b"\r\n\r\n", policy=email.policy.default)
+                value = msg.get(name)
+                return str(value) if value is not None else None
+            except (AttributeError, ValueError, IndexError, TypeError):  # stdlib parser bugs on odd syntax
+                return f.partition(b":")[2].decode("latin-1").strip()
     return None

@@ -83,8 +83,21 @@ def fingerprint(cert: x509.Certificate) -> str:
     return cert.fingerprint(hashes.SHA256()).hex()
 
 
+def extensions_parse(cert: x509.Certificate) -> bool:
+    """cryptography parses extensions lazily; a certificate from a message may hold one it refuses."""
+    try:
+        _ = cert.extensions
+    except ValueError:
+        return False
+    return True
+
+
 def summary(cert: x509.Certificate, now: datetime | None = None) -> dict[str, Any]:
     now = now or datetime.now(UTC)
+    if not extensions_parse(cert):
+        return {"subject": _safe_name(cert), "serial": format(cert.serial_number, "x"),
+                "sha256_fingerprint": fingerprint(cert), "malformed_extensions": True,
+                "key_usage": [], "extended_key_usage": [], "emails": []}
     return {
         "subject": cert.subject.rfc4514_string(),
         "issuer": cert.issuer.rfc4514_string(),
@@ -99,6 +112,13 @@ def summary(cert: x509.Certificate, now: datetime | None = None) -> dict[str, An
         "emails": emails(cert),
         "sha256_fingerprint": fingerprint(cert),
     }
+
+
+def _safe_name(cert: x509.Certificate) -> str:
+    try:
+        return cert.subject.rfc4514_string()
+    except ValueError:
+        return "(unreadable subject)"
 
 
 def to_pem(cert: x509.Certificate) -> bytes:
