@@ -208,3 +208,50 @@ def test_relay_without_local_secret_uses_the_workstation_identity(hub: Service, 
     finally:
         relay.terminate()
         relay.wait(10)
+
+
+def test_certificate_mode_cannot_be_bypassed(demo, tmp_path: Path) -> None:
+    data = tmp_path / "strict-hub"
+    data.mkdir()
+    cli(data, demo.config_file, "tls", "init", "--hostname", "localhost")
+    ca = data / "tls" / "ca.pem"
+    hub = start_service(demo.config_file, data, {"TOKENBRIDGE_SERVER__TLS": "on",
+                                                 "TOKENBRIDGE_SERVER__CLIENT_AUTH": "certificate"},
+                        scheme="https", verify=ssl.create_default_context(cafile=str(ca)))
+    try:
+        secret = json.loads(cli(data, demo.config_file, "clients", "add", "app", "--grant", "sign,decrypt",
+                                "--json").stdout)["secret"]
+        ws = enroll(hub, tmp_path, "guichet-9", "sign")
+        # No certificate: a secret alone is not enough (health checks still answer).
+        r = hub.http(secret).post("/v1/keys/sign-rsa/sign", json=SIGN)
+        assert r.status_code == 401 and "workstation certificate" in r.json()["detail"]
+        headers = {"Authorization": f"Bearer {secret}", "X-Forwarded-Proto": "http",
+                   "X-Forwarded-For": "127.0.0.1"}
+        with httpx.Client(base_url=hub.url, verify=ws.context(ca)) as client:
+            assert client.post("/v1/keys/sign-rsa/sign", json=SIGN).status_code == 200
+            # A client through this workstation gets no more than the workstation: no decrypt.
+            r = client.post("/v1/keys/encrypt-rsa/decrypt", headers=headers,
+                            json={"algorithm": "rsa-oaep-sha256", "ciphertext": DATA})
+            assert r.status_code == 403 and r.json()["code"] == "grant_missing"
+            r = cli(data, demo.config_file, "clients", "rotate", "guichet-9", check=False)
+            assert r.returncode == 1 and "workstation" in r.stderr
+            cli(data, demo.config_file, "workstations", "revoke", "guichet-9")
+            # Forwarding headers change nothing: the revoked certificate is refused, secret or not.
+            r = client.post("/v1/keys/sign-rsa/sign", json=SIGN, headers=headers)
+            assert r.status_code == 401
+        entries = cli(data, demo.config_file, "audit", "tail", "--json").stdout
+        assert '"workstation_refused"' in entries
+    finally:
+        hub.stop()
+
+
+def test_pass_through_relay_needs_a_local_secret(hub: Service, tmp_path: Path) -> None:
+    ws = enroll(hub, tmp_path, "guichet-5", "sign")
+    relay, port = start_relay(hub, ws, None)
+    try:
+        wait_up(f"http://127.0.0.1:{port}/v1/health", relay)
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/keys/sign-rsa/sign", json=SIGN, timeout=30)
+        assert r.status_code == 401 and r.json()["code"] == "unauthorized"
+    finally:
+        relay.terminate()
+        relay.wait(10)

@@ -27,7 +27,8 @@ def tls_init(hostname: Annotated[list[str], typer.Option("--hostname", help="DNS
     settings = _settings(config)
     issued = issue_server_certificate(settings.data_dir, hostname)
     console.print(f"server certificate {issued.cert} for {', '.join(hostname)}")
-    console.print(f"SHA-256 fingerprint (give it to relays as --hub-fingerprint): {issued.fingerprint}")
+    console.print("SHA-256 fingerprint (give it to relays as --hub-fingerprint):")
+    print(issued.fingerprint)
     console.print("serve on the LAN with: tokenbridge serve --host 0.0.0.0")
 
 
@@ -64,7 +65,7 @@ def enroll(name: str,
         print(json.dumps({"name": name, "credential": str(target), "password": password}))
     else:
         console.print(f"workstation [bold]{name}[/bold]: credential {target}")
-        console.print("one-time password (give it with the file, by another channel):")
+        console.print("the file's password (give it by another channel than the file):")
         print(password)
 
 
@@ -122,7 +123,7 @@ def relay(hub: Annotated[str, typer.Option(help="The hub's URL, e.g. https://hub
     from tokenbridge.relay import RelayError, run_relay
 
     if password_file is not None:
-        password: str | None = password_file.read_text().strip()
+        password: str | None = password_file.read_text(encoding="utf-8-sig").strip()
     else:
         password = os.environ.get("TOKENBRIDGE_CREDENTIAL_PASSWORD")
     if password is None:
@@ -130,7 +131,8 @@ def relay(hub: Annotated[str, typer.Option(help="The hub's URL, e.g. https://hub
         import sys
 
         if not sys.stdin.isatty():
-            _fail("set TOKENBRIDGE_CREDENTIAL_PASSWORD (no terminal to ask the credential's password on)")
+            _fail("give --password-file or set TOKENBRIDGE_CREDENTIAL_PASSWORD (no terminal to ask the "
+                  "credential's password on)")
         password = getpass.getpass("Credential password: ")
     if local_auth not in ("pass-through", "none"):
         _fail("--local-auth is pass-through or none")

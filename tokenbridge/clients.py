@@ -109,6 +109,10 @@ class ClientRegistry:
 
     def rotate(self, name: str) -> tuple[Client, str]:
         """Give an active client a new secret; the old one stops working at once."""
+        existing = self.get(name)
+        if existing is not None and existing.kind == "workstation":
+            raise ClientError(f"{name!r} is a workstation: it authenticates with its certificate "
+                              "(re-enrol it instead of giving it a secret)")
         client_id = secrets.token_hex(6)
         secret = f"tb_{client_id}_{secrets.token_urlsafe(32)}"
         with self._store.transaction(immediate=True) as db:

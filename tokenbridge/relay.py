@@ -10,6 +10,7 @@ fingerprint at start when one is given. Bodies stream both ways.
 from __future__ import annotations
 
 import hashlib
+import secrets
 import socket
 import ssl
 import tempfile
@@ -20,6 +21,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import uvicorn
+from cryptography.hazmat.primitives import serialization
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -28,7 +30,9 @@ from starlette.routing import Route
 from tokenbridge.services.bridge_ca import load_credential
 
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-              "transfer-encoding", "upgrade", "host", "content-length"}
+              "transfer-encoding", "upgrade", "host", "content-length",
+              # whatever a local caller claims about where it comes from is not forwarded
+              "forwarded", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-real-ip"}
 
 
 class RelayError(Exception):
@@ -51,12 +55,18 @@ def client_tls_context(credential: Path, password: str) -> ssl.SSLContext:
         raise RelayError("the credential holds no CA certificate to check the hub with")
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cadata="".join(p.decode() for p in ca_pems))
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    with tempfile.TemporaryDirectory() as tmp:  # ssl loads key pairs from files only; 0700, removed at once
+    # ssl loads key pairs from files only: the key goes to a private temporary directory, encrypted with a
+    # throw-away password (directory modes mean little on Windows), and is removed at once.
+    transient = secrets.token_urlsafe(24)
+    key = serialization.load_pem_private_key(key_pem, None)
+    encrypted = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.BestAvailableEncryption(transient.encode()))
+    with tempfile.TemporaryDirectory() as tmp:
         cert_file, key_file = Path(tmp) / "cert.pem", Path(tmp) / "key.pem"
         cert_file.write_bytes(cert_pem)
         key_file.touch(mode=0o600)
-        key_file.write_bytes(key_pem)
-        ctx.load_cert_chain(cert_file, key_file)
+        key_file.write_bytes(encrypted)
+        ctx.load_cert_chain(cert_file, key_file, password=transient)
     return ctx
 
 
@@ -85,6 +95,9 @@ def create_relay_app(hub: str, ctx: ssl.SSLContext, local_auth: str = "pass-thro
     async def forward(request: Request) -> Response:
         assert http is not None
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP]
+        if local_auth == "pass-through" and not request.headers.get("authorization", "").lower().startswith("bearer "):
+            return _problem(401, "unauthorized", "Unauthorized",
+                            "this relay passes your own secret to the hub: send 'Authorization: Bearer <secret>'")
         if local_auth == "none":
             headers = [(k, v) for k, v in headers if k.lower() != "authorization"]
         url = httpx.URL(hub + request.url.path, query=request.url.query.encode())

@@ -73,8 +73,9 @@ def tls_context(settings: Settings) -> ssl.SSLContext:
         raise ServeError(f"cannot load the server certificate {s.tls_cert}: {exc}") from exc
     if s.tls_client_ca is not None:
         ctx.load_verify_locations(s.tls_client_ca)
-        # A workstation may show a certificate from the bridge CA; a bad one fails the handshake.
-        ctx.verify_mode = ssl.CERT_REQUIRED if s.client_auth in ("certificate", "both") else ssl.CERT_OPTIONAL
+        # A workstation may show a certificate from the bridge CA; a bad one fails the handshake. Whether one
+        # is required is decided per request (health checks need none), from server.client_auth.
+        ctx.verify_mode = ssl.CERT_OPTIONAL
     elif s.client_auth in ("certificate", "both"):
         raise ServeError("server.client_auth needs workstation certificates, but no client CA is configured")
     return ctx
@@ -82,6 +83,9 @@ def tls_context(settings: Settings) -> ssl.SSLContext:
 
 def _admin_socket(path: Path) -> socket.socket:
     """A Unix socket only this user can open: whoever connects acts as the operator."""
+    if not hasattr(socket, "AF_UNIX"):
+        raise ServeError("the hub needs Unix sockets for its admin channel; on Windows run only the relay "
+                         "(see docs/deployment.md)")
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     if path.exists():
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -163,7 +167,9 @@ def _run_worker(settings: Settings, prompted_pin: str | None, tcp: socket.socket
     app = create_app(bridge)
     common: dict[str, Any] = {"log_level": log_level, "access_log": False, "timeout_keep_alive": 30,
                               "limit_concurrency": 4096, "h11_max_incomplete_event_size": 64 * 1024,
-                              "timeout_graceful_shutdown": 10}
+                              "timeout_graceful_shutdown": 10,
+                              # Never trust X-Forwarded-*: the scheme decides how clients authenticate.
+                              "proxy_headers": False, "forwarded_allow_ips": ""}
     tls: dict[str, Any] = {}
     if ssl_context is not None:  # built by us, with our options, instead of uvicorn's from files
         tls = {"ssl_context_factory": lambda _config, _default: ssl_context}

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from tokenbridge.audit import AuditUnavailable
 from tokenbridge.clients import Client
 from tokenbridge.errors import Problem
 from tokenbridge.services.bridge import Bridge
@@ -39,8 +41,12 @@ def _workstation(request: Request) -> Client | None:
     der = tls.get("client_cert_der")
     if not der:
         return None
-    workstation = bridge_of(request).clients.authenticate_certificate(hashlib.sha256(der).hexdigest())
+    bridge = bridge_of(request)
+    fingerprint = hashlib.sha256(der).hexdigest()
+    workstation = bridge.clients.authenticate_certificate(fingerprint)
     if workstation is None:
+        with contextlib.suppress(AuditUnavailable):  # the refusal stands either way
+            bridge.audit.record("unknown", "workstation_refused", "unauthorized", detail=f"cert_sha256={fingerprint}")
         raise _unauthorized("this workstation certificate is not enrolled, or was revoked")
     return workstation
 
@@ -52,7 +58,8 @@ async def principal(request: Request,
     if via_admin_socket(request):
         return OPERATOR
     bridge = bridge_of(request)
-    mode = bridge.settings.server.client_auth if request.url.scheme == "https" else "secret"
+    over_tls = "tls" in (request.scope.get("extensions") or {})  # set by our protocol, not by headers
+    mode = bridge.settings.server.client_auth if over_tls else "secret"
     workstation = _workstation(request) if mode != "secret" else None
     header = request.headers.get("authorization", "")
     scheme, _, secret = header.partition(" ")
@@ -68,9 +75,13 @@ async def principal(request: Request,
         raise _unauthorized("this service needs a workstation certificate (see `tokenbridge workstations enroll`)")
     if client is None and workstation is None:
         raise _unauthorized("send 'Authorization: Bearer <secret>' (create one with `tokenbridge clients add`)")
+    if client is not None and workstation is not None:
+        # Through a workstation, a client can do no more than the workstation itself may.
+        keys = client.keys & workstation.keys if client.keys and workstation.keys else client.keys | workstation.keys
+        return Principal(name=client.name, grants=client.grants & workstation.grants, keys=frozenset(keys),
+                         via=workstation.name)
     if client is not None:
-        return Principal(name=client.name, grants=client.grants, keys=client.keys,
-                         via=workstation.name if workstation else None)
+        return Principal(name=client.name, grants=client.grants, keys=client.keys)
     assert workstation is not None
     return Principal(name=workstation.name, grants=workstation.grants, keys=workstation.keys, kind="workstation")
 

@@ -118,7 +118,8 @@ class CmsService:
                     uploaded = x509.load_pem_x509_certificates(name.encode())
                     for c in uploaded[:1]:  # parsed lazily: a malformed part must fail here, not as a 500 later
                         _ = (c.extensions, c.subject.rfc4514_string(), c.public_key())
-                except (ValueError, TypeError, UnsupportedAlgorithm, x509.InvalidVersion):
+                except (ValueError, TypeError, UnsupportedAlgorithm, x509.InvalidVersion, x509.DuplicateExtension,
+                        x509.UnsupportedGeneralNameType):
                     raise Problem("an uploaded recipient is not a valid PEM certificate",
                                   code="invalid_certificate", status=400, title="Invalid certificate") from None
                 for cert in uploaded[:1]:
