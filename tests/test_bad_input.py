@@ -139,7 +139,33 @@ def test_slowloris_connections_are_closed_and_others_served(fresh_service) -> No
         s.settimeout(2)
         try:
             closed += s.recv(1) == b""
+        except TimeoutError:
+            pass  # still open
         except OSError:
-            closed += 1
+            closed += 1  # reset by the server
         s.close()
     assert closed == 50
+
+
+def test_slow_second_request_is_closed_too(fresh_service) -> None:
+    import socket
+    import time
+
+    svc: Service = fresh_service({"TOKENBRIDGE_SERVER__FIRST_REQUEST_TIMEOUT": "1"})
+    s = socket.create_connection(("127.0.0.1", svc.port))
+    s.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+    s.settimeout(5)
+    assert b"200 OK" in s.recv(4096)
+    s.sendall(b"GET /v1/health HTTP/1.1\r\n")  # a second request that never completes
+    time.sleep(2.5)
+    closed = False
+    try:
+        while chunk := s.recv(4096):  # the rest of the first response, then the end of the stream
+            assert b"HTTP/1.1" not in chunk
+        closed = True
+    except TimeoutError:
+        closed = False  # still open: the guard did not work
+    except OSError:
+        closed = True  # reset by the server
+    s.close()
+    assert closed

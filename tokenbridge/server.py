@@ -118,16 +118,35 @@ def _peer_certificate_protocol(first_request_timeout: float) -> type[asyncio.Pro
             if ssl_object is not None:
                 inner: Any = getattr(self, "app")  # noqa: B009 (set by the base class)
                 self.app = functools.partial(_with_tls, inner, ssl_object.getpeercert(binary_form=True))
-            loop = asyncio.get_running_loop()
-            self._first_request_timer = loop.call_later(first_request_timeout, self._drop_if_silent, transport)
+            self._guard: asyncio.TimerHandle | None = None
+            self._guard_for: Any = None
+            self._arm_guard(transport)
 
-        def _drop_if_silent(self, transport: asyncio.Transport) -> None:
-            if getattr(self, "cycle", None) is None and not transport.is_closing():
+        def _arm_guard(self, transport: asyncio.Transport) -> None:
+            """The next request's headers must arrive within the timeout (slowloris)."""
+            if self._guard is not None:
+                self._guard.cancel()
+            self._guard_for = getattr(self, "cycle", None)
+            self._guard = asyncio.get_running_loop().call_later(
+                first_request_timeout, self._drop_if_stalled, transport, self._guard_for)
+
+        def _drop_if_stalled(self, transport: asyncio.Transport, waiting_for: Any) -> None:
+            self._guard = None
+            if getattr(self, "cycle", None) is waiting_for and not transport.is_closing():
                 log.warning("closing a connection that sent no complete request in %ss", first_request_timeout)
                 transport.close()
 
+        def data_received(self, data: bytes) -> None:
+            # Data between requests starts the clock for the next one (idle keep-alive is uvicorn's business).
+            cycle = getattr(self, "cycle", None)
+            between = cycle is None or cycle.response_complete
+            if between and (self._guard is None or self._guard_for is not cycle):
+                self._arm_guard(self.transport)
+            super().data_received(data)
+
         def connection_lost(self, exc: Exception | None) -> None:
-            self._first_request_timer.cancel()
+            if self._guard is not None:
+                self._guard.cancel()
             super().connection_lost(exc)
 
     return PeerCertificateProtocol

@@ -24,7 +24,7 @@ from tokenbridge.formats.padding import DIGEST_SIZE
 from tokenbridge.metrics import Metrics
 from tokenbridge.services.keys import may_decrypt, may_sign, require_usage
 from tokenbridge.services.principal import Principal
-from tokenbridge.token.model import KeyInfo, TokenError
+from tokenbridge.token.model import DecryptionFailed, KeyInfo, TokenError
 from tokenbridge.token.owner import TokenOwner
 
 T = TypeVar("T")
@@ -163,11 +163,22 @@ class Operations:
             raise Problem(f"key transport {algorithm} is not supported", code="unsupported_algorithm",
                           status=422, title="Unsupported algorithm")
         input_hash = hashlib.sha256(encrypted_key).hexdigest()
-        return await self._run(principal, event, key, alg.name, input_hash,
-                               lambda: self.owner.decrypt(key, alg.scheme, alg.hash, encrypted_key))
+
+        async def unwrap() -> bytes | None:
+            try:
+                return await self.owner.decrypt(key, alg.scheme, alg.hash, encrypted_key, client=principal.actor)
+            except DecryptionFailed:
+                return None
+
+        # Success and failure are audited and counted alike ("done"): whoever reads the audit log or the
+        # metrics must not learn whether the padding was valid (that would be the oracle RFC 3218 avoids).
+        result = await self._run(principal, event, key, alg.name, input_hash, unwrap, outcome="done")
+        if result is None:
+            raise DecryptionFailed("decryption failed")
+        return result
 
     async def _run(self, principal: Principal, event: str, key: KeyInfo, algorithm: str,
-                   input_hash: str, operation: Callable[[], Awaitable[T]]) -> T:
+                   input_hash: str, operation: Callable[[], Awaitable[T]], outcome: str = "ok") -> T:
         """Run the token operation and audit its outcome; refuse if the entry cannot be written."""
         try:
             self.audit.ensure_writable()  # a broken audit log costs no card operation
@@ -183,9 +194,9 @@ class Operations:
             except AuditUnavailable as audit_exc:
                 raise _audit_failed(audit_exc) from exc
             raise
-        self._count(event, key, principal, "ok")
+        self._count(event, key, principal, outcome)
         try:
-            self.audit.record(principal.actor, event, "ok", key=key.id, algorithm=algorithm,
+            self.audit.record(principal.actor, event, outcome, key=key.id, algorithm=algorithm,
                               input_sha256=input_hash)
         except AuditUnavailable as exc:
             raise _audit_failed(exc) from None
