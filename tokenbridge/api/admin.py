@@ -22,6 +22,7 @@ from starlette.datastructures import State
 
 from tokenbridge import __version__
 from tokenbridge.api.auth import bridge_of, principal
+from tokenbridge.api.v1 import token_view
 from tokenbridge.audit import AuditEntry
 from tokenbridge.errors import Problem
 from tokenbridge.formats import x509 as x509h
@@ -135,21 +136,13 @@ def _day_counts(state: State) -> _DayCounts:
 
 
 def token_overview(status: TokenStatus) -> dict[str, Any]:
-    return {
-        "state": status.state.value,
-        "state_text": STATE_WORDS.get(status.state, status.state.value),
-        "message": status.message,
-        "present": status.state in PRESENT_STATES,
-        "logged_in": status.logged_in,
-        "label": status.label,
-        "serial": status.serial,
-        "manufacturer": status.manufacturer,
-        "model": status.model,
-        "slot": status.slot,
-        "pin": {"count_low": status.pin.count_low, "final_try": status.pin.final_try,
-                "locked": status.pin.locked, "to_be_changed": status.pin.to_be_changed},
-        "protected_authentication_path": status.protected_auth_path,
-    }
+    """The API's token view, plus words for people."""
+    view = token_view(status)
+    view.pop("module", None)
+    view.pop("queue_depth", None)
+    view["state_text"] = STATE_WORDS.get(status.state, status.state.value)
+    view["present"] = status.state in PRESENT_STATES
+    return view
 
 
 def certificate_overview(key: KeyInfo, now: datetime) -> dict[str, Any] | None:

@@ -7,8 +7,6 @@ bytes when the client asks for them with ``Accept``.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 from typing import Annotated, Any, Literal
 
@@ -18,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tokenbridge.api.auth import bridge_of, principal
 from tokenbridge.errors import Problem
+from tokenbridge.formats import b64
 from tokenbridge.formats import x509 as x509h
 from tokenbridge.formats.cms_asn1 import to_pem
 from tokenbridge.formats.cms_envelope import CONTENT_CIPHERS, KEY_TRANSPORTS
@@ -64,23 +63,11 @@ async def _body(request: Request, hash_name: str | None = None, keep: bool = Tru
     return data, hasher.digest() if hasher else None
 
 
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-def _unb64(value: str, what: str) -> bytes:
-    try:
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise Problem(f"'{what}' is not valid base64", code="invalid_base64", status=400,
-                      title="Invalid base64") from None
-
-
 def _cms_out(request: Request, der: bytes, fmt: str, info: dict[str, Any]) -> Response | dict[str, Any]:
     out = to_pem(der) if fmt == "pem" else der
     if _wants_raw(request):
         return Response(out, media_type="application/x-pem-file" if fmt == "pem" else "application/pkcs7-mime")
-    return {"cms": out.decode() if fmt == "pem" else _b64(out), "format": fmt, "size": len(out), **info}
+    return {"cms": out.decode() if fmt == "pem" else b64.encode(out), "format": fmt, "size": len(out), **info}
 
 
 # ---------------------------------------------------------------------------------------------- CMS
@@ -131,7 +118,7 @@ async def cms_decrypt(request: Request, caller: Caller) -> Response | dict[str, 
     result = await cms.decrypt(caller, data)
     if _wants_raw(request):
         return Response(result.content, media_type="application/octet-stream")
-    return {"content": _b64(result.content), "size": len(result.content), "content_type": result.content_type,
+    return {"content": b64.encode(result.content), "size": len(result.content), "content_type": result.content_type,
             "authenticated": result.authenticated, "cipher": result.cipher,
             "key_transport": result.key_transport, "key": result.recipient}
 
@@ -155,8 +142,8 @@ async def cms_verify(request: Request, caller: Caller,
         except ValueError as exc:
             raise Problem(f"invalid JSON body: {str(exc)[:300]}", code="invalid_request", status=422,
                           title="Invalid request") from None
-        sig = body.signature.encode() if "-----BEGIN" in body.signature else _unb64(body.signature, "signature")
-        content = _unb64(body.content, "content") if body.content is not None else None
+        sig = body.signature.encode() if "-----BEGIN" in body.signature else b64.decode(body.signature, "'signature'")
+        content = b64.decode(body.content, "'content'") if body.content is not None else None
         sender = body.sender or sender
     else:
         sig, _ = await _body(request)
@@ -164,7 +151,7 @@ async def cms_verify(request: Request, caller: Caller,
     result = await cms.verify(caller, sig, content, sender)
     view = result.view()
     if result.content is not None:
-        view["content"] = _b64(result.content)
+        view["content"] = b64.encode(result.content)
     return view
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -13,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tokenbridge import __version__
 from tokenbridge.api.auth import bridge_of, operator, principal
 from tokenbridge.errors import Problem
+from tokenbridge.formats import b64
 from tokenbridge.formats import x509 as x509h
 from tokenbridge.services.bridge import Bridge
 from tokenbridge.services.keys import key_view, require_certificate
@@ -22,18 +21,6 @@ from tokenbridge.token.model import KeyInfo, TokenState, TokenStatus
 router = APIRouter(prefix="/v1")
 Caller = Annotated[Principal, Depends(principal)]
 Operator = Annotated[Principal, Depends(operator)]
-
-
-def _b64(value: str, field: str) -> bytes:
-    try:
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise Problem(f"'{field}' is not valid base64", code="invalid_base64", status=400,
-                      title="Invalid base64") from None
-
-
-def _b64s(data: bytes) -> str:
-    return base64.b64encode(data).decode()
 
 
 def token_view(status: TokenStatus) -> dict[str, Any]:
@@ -134,11 +121,11 @@ class SignResponse(BaseModel):
 
 @router.post("/keys/{key}/sign", summary="Sign data or a digest with the key")
 async def sign(request: Request, key: str, body: SignRequest, caller: Caller) -> SignResponse:
-    data = _b64(body.data, "data") if body.data is not None else None
-    digest = _b64(body.digest, "digest") if body.digest is not None else None
+    data = b64.decode(body.data, "'data'") if body.data is not None else None
+    digest = b64.decode(body.digest, "'digest'") if body.digest is not None else None
     result = await bridge_of(request).operations.sign(caller, key, body.algorithm, data=data, digest=digest,
                                                       raw_ecdsa=body.format == "raw")
-    return SignResponse(signature=_b64s(result.signature), algorithm=result.algorithm, key=result.key.id,
+    return SignResponse(signature=b64.encode(result.signature), algorithm=result.algorithm, key=result.key.id,
                         key_label=result.key.label)
 
 
@@ -156,10 +143,10 @@ class DecryptResponse(BaseModel):
 
 @router.post("/keys/{key}/decrypt", summary="Decrypt an RSA ciphertext with the key")
 async def decrypt(request: Request, key: str, body: DecryptRequest, caller: Caller) -> DecryptResponse:
-    ciphertext = _b64(body.ciphertext, "ciphertext")
+    ciphertext = b64.decode(body.ciphertext, "'ciphertext'")
     ops = bridge_of(request).operations
     plaintext = await ops.decrypt(caller, key, body.algorithm, ciphertext)
-    return DecryptResponse(plaintext=_b64s(plaintext), algorithm=body.algorithm,
+    return DecryptResponse(plaintext=b64.encode(plaintext), algorithm=body.algorithm,
                            key=ops.resolve_key(caller, key).id)
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import hashlib
 import os
 import smtplib
@@ -22,6 +21,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from tokenbridge.errors import Problem
+from tokenbridge.formats import b64
 from tokenbridge.formats import smime as fmt
 from tokenbridge.formats import x509 as x509h
 from tokenbridge.formats.cms_asn1 import CmsError
@@ -163,7 +163,7 @@ class SmimeService:
         if not recipients:
             raise Problem("'to' holds no e-mail address", code="invalid_request", status=422,
                           title="Invalid request")
-        attachments = [fmt.Attachment(a.filename, a.content_type, _unb64(a.data, a.filename))
+        attachments = [fmt.Attachment(a.filename, a.content_type, b64.decode(a.data, f"attachment {a.filename!r} data"))
                        for a in req.attachments]
         try:  # everything that can be refused is checked before the token signs
             outer, mid = fmt.outer_headers(sender, req.to, req.subject)
@@ -228,11 +228,3 @@ async def _digest(hash_name: str, data: bytes) -> bytes:
     if len(data) < 256 * 1024:
         return hashlib.new(hash_name, data).digest()
     return await asyncio.to_thread(lambda: hashlib.new(hash_name, data).digest())
-
-
-def _unb64(value: str, what: str) -> bytes:
-    try:
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise Problem(f"attachment {what!r}: data is not valid base64", code="invalid_base64", status=400,
-                      title="Invalid base64") from None
