@@ -2,6 +2,7 @@
 # tokenbridge bootstrap for a fresh Debian/Ubuntu machine.
 #   bash scripts/bootstrap.sh serve   # install, create the demo token on first run, start on 127.0.0.1:8155
 #   bash scripts/bootstrap.sh test    # install, run the whole test suite
+#   bash scripts/bootstrap.sh bench   # install, run the benchmarks (bench/, prints a table)
 #   bash scripts/bootstrap.sh install # install only
 # Installs apt packages (softhsm2, opensc, NSS tools, python3-venv...) with sudo when not root,
 # a virtualenv in .venv, and the package with its test extras.
@@ -28,6 +29,11 @@ install_apt() {
 
 install_venv() {
   local py=${PYTHON:-python3}
+  if ! "$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+    echo "tokenbridge needs Python >= 3.11; $py is $("$py" --version 2>&1). Install one (e.g. python3.11) and" \
+         "run again with PYTHON=python3.11" >&2
+    exit 1
+  fi
   if [ ! -x "$VENV/bin/python" ]; then
     say "creating virtualenv $VENV"
     "$py" -m venv "$VENV"
@@ -76,5 +82,12 @@ MSG
     shift || true
     exec "$VENV/bin/python" -m pytest "$@"
     ;;
-  *) echo "usage: $0 serve|test|install" >&2; exit 2 ;;
+  bench)
+    # Benchmarks (not part of the tests): wrk as load generator, libp11's engine for the openssl reference.
+    APT_PACKAGES=(wrk libengine-pkcs11-openssl)
+    install_apt
+    shift || true
+    exec "$VENV/bin/python" -m bench "$@"
+    ;;
+  *) echo "usage: $0 serve|test|bench|install" >&2; exit 2 ;;
 esac

@@ -77,6 +77,21 @@ def test_smime_open_signer_certificate_with_malformed_extension(service: Service
     assert _is_problem_below_500(r), (r.status_code, r.text[:300])
 
 
+def test_smime_open_from_with_deeply_nested_comments(service: Service, secret: str) -> None:
+    msg = b"From: " + b"(" * 2000 + b"a@example.org\r\nSubject: x\r\n\r\nbody\r\n"
+    r = _post(service, secret, "/v1/smime/open", msg, "message/rfc822")
+    assert _is_problem_below_500(r), (r.status_code, r.text[:300])
+    found = (DATA / "smime-from-nested-comments.eml").read_bytes()  # as the fuzzer found it
+    r = _post(service, secret, "/v1/smime/open", found, "message/rfc822")
+    assert _is_problem_below_500(r), (r.status_code, r.text[:300])
+
+
+def test_smime_open_inner_headers_with_deeply_nested_comments(service: Service, secret: str) -> None:
+    found = (DATA / "smime-deeply-nested-multipart.eml").read_bytes()  # as the fuzzer found it
+    r = _post(service, secret, "/v1/smime/open", found, "message/rfc822")
+    assert _is_problem_below_500(r), (r.status_code, r.text[:300])
+
+
 def test_service_survives_the_fuzz_findings(service: Service, secret: str) -> None:
     """Whatever the answers above, the service is still up and signing."""
     assert httpx.get(f"{service.url}/v1/health", timeout=10).json()["status"] == "ok"

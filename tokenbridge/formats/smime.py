@@ -175,9 +175,20 @@ def outer_headers(sender: str, to: Sequence[str], subject: str, *, message_id: s
     for name, value in values.items():
         if "\r" in value or "\n" in value:  # no header injection (e.g. a Bcc smuggled into Subject)
             raise CmsError("invalid_header", f"line breaks are not allowed in the {name} header")
-        folded = _SMTP.header_factory(name, value).fold(policy=_SMTP)
-        fields.append(folded.rstrip("\r\n").encode("ascii"))
+        try:
+            folded = _SMTP.header_factory(name, value).fold(policy=_SMTP)
+            fields.append(folded.rstrip("\r\n").encode("ascii"))
+        except (UnicodeError, ValueError, IndexError, AttributeError):  # e.g. non-ASCII in an address
+            raise CmsError("invalid_header", f"the {name} header cannot be encoded: check its addresses") from None
     return fields, mid
+
+
+def address_of(value: str) -> str:
+    """The bare address of a From-like value; empty when the stdlib cannot parse it (hostile nesting)."""
+    try:
+        return parseaddr(value)[1]
+    except (RecursionError, ValueError, IndexError):
+        return ""
 
 
 def addresses(values: Sequence[str]) -> list[str]:
@@ -300,6 +311,14 @@ def _looks_enveloped(der: bytes) -> bool:
 
 def attachments_of(entity: bytes) -> list[dict[str, Any]]:
     """Attachments of a MIME entity: name, type, size, SHA-256 and the decoded bytes."""
+    try:
+        return _attachments_of(entity)
+    except (RecursionError, AttributeError, ValueError, IndexError, TypeError):
+        # The stdlib parser fails on some hostile inputs (e.g. thousands of nested comments): say so.
+        raise CmsError("mime_malformed", "the inner message cannot be parsed") from None
+
+
+def _attachments_of(entity: bytes) -> list[dict[str, Any]]:
     msg = email.message_from_bytes(entity, policy=email.policy.default)
     out = []
     for part in msg.walk():
@@ -316,8 +335,11 @@ def attachments_of(entity: bytes) -> list[dict[str, Any]]:
 
 
 def text_of(entity: bytes) -> str | None:
-    msg = email.message_from_bytes(entity, policy=email.policy.default)
-    body = msg.get_body(preferencelist=("plain",))
+    try:
+        msg = email.message_from_bytes(entity, policy=email.policy.default)
+        body = msg.get_body(preferencelist=("plain",))
+    except (RecursionError, AttributeError, ValueError, IndexError, TypeError):
+        return None
     if body is None:
         return None
     try:
@@ -334,6 +356,6 @@ def header_value(fields: Sequence[bytes], name: str) -> str | None:
                 msg = email.message_from_bytes(f + b"\r\n\r\n", policy=email.policy.default)
                 value = msg.get(name)
                 return str(value) if value is not None else None
-            except (AttributeError, ValueError, IndexError, TypeError):  # stdlib parser bugs on odd syntax
+            except (AttributeError, ValueError, IndexError, TypeError, RecursionError):  # stdlib parser, odd syntax
                 return f.partition(b":")[2].decode("latin-1").strip()
     return None

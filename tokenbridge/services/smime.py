@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from email.utils import parseaddr
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tokenbridge.errors import Problem
 from tokenbridge.formats import b64
@@ -52,6 +52,18 @@ class ComposeRequest(BaseModel):
                                   "empty: not encrypted")
     key_transport: Literal["rsa-pkcs1v15", "rsa-oaep-sha1", "rsa-oaep-sha256"] = "rsa-pkcs1v15"
     cipher: Literal["aes128-cbc", "aes192-cbc", "aes256-cbc", "aes128-gcm", "aes256-gcm"] = "aes256-cbc"
+
+    @model_validator(mode="after")
+    def _encodable(self) -> ComposeRequest:
+        """JSON may carry lone surrogates (\\ud800): not text a message can hold."""
+        texts = [self.sender or "", self.subject, self.text, *self.to, *self.encrypt_to,
+                 *(a.filename for a in self.attachments)]
+        for text in texts:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("a text field holds characters that are not valid Unicode") from None
+        return self
 
 
 @dataclass(frozen=True)
@@ -119,7 +131,7 @@ class SmimeService:
         """Decrypt and verify every layer; the JSON view says what was found and whether it holds."""
         outer, _ = fmt.split_entity(raw)
         from_header = fmt.header_value(outer, "From")
-        sender = parseaddr(from_header)[1] if from_header else None
+        sender = fmt.address_of(from_header) or None if from_header else None
 
         async def decrypt(der: bytes) -> tuple[bytes, dict[str, Any]]:
             result = await self.cms.decrypt(principal, der)

@@ -1,0 +1,1 @@
+"""Benchmarks for tokenbridge (not part of the test suite): ``python -m bench``."""
