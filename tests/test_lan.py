@@ -255,3 +255,66 @@ def test_pass_through_relay_needs_a_local_secret(hub: Service, tmp_path: Path) -
     finally:
         relay.terminate()
         relay.wait(10)
+
+
+def test_decrypt_and_smime_through_a_relay(hub: Service, tmp_path: Path) -> None:
+    ws = enroll(hub, tmp_path, "guichet-6", "sign,decrypt,cms-sign,cms-encrypt,cms-decrypt")
+    relay, port = start_relay(hub, ws, None, "--local-auth", "none")
+    pki = hub.config.parent / "pki"
+    try:
+        local = f"http://127.0.0.1:{port}"
+        wait_up(f"{local}/v1/health", relay)
+        with httpx.Client(base_url=local, timeout=60) as software:
+            cert = x509.load_pem_x509_certificate(software.get("/v1/keys/encrypt-rsa/certificate").content)
+            public = cert.public_key()
+            assert isinstance(public, rsa.RSAPublicKey)
+            oaep = padding.OAEP(padding.MGF1(hashes.SHA256()), hashes.SHA256(), None)
+            r = software.post("/v1/keys/encrypt-rsa/decrypt", json={
+                "algorithm": "rsa-oaep-sha256",
+                "ciphertext": base64.b64encode(public.encrypt(b"numero 0930126000123", oaep)).decode()})
+            assert r.status_code == 200, r.text
+            assert base64.b64decode(r.json()["plaintext"]) == b"numero 0930126000123"
+            zip_bytes = b"PK\x03\x04" + os.urandom(4096)
+            r = software.post("/v1/smime/compose", json={
+                "to": ["sne@national.example"], "subject": "Demandes", "text": "Ci-joint nos demandes.",
+                "attachments": [{"filename": "demandes.zip", "content_type": "application/zip",
+                                 "data": base64.b64encode(zip_bytes).decode()}],
+                "encrypt_to": ["national"]}, headers={"accept": "message/rfc822"})
+            assert r.status_code == 200, r.text[:300]
+        (tmp_path / "mail.eml").write_bytes(r.content)
+        out = subprocess.run(["openssl", "smime", "-decrypt", "-in", tmp_path / "mail.eml", "-recip",
+                              pki / "national.pem", "-inkey", pki / "national.key"], capture_output=True)
+        assert out.returncode == 0, out.stderr
+        assert b"multipart/signed" in out.stdout
+    finally:
+        relay.terminate()
+        relay.wait(10)
+
+
+def test_expired_workstation_certificate_is_refused(hub: Service, tmp_path: Path) -> None:
+    import datetime as dt
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    tls = hub.data_dir / "tls"
+    ca = x509.load_pem_x509_certificate((tls / "ca.pem").read_bytes())
+    ca_key = serialization.load_pem_private_key((tls / "ca.key").read_bytes(), None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "old")]))
+            .issuer_name(ca.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(days=800)).not_valid_after(now - dt.timedelta(days=1))
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    (tmp_path / "old.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "old.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                         serialization.NoEncryption()))
+    ctx = ssl.create_default_context(cafile=str(tls / "ca.pem"))
+    ctx.load_cert_chain(tmp_path / "old.crt", tmp_path / "old.key")
+    with pytest.raises(httpx.HTTPError), httpx.Client(base_url=hub.url, verify=ctx) as client:
+        client.get("/v1/keys")
+    with hub.http() as anonymous:  # the service goes on serving the others
+        assert anonymous.get("/v1/health").json()["status"] == "ok"
