@@ -2,7 +2,7 @@
 
     python -m bench                 # full run (about 5 minutes on 2 cores)
     python -m bench --quick         # 1 repetition, short runs (smoke test of the harness)
-    python -m bench --only sign,spy # a subset of: raw, bare, sign, spy, slow, profile, smime
+    python -m bench --only sign,spy # a subset of: raw, bare, sign, spy, slow, profile, smime, tls
 
 Prints a Markdown table and writes ``bench/results/<timestamp>.json`` and ``latest.json`` /
 ``latest.md``. Nothing here is part of the test suite. Process layout (each its own process):
@@ -20,6 +20,7 @@ import argparse
 import base64
 import collections
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -34,7 +35,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,7 @@ ALGORITHMS = [  # (algorithm, key label)
     ("ecdsa-sha256", "auth-ec"),
 ]
 CONCURRENCY = [1, 8, 64]
-PHASES = ("raw", "bare", "sign", "sign_nodelay", "workers", "spy", "slow", "profile", "smime")
+PHASES = ("raw", "bare", "sign", "sign_nodelay", "workers", "spy", "slow", "profile", "smime", "tls")
 
 
 def log(msg: str) -> None:
@@ -205,7 +206,7 @@ def phase_raw(demo: DemoInfo, reps: int, seconds: float) -> list[dict[str, Any]]
                                   str(seconds), "--processes", str(procs)], cwd=REPO, capture_output=True,
                                  text=True, timeout=seconds + 120, check=True)
             runs.append(json.loads(out.stdout))
-        row = {"algorithm": algorithm, "processes": procs, "runs": runs,
+        row: dict[str, Any] = {"algorithm": algorithm, "processes": procs, "runs": runs,
                "throughput": summarize([r["throughput"] for r in runs]),
                "p50_ms": summarize([r["p50_ms"] for r in runs]), "p99_ms": summarize([r["p99_ms"] for r in runs])}
         log(f"  raw {algorithm:22s} x{procs} {row['throughput']['median']:8.0f} sig/s  "
@@ -389,6 +390,317 @@ def phase_smime(demo: DemoInfo, work: Path, reps: int) -> dict[str, Any]:
     return run_smime(demo, work, reps, service, add_client)
 
 
+# ---------------------------------------------------------------------------------------- TLS proxy
+
+TLS_KEYS = {"sign-rsa": "rsa", "auth-ec": "ec"}  # token key -> software twin for the reference client
+
+
+def tls_upstream(port: str, pki: str, version: str, keepalive: str) -> None:
+    """The Python HTTPS upstream (run in its own process): requires a client certificate from the
+    demo CA; ``GET /bytes/N`` answers N bytes, anything else the client's subject. TLS sessions can be
+    resumed (tickets); with ``keepalive == "0"`` it closes every connection after one answer.
+    TCP_NODELAY on every accepted socket, handshake on the connection's own thread."""
+    import http.server
+    import ssl
+
+    d = Path(pki)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ctx.maximum_version = getattr(ssl.TLSVersion, f"TLSv1_{version[-1]}")
+    ctx.load_cert_chain(d / "national-tls.pem", d / "national-tls.key")
+    ctx.load_verify_locations(d / "ca-chain.pem")
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    chunk = os.urandom(1 << 20)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            assert isinstance(self.connection, ssl.SSLSocket)
+            peer: Any = self.connection.getpeercert()
+            body = dict(x[0] for x in peer["subject"])["commonName"].encode()
+            size = int(self.path[7:]) if self.path.startswith("/bytes/") else len(body)
+            self.send_response(200)
+            self.send_header("Content-Length", str(size))
+            if keepalive == "0":
+                self.send_header("Connection", "close")
+                self.close_connection = True
+            self.end_headers()
+            if not self.path.startswith("/bytes/"):
+                self.wfile.write(body)
+                return
+            left = size
+            while left:
+                self.wfile.write(chunk[:left])
+                left -= min(left, len(chunk))
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    class TLSServer(http.server.ThreadingHTTPServer):
+        daemon_threads = True
+
+        def finish_request(self, request: Any, client_address: Any) -> None:
+            request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                tls = ctx.wrap_socket(request, server_side=True)
+            except (OSError, ssl.SSLError):
+                return
+            Handler(tls, client_address, self)
+
+    TLSServer(("127.0.0.1", int(port)), Handler).serve_forever()
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"TLS upstream on {port} exited with {proc.returncode}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def tls_peers(pki: Path, work: Path) -> tuple[dict[str, int], list[subprocess.Popen[bytes]]]:
+    """Every upstream the phase uses, each its own process: name -> port.
+
+    ``full12``/``full13``: ``openssl s_server -www -no_ticket -no_cache`` (a full handshake, so a token
+    signature, per call: it closes each connection); ``ka13``/``close13``/``close12``: the Python server
+    with keep-alive, or closing every connection (resumption only)."""
+    ports: dict[str, int] = {}
+    procs: list[subprocess.Popen[bytes]] = []
+    for version in ("1.2", "1.3"):
+        port = ports[f"full{version.replace('.', '')}"] = free_port()
+        procs.append(subprocess.Popen(
+            ["openssl", "s_server", "-accept", f"127.0.0.1:{port}", "-cert", str(pki / "national-tls.pem"),
+             "-key", str(pki / "national-tls.key"), "-CAfile", str(pki / "ca-chain.pem"), "-Verify", "2",
+             "-verify_return_error", "-www", "-no_ticket", "-no_cache", f"-tls1_{version[-1]}"],
+            stdin=subprocess.DEVNULL, stdout=(work / f"s_server-{port}.log").open("wb"), stderr=subprocess.STDOUT))
+    for name, version, keepalive in (("ka13", "1.3", "1"), ("close13", "1.3", "0"), ("close12", "1.2", "0")):
+        port = ports[name] = free_port()
+        procs.append(subprocess.Popen(
+            [PY, "-c", "import sys; from bench.run import tls_upstream; tls_upstream(*sys.argv[1:])", str(port),
+             str(pki), version, keepalive], cwd=REPO, stdout=(work / f"{name}.log").open("wb"),
+            stderr=subprocess.STDOUT))
+    for proc, port in zip(procs, ports.values(), strict=True):
+        wait_port(port, proc)
+    return ports, procs
+
+
+def software_clients(pki: Path, out: Path) -> dict[str, tuple[Path, Path]]:
+    """RSA-2048 and P-256 client certificates issued by the demo intermediate, keys in files."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    issuer = x509.load_pem_x509_certificate((pki / "intermediate-ca.pem").read_bytes())
+    issuer_key = serialization.load_pem_private_key((pki / "intermediate-ca.key").read_bytes(), None)
+    assert isinstance(issuer_key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey)
+    now = datetime.now(UTC)
+    result = {}
+    for kind in ("rsa", "ec"):
+        key = rsa.generate_private_key(65537, 2048) if kind == "rsa" else ec.generate_private_key(ec.SECP256R1())
+        cert = (x509.CertificateBuilder()
+                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"bench software {kind}")]))
+                .issuer_name(issuer.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(now - timedelta(minutes=5)).not_valid_after(now + timedelta(days=1))
+                .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False)
+                .sign(issuer_key, hashes.SHA256()))
+        paths = out / f"client-{kind}.pem", out / f"client-{kind}.key"
+        paths[0].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        paths[1].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+        result[kind] = paths
+    return result
+
+
+def tls_config(demo: DemoInfo, ports: dict[str, int]) -> Path:
+    """The demo configuration plus one ``[upstreams.NAME]`` table per (peer, token key)."""
+    text = demo.config_file.read_text()
+    for peer, port in ports.items():
+        for key in TLS_KEYS:
+            text += (f'\n[upstreams.{peer}-{key}]\nurl = "https://127.0.0.1:{port}/"\nkey = "{key}"\n'
+                     'ca = "pki/ca-chain.pem"\n')
+    path = demo.dir / "bench-tls.toml"  # beside the demo's: its relative paths still hold
+    path.write_text(text)
+    return path
+
+
+def direct_calls(port: int, client: tuple[Path, Path], ca: Path, seconds: float) -> tuple[float, list[float]]:
+    """The reference: new connection + full handshake + ``GET /`` + read to the end, in a loop;
+    calls/s and the handshakes' durations (``wrap_socket``, as the proxy times its own)."""
+    import ssl
+
+    ctx = ssl.create_default_context(cafile=str(ca))
+    ctx.load_cert_chain(*client)
+    handshakes: list[float] = []
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        with socket.create_connection(("127.0.0.1", port)) as raw:
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            t = time.perf_counter()
+            with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+                handshakes.append(time.perf_counter() - t)
+                tls.sendall(b"GET / HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+                while tls.recv(65536):
+                    pass
+    return len(handshakes) / (time.perf_counter() - start), handshakes
+
+
+def proxied_calls(c: httpx.Client, upstream: str, seconds: float) -> tuple[float, list[float]]:
+    """Sequential ``GET /v1/proxy/NAME/`` on one kept-alive connection to the service: calls/s, latencies."""
+    lat: list[float] = []
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        t = time.perf_counter()
+        c.get(f"/v1/proxy/{upstream}/").raise_for_status()
+        lat.append(time.perf_counter() - t)
+    return len(lat) / (time.perf_counter() - start), lat
+
+
+def upstream_view(c: httpx.Client, name: str) -> dict[str, Any]:
+    return dict(next(v for v in c.get("/v1/upstreams").json() if v["name"] == name))
+
+
+def upstream_counters(c: httpx.Client, name: str) -> dict[str, Any]:
+    return dict(upstream_view(c, name)["counters"])
+
+
+def proxy_handshakes(c: httpx.Client, upstream: str, n: int = 50) -> list[float]:
+    """The proxy's own handshake durations (``last_handshake.seconds``: wrap + handshake, token signature
+    included), one call at a time: the issue-4 figure without the HTTP hop through the service."""
+    out = []
+    for _ in range(n):
+        c.get(f"/v1/proxy/{upstream}/").raise_for_status()
+        out.append(float(upstream_view(c, upstream)["last_handshake"]["seconds"]))
+    return out
+
+
+def download(c: httpx.Client, url: str, size: int) -> float:
+    """MB/s of one streamed download of ``size`` bytes."""
+    got, start = 0, time.perf_counter()
+    with c.stream("GET", url) as r:
+        r.raise_for_status()
+        for part in r.iter_raw(1 << 20):
+            got += len(part)
+    if got != size:
+        raise RuntimeError(f"downloaded {got} of {size} bytes from {url}")
+    return size / 1e6 / (time.perf_counter() - start)
+
+
+def tls_handshakes(c: httpx.Client, ports: dict[str, int], clients: dict[str, tuple[Path, Path]], ca: Path,
+                   reps: int, seconds: float) -> list[dict[str, Any]]:
+    rows = []
+    for version in ("1.2", "1.3"):
+        peer = f"full{version.replace('.', '')}"
+        for key, kind in TLS_KEYS.items():
+            name = f"{peer}-{key}"
+            proxied_calls(c, name, 0.5)  # warm-up: pool, key handles
+            before = upstream_counters(c, name)
+            proxy, direct, lat, hs_direct = [], [], [], []
+            for _ in range(reps):
+                rate, times = proxied_calls(c, name, seconds)
+                proxy.append(rate)
+                lat += times
+                rate, times = direct_calls(ports[peer], clients[kind], ca, seconds)
+                direct.append(rate)
+                hs_direct += times
+            hs_proxy = proxy_handshakes(c, name)
+            after = upstream_counters(c, name)
+            calls = after["requests"] - before["requests"]
+            row = {"version": version, "key": key, "proxy": summarize(proxy), "direct": summarize(direct),
+                   "ratio": statistics.median(proxy) / statistics.median(direct),
+                   "proxy_p50_ms": statistics.median(lat) * 1000, "calls": calls,
+                   "handshake_ms": {"proxy": statistics.median(hs_proxy) * 1000,
+                                    "direct": statistics.median(hs_direct) * 1000},
+                   "token_signatures": after["token_signatures"] - before["token_signatures"],
+                   "resumed": after["resumed"] - before["resumed"]}
+            log(f"  TLS {version} {key:8s} full handshakes: proxy {row['proxy']['median']:6.1f}/s  "
+                f"software key {row['direct']['median']:6.1f}/s  ({row['ratio']:.2f}x)  p50 "
+                f"{row['proxy_p50_ms']:.2f} ms  signatures {row['token_signatures']}/{calls}  handshake "
+                f"{row['handshake_ms']['proxy']:.2f} vs {row['handshake_ms']['direct']:.2f} ms")
+            rows.append(row)
+    return rows
+
+
+def tls_bulk(c: httpx.Client, ports: dict[str, int], clients: dict[str, tuple[Path, Path]], ca: Path,
+             reps: int, size: int) -> dict[str, Any]:
+    import ssl
+
+    ctx = ssl.create_default_context(cafile=str(ca))
+    ctx.load_cert_chain(*clients["ec"])
+    proxy, direct = [], []
+    with httpx.Client(base_url=f"https://127.0.0.1:{ports['ka13']}", verify=ctx, timeout=120) as d:
+        for i in range(reps + 1):  # the first of each is a warm-up
+            p = download(c, f"/v1/proxy/bulk13-auth-ec/bytes/{size}", size)
+            r = download(d, f"/bytes/{size}", size)
+            if i:
+                proxy.append(p)
+                direct.append(r)
+    res: dict[str, Any] = {"size_mb": size / 1e6, "version": "1.3", "key": "auth-ec", "proxy": summarize(proxy),
+           "direct": summarize(direct), "ratio": statistics.median(proxy) / statistics.median(direct)}
+    log(f"  TLS bulk {size >> 20} MiB: proxy {res['proxy']['median']:.0f} MB/s, direct "
+        f"{res['direct']['median']:.0f} MB/s ({res['ratio']:.2f}x)")
+    return res
+
+
+def tls_signatures(c: httpx.Client, n: int = 100) -> list[dict[str, Any]]:
+    rows = []
+    for peer, what in (("ka13", "keep-alive, TLS 1.3"), ("close13", "new connection per call, TLS 1.3 tickets"),
+                       ("close12", "new connection per call, TLS 1.2")):
+        for key in TLS_KEYS:
+            name = f"{peer}-{key}"
+            before = upstream_counters(c, name)
+            lat = []
+            for _ in range(n):
+                t = time.perf_counter()
+                c.get(f"/v1/proxy/{name}/").raise_for_status()
+                lat.append(time.perf_counter() - t)
+            after = upstream_counters(c, name)
+            row = {"upstream": what, "key": key, "calls": n,
+                   **{k: after[k] - before[k] for k in ("connections", "resumed", "token_signatures")},
+                   "p50_ms": statistics.median(lat) * 1000, "max_ms": max(lat) * 1000}
+            log(f"  TLS {what} {key}: {row['token_signatures']} signatures, {row['connections']} connections "
+                f"({row['resumed']} resumed) per {n} calls, p50 {row['p50_ms']:.2f} ms")
+            rows.append(row)
+    return rows
+
+
+def phase_tls(demo: DemoInfo, work: Path, reps: int, seconds: float, bulk_mb: int = 256) -> dict[str, Any]:
+    """Issue 6's TLS proxy row (issue 4's handshake ratio): handshakes/s through the proxy with the token
+    key vs a Python ``ssl`` client with a software key; bulk MB/s; token signatures per 100 calls."""
+    if not (REPO / "tokenbridge" / "services" / "proxy.py").exists():
+        return {"skipped": "pending (issue 4): no TLS proxy"}
+    pki = demo.pki_dir
+    d = work / "tls"
+    d.mkdir(parents=True, exist_ok=True)
+    clients = software_clients(pki, d)
+    ports, procs = tls_peers(pki, d)
+    ca = pki / "ca-chain.pem"
+    try:
+        config = tls_config(demo, {**ports, "bulk13": ports["ka13"]})
+        with service(dataclasses.replace(demo, config_file=config), work, "svc-tls") as srv:
+            out = subprocess.run([PY, "-m", "tokenbridge", "clients", "add", "bench-proxy", "--grant", "proxy,metrics",
+                                  "--json", "--config", str(config)], env=srv.env,  # type: ignore[attr-defined]
+                                 capture_output=True, text=True, check=True, timeout=60)
+            secret = json.loads(out.stdout)["secret"]
+            with httpx.Client(base_url=srv.url, headers={"Authorization": f"Bearer {secret}"}, timeout=120) as c:
+                res: dict[str, Any] = {"handshakes": tls_handshakes(c, ports, clients, ca, reps, seconds)}
+                res["bulk"] = tls_bulk(c, ports, clients, ca, reps, bulk_mb << 20)  # "bulk13": own pool
+                res["signatures"] = tls_signatures(c)
+                metrics = c.get("/metrics")
+                res["metric_handshakes_ok"] = sum(
+                    float(m) for m in re.findall(r'^tokenbridge_upstream_handshakes_total\{[^}]*outcome="ok"[^}]*\} '
+                                                 r'(\S+)$', metrics.text, flags=re.M))
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    return res
+
+
 # ---------------------------------------------------------------------------------------- report
 
 
@@ -498,11 +810,7 @@ def report(res: dict[str, Any]) -> str:
                          f"{_fmt(r.get('openssl_s'), 3)} | {r.get('ratio', '—')} | {r.get('rss_growth', '—')} |")
     else:
         lines.append(f"| S/MIME sign+encrypt 1 MB / 20 MB vs openssl cms | {sm['skipped'] if sm else 'not run'} |")
-    if (REPO / "tokenbridge" / "api" / "proxy.py").exists():
-        lines.append("| TLS proxy handshakes/s, MB/s, token signatures per 100 calls | not measured: the proxy "
-                     "(tokenbridge/api/proxy.py) landed while this harness was written; its row is still to add |")
-    else:
-        lines.append("| TLS proxy handshakes/s, MB/s | pending (issue 4): no TLS proxy in tokenbridge/api/ |")
+    lines += tls_report(res.get("tls"))
     w = res.get("workers")
     if w and w.get("rows"):
         lines += ["", f"## server.workers = {w['workers']} (RSA-2048 PKCS#1 v1.5"
@@ -514,6 +822,36 @@ def report(res: dict[str, Any]) -> str:
     elif w:
         lines.append(f"| 2 token workers vs 1 (RSA-2048) | {w.get('skipped')} |")
     return "\n".join(lines) + "\n"
+
+
+def tls_report(tls: dict[str, Any] | None) -> list[str]:
+    if not tls or "skipped" in tls:
+        return [f"| TLS proxy handshakes/s, MB/s, token signatures per 100 calls | "
+                f"{tls['skipped'] if tls else 'not run'} |"]
+    lines = ["", "### TLS proxy: token key through the service vs a Python `ssl` client with a software key", "",
+             "| measure | TLS | key | through the proxy (token key) | direct, software key | ratio | "
+             "proxy p50 ms | token signatures |", "|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in tls["handshakes"]:
+        h = r["handshake_ms"]
+        lines.append(f"| handshakes/s (1 / median handshake: token key in the proxy vs software key) | "
+                     f"{r['version']} | {r['key']} | {1000 / h['proxy']:.0f} ({h['proxy']:.2f} ms) | "
+                     f"{1000 / h['direct']:.0f} ({h['direct']:.2f} ms) | {h['direct'] / h['proxy']:.2f}x | — | — |")
+    for r in tls["handshakes"]:
+        lines.append(f"| calls/s, full handshake each (s_server -no_ticket -no_cache) | {r['version']} | {r['key']} | "
+                     f"{_fmt(r['proxy'], 1)} | {_fmt(r['direct'], 1)} | {r['ratio']:.2f}x | "
+                     f"{r['proxy_p50_ms']:.2f} | {r['token_signatures']}/{r['calls']} calls |")
+    b = tls["bulk"]
+    lines += [f"| bulk MB/s, {b['size_mb'] / 1.048576:.0f} MiB download, kept-alive | {b['version']} | {b['key']} | "
+              f"{_fmt(b['proxy'])} | {_fmt(b['direct'])} | {b['ratio']:.2f}x | — | — |", "",
+              "| upstream (Python server) | key | token signatures per 100 calls | TLS connections | resumed | "
+              "p50 ms per call | max ms |", "|---|---|---:|---:|---:|---:|---:|"]
+    for r in tls["signatures"]:
+        lines.append(f"| {r['upstream']} | {r['key']} | {r['token_signatures']} | {r['connections']} | "
+                     f"{r['resumed']} | {r['p50_ms']:.2f} | {r['max_ms']:.1f} |")
+    lines.append(f"\n`tokenbridge_upstream_handshakes_total{{outcome=\"ok\"}}` after the phase: "
+                 f"{tls.get('metric_handshakes_ok', 0):.0f} (= every token signature counted above, warm-ups "
+                 "included).")
+    return lines
 
 
 def targets(res: dict[str, Any]) -> list[dict[str, str]]:
@@ -563,7 +901,8 @@ def targets_for(res: dict[str, Any], key: str, suffix: str) -> list[dict[str, st
         two = raw[("rsa-pkcs1v15-sha256", 2)]["throughput"]["median"] / rr["throughput"]["median"]
         if w.get("rows") and sign:
             best2 = max(r["throughput"]["median"] for r in w["rows"])
-            ref = {(r["algorithm"], r["clients"]): r for r in res.get("sign_nodelay" if w.get("nodelay") else "sign")}
+            ref = {(r["algorithm"], r["clients"]): r
+                   for r in res.get("sign_nodelay" if w.get("nodelay") else "sign", [])}
             best1 = max(ref[(a, c)]["throughput"]["median"] for (a, c) in ref if a == "rsa-pkcs1v15-sha256")
             ratio = best2 / best1
             out.append({"target": "2 token workers vs 1 (RSA-2048 PKCS#1 v1.5, best of 8/64 clients)",
@@ -639,6 +978,12 @@ def main(argv: list[str] | None = None) -> int:
             res["smime"] = phase_smime(demo, work, a.reps)
         except Exception as exc:  # the S/MIME API is young: report, don't lose the rest of the run
             res["smime"] = {"skipped": f"failed: {type(exc).__name__}: {exc}"[:400]}
+    if "tls" in phases:
+        log("TLS proxy: handshakes, bulk, token signatures per 100 calls")
+        try:
+            res["tls"] = phase_tls(demo, work, a.reps, a.seconds, 64 if a.quick else 256)
+        except Exception as exc:
+            res["tls"] = {"skipped": f"failed: {type(exc).__name__}: {exc}"[:400]}
     res["targets"] = targets(res)
     res["loadavg_end"] = os.getloadavg()
     res["finished"] = datetime.now(UTC).isoformat(timespec="seconds")

@@ -8,15 +8,18 @@ bytes when the client asks for them with ``Accept``.
 from __future__ import annotations
 
 import hashlib
+import io
+from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import Response
+from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from tokenbridge.api.auth import bridge_of, principal
 from tokenbridge.errors import Problem
 from tokenbridge.formats import b64
+from tokenbridge.formats import smime as fmt
 from tokenbridge.formats import x509 as x509h
 from tokenbridge.formats.cms_asn1 import to_pem
 from tokenbridge.formats.cms_envelope import CONTENT_CIPHERS, KEY_TRANSPORTS
@@ -47,17 +50,37 @@ def _wants_raw(request: Request) -> bool:
     return any(t in accept for t in _RAW_TYPES) and "application/json" not in accept
 
 
-async def _body(request: Request, hash_name: str | None = None, keep: bool = True) -> tuple[bytes, bytes | None]:
-    """The request body, hashed while it arrives; with ``keep=False`` only the digest is kept."""
+async def _body(request: Request, hash_name: str | None = None, keep: bool = True,
+                canonical: bool = False) -> tuple[bytes, bytes | None]:
+    """The request body, hashed while it arrives; with ``keep=False`` only the digest is kept.
+
+    Kept bodies are written into one buffer sized from Content-Length (no list of chunks joined at the
+    end: one copy of the body, not two). ``canonical``: line endings are made CRLF on the way in (S/MIME
+    input), so that the S/MIME layer need not copy the message to canonicalize it.
+    """
     hasher = hashlib.new(hash_name) if hash_name else None
-    chunks: list[bytes] = []
+    buf = io.BytesIO()
+    declared = request.headers.get("content-length", "")
+    if keep and declared.isdigit() and int(declared) > 0:  # bounded by BodyLimitMiddleware
+        expected = int(declared)
+        if canonical:
+            expected += expected // 64  # room for LF -> CRLF with lines of 76 characters (base64)
+        buf.seek(expected - 1)
+        buf.write(b"\0")
+        buf.seek(0)
+    crlf = fmt.CrlfWriter(buf) if canonical else None
     async for chunk in request.stream():
         if hasher is not None:
             hasher.update(chunk)
-        if keep:
-            chunks.append(chunk)
-    data = b"".join(chunks)
-    del chunks
+        if crlf is not None:
+            crlf.write(chunk)
+        elif keep:
+            buf.write(chunk)
+    if crlf is not None:
+        crlf.close()
+    buf.truncate(buf.tell())
+    data = buf.getvalue()  # the buffer itself, not a copy
+    del buf
     if not data and keep:
         raise Problem("the request body is empty", code="empty_body", status=400, title="Empty body")
     return data, hasher.digest() if hasher else None
@@ -158,16 +181,33 @@ async def cms_verify(request: Request, caller: Caller,
 # ------------------------------------------------------------------------------------------- S/MIME
 
 
-def _mime_response(data: bytes) -> Response:
-    return Response(data, media_type="message/rfc822")
+_STREAM_THRESHOLD = 256 * 1024
+
+
+def _mime_response(message: fmt.Parts | bytes, headers: dict[str, str] | None = None) -> Response:
+    """message/rfc822; a large message made of parts is streamed as it is produced (e.g. encrypted),
+    with its exact Content-Length, instead of being joined into one more copy."""
+    if isinstance(message, bytes):
+        return Response(message, media_type="message/rfc822", headers=headers)
+    size = message.size
+    if size < _STREAM_THRESHOLD:
+        return Response(message.to_bytes(), media_type="message/rfc822", headers=headers)
+
+    async def body() -> AsyncIterator[bytes | memoryview]:
+        for chunk in message.chunks():
+            yield chunk if isinstance(chunk, bytes | memoryview) else bytes(chunk)
+
+    return StreamingResponse(body(), media_type="message/rfc822",
+                             headers={**(headers or {}), "Content-Length": str(size)})
 
 
 @router.post("/smime/sign", summary="Sign a message (message/rfc822 in and out)", response_class=Response)
 async def smime_sign(request: Request, caller: Caller, key: str | None = None, algorithm: str | None = None,
                      opaque: bool = False) -> Response:
     _, smime = services(request)
-    raw, _ = await _body(request)
-    return _mime_response(await smime.sign_message(caller, raw, key, algorithm, opaque=opaque))
+    raw, _ = await _body(request, canonical=True)
+    return _mime_response(await smime.sign_message(caller, raw, key, algorithm, opaque=opaque,
+                                                         canonical=True))
 
 
 @router.post("/smime/encrypt", summary="Encrypt a message (message/rfc822 in and out)", response_class=Response)
@@ -175,8 +215,9 @@ async def smime_encrypt(request: Request, caller: Caller,
                         to: Annotated[list[str], Query(description="Address-book name or PEM certificate")],
                         key_transport: KeyTransportQ = "rsa-pkcs1v15", cipher: CipherQ = "aes256-cbc") -> Response:
     _, smime = services(request)
-    raw, _ = await _body(request)
-    return _mime_response(await smime.encrypt_message(caller, raw, to, key_transport, cipher))
+    raw, _ = await _body(request, canonical=True)
+    return _mime_response(await smime.encrypt_message(caller, raw, to, key_transport, cipher,
+                                                            canonical=True))
 
 
 @router.post("/smime/sign-and-encrypt", summary="Sign, then encrypt a message", response_class=Response)
@@ -186,16 +227,16 @@ async def smime_sign_and_encrypt(request: Request, caller: Caller,
                                  key_transport: KeyTransportQ = "rsa-pkcs1v15",
                                  cipher: CipherQ = "aes256-cbc") -> Response:
     _, smime = services(request)
-    raw, _ = await _body(request)
-    signed = await smime.sign_message(caller, raw, key, algorithm)
-    return _mime_response(await smime.encrypt_message(caller, signed, to, key_transport, cipher))
+    raw, _ = await _body(request, canonical=True)
+    return _mime_response(await smime.sign_and_encrypt_message(caller, raw, to, key, algorithm, key_transport,
+                                                               cipher, canonical=True))
 
 
 @router.post("/smime/open", summary="Decrypt and verify a message, recursively", response_model=None)
 async def smime_open(request: Request, caller: Caller,
                      format: Literal["json", "mime"] = "json") -> Response | dict[str, Any]:
     _, smime = services(request)
-    raw, _ = await _body(request)
+    raw, _ = await _body(request, canonical=True)
     opened, view = await smime.open_message(caller, raw)
     if format == "mime":
         return _mime_response(opened.inner)
@@ -207,8 +248,7 @@ async def smime_open(request: Request, caller: Caller,
 async def smime_compose(request: Request, body: ComposeRequest, caller: Caller) -> Response:
     _, smime = services(request)
     composed = await smime.compose(caller, body)
-    return Response(composed.message, media_type="message/rfc822",
-                    headers={"X-Message-ID": composed.message_id})
+    return _mime_response(composed.body, headers={"X-Message-ID": composed.message_id})
 
 
 @router.post("/smime/send", summary="Compose and send through the configured SMTP server")

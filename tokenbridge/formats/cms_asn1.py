@@ -8,6 +8,7 @@ registers it), and Microsoft's encryption-key-preference attribute.
 from __future__ import annotations
 
 import hashlib
+import io
 from typing import Any
 
 from asn1crypto import algos, cms, core
@@ -41,6 +42,8 @@ MS_ENCRYPTION_KEY_PREFERENCE = "1.3.6.1.4.1.311.16.4"
 cms.CMSAttributeType._map[MS_ENCRYPTION_KEY_PREFERENCE] = "microsoft_encryption_key_preference"
 cms.CMSAttribute._oid_specs["microsoft_encryption_key_preference"] = SetOfIssuerAndSerialNumber
 
+
+Buffer = bytes | bytearray | memoryview  # bytes-like values passed through without copying
 
 # --- errors -----------------------------------------------------------------------------------
 
@@ -139,15 +142,32 @@ def matches_rid(rid: Any, cert: x509.Certificate) -> bool:
     return False
 
 
+def der_header(tag: int, length: int) -> bytes:
+    """The identifier and definite length octets of a DER value (single-byte tags), without its contents.
+
+    Used to wrap large contents (e.g. encrypted content octets) by concatenation, so that they are
+    never copied into an asn1crypto structure and dumped again.
+    """
+    if length < 0x80:
+        return bytes((tag, length))
+    raw = length.to_bytes((length.bit_length() + 7) // 8, "big")
+    return bytes((tag, 0x80 | len(raw))) + raw
+
+
+def preallocated_io(size: int) -> io.BytesIO:
+    """A BytesIO whose buffer already holds ``size`` bytes: writing up to ``size`` never reallocates (no
+    copy while it grows), and ``getvalue()`` then hands that very buffer over as ``bytes``."""
+    out = io.BytesIO()
+    if size > 0:
+        out.seek(size - 1)
+        out.write(b"\0")
+        out.seek(0)
+    return out
+
+
 def der_set(contents: bytes) -> bytes:
     """Re-wrap the contents of an IMPLICIT [0] SET OF (signed attributes) as the SET OF that is signed."""
-    n = len(contents)
-    if n < 0x80:
-        length = bytes([n])
-    else:
-        raw = n.to_bytes((n.bit_length() + 7) // 8, "big")
-        length = bytes([0x80 | len(raw)]) + raw
-    return b"\x31" + length + contents
+    return der_header(0x31, len(contents)) + contents
 
 
 def hash_bytes(name: str, data: bytes) -> bytes:

@@ -9,7 +9,7 @@ content all end in the same ``cms_decryption_failed``: no padding oracle.
 from __future__ import annotations
 
 import os
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -20,17 +20,20 @@ from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
 from cryptography.hazmat.primitives import hashes, padding
 from cryptography.hazmat.primitives.asymmetric import padding as apadding
 from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers import AEADEncryptionContext, Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from tokenbridge.formats.cms_asn1 import (
     PARSE_ERRORS,
+    Buffer,
     CmsError,
     GcmParams,
+    der_header,
     der_set,
     issuer_and_serial,
     matches_rid,
     parse_content_info,
+    preallocated_io,
     subject_key_identifier,
 )
 
@@ -101,9 +104,84 @@ def _wrap(cert: x509.Certificate, kt: str, cek: bytes) -> bytes:
     return public.encrypt(cek, apadding.OAEP(apadding.MGF1(h), h, None))
 
 
-def encrypt(content: bytes, recipients: Sequence[x509.Certificate], *, key_transport: str = "rsa-pkcs1v15",
-            cipher: str = "aes256-cbc", use_ski: bool = False) -> bytes:
-    """DER ContentInfo: EnvelopedData (CBC) or AuthEnvelopedData (GCM) readable by each recipient."""
+# Plaintext fed to the cipher per call (a multiple of 16 and of 57: whole base64 lines): bounds every
+# transient copy.
+CHUNK = 57 * 4096
+
+
+class Envelope:
+    """A DER EnvelopedData / AuthEnvelopedData whose ciphertext is produced while it is read.
+
+    ``size`` is the exact DER length, known before any content is encrypted; ``chunks()`` yields the
+    DER in pieces (header, ciphertext of at most ``CHUNK`` bytes each, trailer), encrypting the
+    plaintext parts on the fly, once. The content is never copied whole: a 20 MB content costs the
+    parts the caller already holds plus one chunk.
+    """
+
+    def __init__(self, head_contents: tuple[bytes, bytes, bytes, str], parts: Sequence[Buffer], plain_len: int,
+                 cek: bytes, kind: str, iv_or_nonce: bytes) -> None:
+        ci_oid, version_and_ris, eci_contents, content_type = head_contents
+        self._parts = list(parts)
+        self._gcm = kind == "aes-gcm"
+        self._cek, self._iv = cek, iv_or_nonce
+        pad = 0 if self._gcm else 16 - plain_len % 16
+        self._pad = bytes([pad]) * pad
+        clen = plain_len + pad
+        enc_hdr = der_header(0x80, clen)  # [0] IMPLICIT OCTET STRING encryptedContent
+        eci_len = len(eci_contents) + len(enc_hdr) + clen
+        eci_hdr = der_header(0x30, eci_len)
+        self._tail_len = 2 + 16 if self._gcm else 0  # mac OCTET STRING (16-byte tag)
+        env_len = len(version_and_ris) + len(eci_hdr) + eci_len + self._tail_len
+        env_hdr = der_header(0x30, env_len)
+        explicit_len = len(env_hdr) + env_len
+        explicit_hdr = der_header(0xA0, explicit_len)
+        ci_len = len(ci_oid) + len(explicit_hdr) + explicit_len
+        self.head = (der_header(0x30, ci_len) + ci_oid + explicit_hdr + env_hdr + version_and_ris + eci_hdr
+                     + eci_contents + enc_hdr)
+        self.size = len(der_header(0x30, ci_len)) + ci_len
+        self.content_type = content_type
+        self._used = False
+
+    def chunks(self) -> Iterator[bytes]:
+        """The DER, in order; the ciphertext is made here, so this can be iterated once."""
+        if self._used:
+            raise RuntimeError("an Envelope's ciphertext can be produced once")
+        self._used = True
+        aes = algorithms.AES(self._cek)
+        enc = (Cipher(aes, modes.GCM(self._iv)).encryptor() if self._gcm
+               else Cipher(aes, modes.CBC(self._iv)).encryptor())
+        yield self.head
+        for part in self._parts:
+            view = memoryview(part)
+            for off in range(0, len(view), CHUNK):
+                out = enc.update(view[off:off + CHUNK])
+                if out:
+                    yield out
+        self._parts = []
+        last = (enc.update(self._pad) if self._pad else b"") + enc.finalize()
+        if self._gcm:
+            assert isinstance(enc, AEADEncryptionContext)
+            last += b"\x04\x10" + enc.tag
+        if last:
+            yield last
+
+    def to_bytes(self) -> bytes:
+        """The whole DER, built in one buffer (io.BytesIO hands its buffer over without a copy)."""
+        out = preallocated_io(self.size)
+        for chunk in self.chunks():
+            out.write(chunk)
+        data = out.getvalue()
+        assert len(data) == self.size
+        return data
+
+
+def encrypt_parts(parts: Sequence[Buffer], recipients: Sequence[x509.Certificate], *,
+                  key_transport: str = "rsa-pkcs1v15", cipher: str = "aes256-cbc", use_ski: bool = False
+                  ) -> Envelope:
+    """EnvelopedData (CBC) or AuthEnvelopedData (GCM) of the concatenation of ``parts``, produced lazily.
+
+    Everything that can fail (algorithms, recipients' keys) fails here, before any output.
+    """
     if key_transport not in KEY_TRANSPORTS:
         raise CmsError("unknown_algorithm", f"key transport {key_transport!r}: choose {', '.join(KEY_TRANSPORTS)}")
     if cipher not in CONTENT_CIPHERS:
@@ -123,32 +201,30 @@ def encrypt(content: bytes, recipients: Sequence[x509.Certificate], *, key_trans
             "encrypted_key": _wrap(cert, key_transport, cek),
         }}))
     if kind == "aes-gcm":
-        nonce = os.urandom(12)
-        sealed = AESGCM(cek).encrypt(nonce, content, None)
-        body, tag = sealed[:-16], sealed[-16:]
-        eci = cms.EncryptedContentInfo({
-            "content_type": "data",
-            "content_encryption_algorithm": algos.EncryptionAlgorithm(
-                {"algorithm": name, "parameters": GcmParams({"aes_nonce": nonce, "aes_icvlen": 16})}),
-            "encrypted_content": body,
-        })
-        auth = cms.AuthEnvelopedData({"version": "v0", "recipient_infos": infos,
-                                      "auth_encrypted_content_info": eci, "mac": tag})
-        return cms.ContentInfo({"content_type": "authenticated_enveloped_data", "content": auth}).dump()
-    iv = os.urandom(16)
-    padder = padding.PKCS7(128).padder()
-    padded = padder.update(content) + padder.finalize()
-    enc = Cipher(algorithms.AES(cek), modes.CBC(iv)).encryptor()
-    body = enc.update(padded) + enc.finalize()
-    del padded
+        iv = os.urandom(12)
+        params: object = GcmParams({"aes_nonce": iv, "aes_icvlen": 16})
+        ci_type, version = "authenticated_enveloped_data", "v0"
+    else:
+        iv = os.urandom(16)
+        params = iv
+        ci_type, version = "enveloped_data", "v2" if use_ski else "v0"
+    # asn1crypto encodes only the small fields; the content octets are wrapped by concatenation.
     eci = cms.EncryptedContentInfo({
         "content_type": "data",
-        "content_encryption_algorithm": algos.EncryptionAlgorithm({"algorithm": name, "parameters": iv}),
-        "encrypted_content": body,
+        "content_encryption_algorithm": algos.EncryptionAlgorithm({"algorithm": name, "parameters": params}),
     })
-    env = cms.EnvelopedData({"version": "v2" if use_ski else "v0", "recipient_infos": infos,
-                             "encrypted_content_info": eci})
-    return cms.ContentInfo({"content_type": "enveloped_data", "content": env}).dump()
+    head = (cms.ContentType(ci_type).dump(),
+            cms.CMSVersion(version).dump() + cms.RecipientInfos(infos).dump(),
+            eci.contents, ci_type)
+    plain_len = sum(memoryview(p).nbytes for p in parts)
+    return Envelope(head, parts, plain_len, cek, kind, iv)
+
+
+def encrypt(content: bytes, recipients: Sequence[x509.Certificate], *, key_transport: str = "rsa-pkcs1v15",
+            cipher: str = "aes256-cbc", use_ski: bool = False) -> bytes:
+    """DER ContentInfo: EnvelopedData (CBC) or AuthEnvelopedData (GCM) readable by each recipient."""
+    return encrypt_parts([content], recipients, key_transport=key_transport, cipher=cipher,
+                         use_ski=use_ski).to_bytes()
 
 
 # --- decryption ----------------------------------------------------------------------------------

@@ -14,19 +14,20 @@ import email.policy
 import hashlib
 import re
 import secrets
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from email.message import EmailMessage, Message
 from email.utils import format_datetime, getaddresses, make_msgid, parseaddr
-from typing import Any
+from typing import Any, BinaryIO, Protocol
 
-from tokenbridge.formats.cms_asn1 import CmsError
+from tokenbridge.formats.cms_asn1 import Buffer, CmsError, preallocated_io
 
 MICALG = {"sha256": "sha-256", "sha384": "sha-384", "sha512": "sha-512", "sha1": "sha1"}
 CONTENT_HEADERS = ("content-type", "content-transfer-encoding", "content-disposition", "content-id",
                    "content-description", "content-language", "content-location", "content-md5")
 _SMTP = email.policy.SMTP
 MAX_DEPTH = 6
+_BLANK_LINE = re.compile(rb"\r?\n\r?\n")
 
 SignDetached = Callable[[bytes], Awaitable[bytes]]  # entity -> DER SignedData (detached)
 SignAttached = Callable[[bytes], Awaitable[bytes]]  # entity -> DER SignedData (content inside)
@@ -34,8 +35,48 @@ Encrypt = Callable[[bytes], Awaitable[tuple[bytes, bool]]]  # entity -> (DER, au
 
 
 def canonicalize(data: bytes) -> bytes:
-    """Every line ending CRLF (RFC 8551 3.1.1): content signed with bare LF verifies nowhere."""
+    """Every line ending CRLF (RFC 8551 3.1.1): content signed with bare LF verifies nowhere.
+
+    Already canonical input is returned as is (no copy): large messages usually are.
+    """
+    out = canonical_buffer(data)
+    return out if isinstance(out, bytes) else bytes(out)
+
+
+def canonical_buffer(data: bytes | bytearray) -> bytes | bytearray:
+    """``canonicalize`` for any bytes-like value: the same object when it is already canonical."""
+    lf = data.count(b"\n")
+    if lf == 0:
+        return data
+    if b"\r" not in data:
+        return data.replace(b"\n", b"\r\n")  # bare LF only (Unix files): a C-speed replace
+    if data.count(b"\r\n") == lf:
+        return data
     return re.sub(rb"\r?\n", b"\r\n", data)
+
+
+class CrlfWriter:
+    """Writes a message arriving in chunks to ``out`` with every line ending made CRLF on the way.
+
+    The same bytes as ``canonicalize`` of the whole, without holding the message twice.
+    """
+
+    def __init__(self, out: BinaryIO) -> None:
+        self.out = out
+        self._cr = False  # the last chunk ended with CR: its LF may start the next one
+
+    def write(self, chunk: bytes) -> None:
+        if self._cr:
+            chunk = b"\r" + chunk
+        self._cr = chunk.endswith(b"\r")
+        if self._cr:
+            chunk = chunk[:-1]
+        self.out.write(canonical_buffer(chunk))
+
+    def close(self) -> None:
+        if self._cr:
+            self.out.write(b"\r")
+            self._cr = False
 
 
 def split_message(raw: bytes) -> tuple[bytes, bytes]:
@@ -65,7 +106,20 @@ def field_name(f: bytes) -> str:
 
 def split_entity(message: bytes) -> tuple[list[bytes], bytes]:
     """Outer headers (From, To, Subject...) and the MIME entity that gets signed or encrypted."""
-    block, body = split_message(canonicalize(message))
+    outer, entity = split_entity_parts(message)
+    return outer, entity.to_bytes()
+
+
+def split_entity_parts(message: bytes | bytearray, canonical: bool = False) -> tuple[list[bytes], Parts]:
+    """``split_entity`` without copying the body: the entity is its headers plus a view of the body.
+
+    ``canonical``: the caller guarantees CRLF line endings already (e.g. written by ``CrlfWriter``).
+    """
+    if not canonical:
+        message = canonical_buffer(message)
+    m = _BLANK_LINE.search(message)
+    view = memoryview(message)
+    block, body = (bytes(view), view[len(view):]) if m is None else (bytes(view[:m.start()]), view[m.end():])
     outer: list[bytes] = []
     content: list[bytes] = []
     for f in header_fields(block):
@@ -76,28 +130,156 @@ def split_entity(message: bytes) -> tuple[list[bytes], bytes]:
             outer.append(f)
     if not any(field_name(f) == "content-type" for f in content):
         content.insert(0, b"Content-Type: text/plain; charset=us-ascii")
-    return outer, b"\r\n".join(content) + b"\r\n\r\n" + body
+    return outer, Parts(b"\r\n".join(content) + b"\r\n\r\n", body)
 
 
 def join_message(outer: Sequence[bytes], entity: bytes) -> bytes:
-    return b"".join(f + b"\r\n" for f in outer) + b"MIME-Version: 1.0\r\n" + entity
+    return join_message_parts(outer, entity).to_bytes()
 
 
-def _b64_lines(der: bytes) -> bytes:
-    b64 = base64.b64encode(der)
-    return b"".join(b64[i:i + 76] + b"\r\n" for i in range(0, len(b64), 76))
+def join_message_parts(outer: Sequence[bytes], entity: Buffer | Stream) -> Parts:
+    return Parts(b"".join(f + b"\r\n" for f in outer) + b"MIME-Version: 1.0\r\n", entity)
+
+
+# --- streams: messages whose size is known and whose bytes are produced while they are sent --------
+
+
+class Stream(Protocol):
+    """Bytes of a known ``size``, produced by ``chunks()`` (which may only work once)."""
+
+    @property
+    def size(self) -> int: ...
+
+    def chunks(self) -> Iterator[Buffer]: ...
+
+
+class Parts:
+    """The concatenation of bytes-like values and streams, never joined unless asked (``to_bytes``)."""
+
+    def __init__(self, *items: Buffer | Stream) -> None:
+        self.items: list[Buffer | Stream] = []
+        for i in items:
+            self.items.extend(i.items if isinstance(i, Parts) else [i])
+
+    @property
+    def size(self) -> int:
+        return sum(len(memoryview(i)) if isinstance(i, BUFFERS) else i.size for i in self.items)
+
+    @property
+    def is_static(self) -> bool:
+        """Only bytes-like items: ``chunks()`` can be read any number of times."""
+        return all(isinstance(i, BUFFERS) for i in self.items)
+
+    def chunks(self) -> Iterator[Buffer]:
+        for item in self.items:
+            if isinstance(item, BUFFERS):
+                if len(item):
+                    yield item
+            else:
+                yield from item.chunks()
+
+    def buffers(self) -> list[Buffer]:
+        """The items, which must all be bytes-like (e.g. an entity to hash, then to encrypt)."""
+        if not self.is_static:
+            raise TypeError("a stream can only be read once")
+        return [i for i in self.items if isinstance(i, BUFFERS)]
+
+    def contains(self, needle: bytes) -> bool:
+        """Whether ``needle`` occurs in the concatenation (also across two items)."""
+        search = re.compile(re.escape(needle)).search  # memoryviews have no find(); `in` would iterate
+        keep = len(needle) - 1
+        tail = b""
+        for item in self.buffers():
+            view = memoryview(item)
+            if search(view) or (tail and search(tail + bytes(view[:keep]))):
+                return True
+            tail = (tail + bytes(view))[-keep:] if len(view) < keep else bytes(view[len(view) - keep:])
+        return False
+
+    def to_bytes(self) -> bytes:
+        """One bytes object, written once into a buffer of the exact size (handed over without a copy)."""
+        if len(self.items) == 1 and isinstance(self.items[0], bytes):
+            return self.items[0]
+        size = self.size
+        out = preallocated_io(size)
+        for chunk in self.chunks():
+            out.write(chunk)
+        out.truncate(out.tell())
+        data = out.getvalue()
+        assert len(data) == size
+        return data
+
+
+BUFFERS = (bytes, bytearray, memoryview)
+_B64_BLOCK = 57 * 4096  # input bytes per base64 block: whole 76-character lines, about 300 KB out
+
+
+def b64_lines_size(n: int) -> int:
+    chars = 4 * ((n + 2) // 3)
+    return chars + 2 * ((chars + 75) // 76)
+
+
+class Base64Lines:
+    """Base64 of a stream in 76-character CRLF lines (MIME), encoded block by block as it is read."""
+
+    def __init__(self, source: Stream) -> None:
+        self.source = source
+        self.size = b64_lines_size(source.size)
+
+    def chunks(self) -> Iterator[bytes]:
+        carry = bytearray()
+        for chunk in self.source.chunks():
+            view = memoryview(chunk)
+            if carry:
+                take = _B64_BLOCK - len(carry)
+                carry += view[:take]
+                view = view[take:]
+                if len(carry) < _B64_BLOCK:
+                    continue
+                yield _b64_block(carry)
+                carry = bytearray()
+            full = len(view) - len(view) % _B64_BLOCK
+            for off in range(0, full, _B64_BLOCK):
+                yield _b64_block(view[off:off + _B64_BLOCK])
+            carry += view[full:]
+        if carry:
+            yield _b64_block(carry)
+
+
+def _b64_block(data: Buffer) -> bytes:
+    b64 = binascii.b2a_base64(data, newline=False)
+    return b"\r\n".join([b64[i:i + 76] for i in range(0, len(b64), 76)]) + b"\r\n"
+
+
+def _b64_lines(der: Buffer) -> bytes:
+    return _b64_block(der) if len(der) else b""
 
 
 def signed_multipart(entity: bytes, signature_der: bytes, hash_name: str) -> bytes:
     """multipart/signed around ``entity``, which is spliced in byte for byte."""
-    boundary = f"----=_tokenbridge_{secrets.token_hex(12)}".encode()
-    if boundary in entity:  # vanishingly unlikely; never emit an ambiguous delimiter
-        return signed_multipart(entity, signature_der, hash_name)
+    parts = Parts(entity)
+    return signed_multipart_parts(parts, signature_der, hash_name, new_boundary(parts)).to_bytes()
+
+
+def new_boundary(entity: Parts) -> bytes:
+    """A multipart boundary that does not occur in ``entity``: never emit an ambiguous delimiter."""
+    while True:
+        boundary = f"----=_tokenbridge_{secrets.token_hex(12)}".encode()
+        if not entity.contains(boundary):  # vanishingly unlikely
+            return boundary
+
+
+def signed_multipart_head(boundary: bytes, hash_name: str) -> bytes:
+    """What comes before the signed entity: the bytes hashed for the audit along with it."""
     micalg = MICALG[hash_name].encode()
     return (b'Content-Type: multipart/signed; protocol="application/pkcs7-signature"; micalg=' + micalg
             + b';\r\n boundary="' + boundary + b'"\r\n\r\n'
             + b"This is a cryptographically signed message in MIME format.\r\n\r\n"
-            + b"--" + boundary + b"\r\n" + entity + b"\r\n--" + boundary + b"\r\n"
+            + b"--" + boundary + b"\r\n")
+
+
+def signed_multipart_tail(boundary: bytes, signature_der: bytes) -> bytes:
+    return (b"\r\n--" + boundary + b"\r\n"
             + b'Content-Type: application/pkcs7-signature; name="smime.p7s"\r\n'
             + b"Content-Transfer-Encoding: base64\r\n"
             + b'Content-Disposition: attachment; filename="smime.p7s"\r\n'
@@ -105,12 +287,39 @@ def signed_multipart(entity: bytes, signature_der: bytes, hash_name: str) -> byt
             + _b64_lines(signature_der) + b"\r\n--" + boundary + b"--\r\n")
 
 
-def pkcs7_mime(der: bytes, smime_type: str) -> bytes:
-    """application/pkcs7-mime entity (enveloped-data, authEnveloped-data or signed-data)."""
+def signed_multipart_parts(entity: Parts, signature_der: bytes, hash_name: str, boundary: bytes) -> Parts:
+    """multipart/signed around ``entity`` (spliced in by reference, not copied)."""
+    return Parts(signed_multipart_head(boundary, hash_name), entity, signed_multipart_tail(boundary, signature_der))
+
+
+def _pkcs7_head(smime_type: str) -> bytes:
     return (b"Content-Type: application/pkcs7-mime; smime-type=" + smime_type.encode()
             + b'; name="smime.p7m"\r\nContent-Transfer-Encoding: base64\r\n'
             + b'Content-Disposition: attachment; filename="smime.p7m"\r\n'
-            + b"Content-Description: S/MIME Encrypted Message\r\n\r\n" + _b64_lines(der))
+            + b"Content-Description: S/MIME Encrypted Message\r\n\r\n")
+
+
+def pkcs7_mime(der: bytes, smime_type: str) -> bytes:
+    """application/pkcs7-mime entity (enveloped-data, authEnveloped-data or signed-data)."""
+    return _pkcs7_head(smime_type) + _b64_lines(der)
+
+
+def pkcs7_mime_stream(der: Stream, smime_type: str) -> Parts:
+    """``pkcs7_mime`` of DER produced while it is sent (e.g. an Envelope's ciphertext)."""
+    return Parts(_pkcs7_head(smime_type), Base64Lines(der))
+
+
+def hash_parts(parts: Parts, *hashers: Any) -> None:
+    """Feed every hasher the concatenation of ``parts`` in one pass over memory."""
+    for item in parts.buffers():
+        view = memoryview(item)
+        for off in range(0, len(view), _HASH_CHUNK):
+            piece = view[off:off + _HASH_CHUNK]
+            for h in hashers:
+                h.update(piece)
+
+
+_HASH_CHUNK = 1 << 20
 
 
 async def sign_entity(entity: bytes, sign_detached: SignDetached, hash_name: str) -> bytes:
@@ -137,12 +346,29 @@ class Attachment:
     data: bytes
 
 
-def compose_entity(text: str, attachments: Sequence[Attachment] = ()) -> bytes:
+@dataclass(frozen=True)
+class EncodedAttachment:
+    """An attachment already in MIME base64 (76-character CRLF lines), e.g. from ``mime_base64``."""
+
+    filename: str
+    content_type: str
+    lines: bytes
+
+
+def compose_entity(text: str, attachments: Sequence[Attachment | EncodedAttachment] = ()) -> bytes:
     """The MIME entity (text, then attachments in base64), serialised once, with CRLF, 7-bit clean."""
+    return compose_entity_parts(text, attachments).to_bytes()
+
+
+def compose_entity_parts(text: str, attachments: Sequence[Attachment | EncodedAttachment] = ()) -> Parts:
+    """``compose_entity`` as parts: the ``email`` package lays out headers and boundaries around a short
+    marker per attachment, and each attachment's base64 lines are spliced in place of its marker, so
+    large attachments are encoded once and never re-serialised."""
     body = EmailMessage(policy=_SMTP)
     ascii_text = text.isascii()
     body.set_content(text, charset="us-ascii" if ascii_text else "utf-8",
                      cte="7bit" if ascii_text and _short_lines(text) else "quoted-printable")
+    markers: list[tuple[bytes, bytes]] = []
     if attachments:
         body.make_mixed()
         for a in attachments:
@@ -151,11 +377,37 @@ def compose_entity(text: str, attachments: Sequence[Attachment] = ()) -> bytes:
             maintype, _, subtype = a.content_type.partition("/")
             if not maintype or not subtype:
                 maintype, subtype = "application", "octet-stream"
-            body.add_attachment(a.data, maintype=maintype, subtype=subtype, filename=a.filename)
+            marker = secrets.token_bytes(45)  # one 60-character base64 line, unique in the message
+            lines = a.lines if isinstance(a, EncodedAttachment) else _b64_lines(a.data)
+            markers.append((_b64_lines(marker), lines))
+            body.add_attachment(marker, maintype=maintype, subtype=subtype, filename=a.filename)
     del body["MIME-Version"]
     for part in body.walk():
         del part["MIME-Version"]
-    return canonicalize(body.as_bytes(policy=_SMTP))
+    layout = canonicalize(body.as_bytes(policy=_SMTP))
+    items: list[Buffer] = []
+    pos = 0
+    for marker, lines in markers:
+        at = layout.index(marker, pos)
+        items += [layout[pos:at], lines]
+        pos = at + len(marker)
+    items.append(layout[pos:])
+    return Parts(*items)
+
+
+def mime_base64(value: str) -> bytes:
+    """Strict standard base64 text (as JSON carries it) re-encoded as MIME base64 lines, block by block:
+    the decoded bytes are never held whole. Raises ValueError (binascii.Error) as ``b64decode(validate=True)``.
+    """
+    n = len(value)
+    if n % 4 or value.find("=", 0, max(0, n - 2)) >= 0:  # invalid, or padding inside: let the full decoder say
+        return _b64_lines(base64.b64decode(value, validate=True))
+    size = n // 4 * 3 - (value.endswith("==") + value.endswith("="))
+    out = preallocated_io(b64_lines_size(size))
+    step = _B64_BLOCK // 3 * 4  # whole 76-character lines per block
+    for off in range(0, n, step):
+        out.write(_b64_block(base64.b64decode(value[off:off + step], validate=True)))
+    return out.getvalue()
 
 
 def _short_lines(text: str) -> bool:

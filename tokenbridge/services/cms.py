@@ -7,6 +7,7 @@ to problems, and audits what it does that does not touch the token.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -22,7 +23,7 @@ from tokenbridge.config import Settings
 from tokenbridge.errors import Problem
 from tokenbridge.formats import cms_envelope, cms_sign, cms_verify
 from tokenbridge.formats import x509 as x509h
-from tokenbridge.formats.cms_asn1 import CmsError, asn1_cert
+from tokenbridge.formats.cms_asn1 import Buffer, CmsError, asn1_cert
 from tokenbridge.services.keys import load_ca_pool, may_decrypt, may_sign
 from tokenbridge.services.operations import Operations
 from tokenbridge.services.principal import Principal
@@ -37,6 +38,22 @@ _TITLES = {
     "cms_not_encrypted": "Not encrypted", "cms_not_signed": "Not signed",
     "cms_content_missing": "Detached content missing", "unsupported_algorithm": "Unsupported algorithm",
 }
+
+
+_THREAD_THRESHOLD = 256 * 1024  # larger contents are hashed / encrypted off the event loop
+
+
+async def sha256_parts(parts: Sequence[Buffer]) -> str:
+    """SHA-256 of the concatenation of ``parts``, off the event loop when they are large."""
+    def run() -> str:
+        h = hashlib.sha256()
+        for p in parts:
+            h.update(p)
+        return h.hexdigest()
+
+    if sum(memoryview(p).nbytes for p in parts) < _THREAD_THRESHOLD:
+        return run()
+    return await asyncio.to_thread(run)
 
 
 def problem(exc: CmsError) -> Problem:
@@ -192,6 +209,19 @@ class CmsService:
     async def encrypt(self, principal: Principal, content: bytes, to: Sequence[str], *,
                       key_transport: str = "rsa-pkcs1v15", cipher: str = "aes256-cbc",
                       use_ski: bool = False) -> bytes:
+        envelope = await self.encrypt_parts(principal, [content], to, key_transport=key_transport, cipher=cipher,
+                                            use_ski=use_ski)
+        if envelope.size < _THREAD_THRESHOLD:
+            return envelope.to_bytes()
+        return await asyncio.to_thread(envelope.to_bytes)
+
+    async def encrypt_parts(self, principal: Principal, parts: Sequence[Buffer], to: Sequence[str], *,
+                            key_transport: str = "rsa-pkcs1v15", cipher: str = "aes256-cbc", use_ski: bool = False,
+                            content_sha256: str | None = None) -> cms_envelope.Envelope:
+        """EnvelopedData of the concatenation of ``parts``, audited; its ciphertext is made while it is read.
+
+        ``content_sha256``: the content's SHA-256 when the caller already has it (saves a pass over it).
+        """
         principal.require("cms-encrypt")
         certs = await self.recipients(to)
         try:
@@ -200,11 +230,13 @@ class CmsService:
             raise Problem(f"{exc}; the operation was refused", code="audit_unavailable", status=503,
                           title="Audit log unavailable") from None
         try:
-            out = cms_envelope.encrypt(content, certs, key_transport=key_transport, cipher=cipher,
-                                       use_ski=use_ski)
+            out = cms_envelope.encrypt_parts(parts, certs, key_transport=key_transport, cipher=cipher,
+                                             use_ski=use_ski)
         except CmsError as exc:
             raise problem(exc) from None
-        self.audit_event(principal, "cms-encrypt", "ok", hashlib.sha256(content).hexdigest(),
+        if content_sha256 is None:
+            content_sha256 = await sha256_parts(parts)
+        self.audit_event(principal, "cms-encrypt", "ok", content_sha256,
                          f"recipients={'; '.join(c.subject.rfc4514_string() for c in certs)}, "
                          f"cipher={cipher}, key_transport={key_transport}")
         return out

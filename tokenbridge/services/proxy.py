@@ -305,6 +305,8 @@ class _Backend(httpcore.NetworkBackend):
         except OSError as exc:
             raise _unreachable(self._up.name, f"cannot connect to {host}:{port}: "
                                               f"{exc.strerror or type(exc).__name__}") from None
+        # Set by hand: a blocking socket gets no asyncio default. Without it a new connection stalls on
+        # the server's delayed ACK (~40 ms, seen on resumed TLS 1.2: our Finished, then the request).
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return _Stream(sock, self._up)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import hashlib
 import os
 import smtplib
@@ -16,12 +17,12 @@ import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from email.utils import parseaddr
+from functools import cached_property
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tokenbridge.errors import Problem
-from tokenbridge.formats import b64
 from tokenbridge.formats import smime as fmt
 from tokenbridge.formats import x509 as x509h
 from tokenbridge.formats.cms_asn1 import CmsError
@@ -68,12 +69,17 @@ class ComposeRequest(BaseModel):
 
 @dataclass(frozen=True)
 class Composed:
-    message: bytes
+    body: fmt.Parts  # the message as parts (a stream when encrypted: read it once)
     message_id: str
     sender: str
     recipients: list[str]
     signed: bool
     encrypted: bool
+
+    @cached_property
+    def message(self) -> bytes:
+        """The whole message (reads ``body``)."""
+        return self.body.to_bytes()
 
 
 def _hash_alg(cms: CmsService, key: KeyInfo, algorithm: str | None) -> tuple[str, str]:
@@ -91,41 +97,80 @@ class SmimeService:
 
     async def sign_entity(self, principal: Principal, entity: bytes, key_ref: str | None, algorithm: str | None,
                           opaque: bool = False) -> bytes:
+        signed, _ = await self.sign_parts(principal, fmt.Parts(fmt.canonicalize(entity)), key_ref, algorithm,
+                                          opaque=opaque)
+        return signed.to_bytes()
+
+    async def sign_parts(self, principal: Principal, entity: fmt.Parts, key_ref: str | None,
+                         algorithm: str | None, opaque: bool = False, audit_hash: bool = False
+                         ) -> tuple[fmt.Parts, str | None]:
+        """Sign a canonical entity held as parts; the signed entity refers to them (no copy).
+
+        Only the digest goes to the token. ``audit_hash``: also return the SHA-256 of the signed entity,
+        computed in the same pass over the content (what encrypting it next would audit).
+        """
         principal.require("cms-sign")
         key = self.cms.sign_key(principal, key_ref)
         alg, hash_name = _hash_alg(self.cms, key, algorithm)
-
-        async def detached(content: bytes) -> bytes:
-            digest = await _digest(hash_name, content)
-            return await self.cms.sign(principal, key, alg, digest, None)
-
-        async def attached(content: bytes) -> bytes:
-            digest = await _digest(hash_name, content)
-            return await self.cms.sign(principal, key, alg, digest, content)
-
         if opaque:
-            return await fmt.sign_opaque(entity, attached)
-        return await fmt.sign_entity(entity, detached, hash_name)
+            content = entity.to_bytes()
+            digest = await _digest(hash_name, content)
+            der = await self.cms.sign(principal, key, alg, digest, content)
+            del content
+            return fmt.Parts(fmt.pkcs7_mime(der, "signed-data")), None
+        boundary = fmt.new_boundary(entity)
+        head = fmt.signed_multipart_head(boundary, hash_name)
+        hasher = hashlib.new(hash_name)
+        whole = hashlib.sha256(head) if audit_hash else None
+        hashers = [hasher] if whole is None else [hasher, whole]
+        if entity.size < 256 * 1024:
+            fmt.hash_parts(entity, *hashers)
+        else:
+            await asyncio.to_thread(fmt.hash_parts, entity, *hashers)
+        der = await self.cms.sign(principal, key, alg, hasher.digest(), None)
+        tail = fmt.signed_multipart_tail(boundary, der)
+        if whole is not None:
+            whole.update(tail)
+        return fmt.Parts(head, entity, tail), whole.hexdigest() if whole is not None else None
 
     async def encrypt_entity(self, principal: Principal, entity: bytes, to: Sequence[str], key_transport: str,
                              cipher: str) -> bytes:
+        encrypted = await self.encrypt_parts(principal, fmt.Parts(fmt.canonicalize(entity)), to, key_transport,
+                                             cipher)
+        return encrypted.to_bytes()
+
+    async def encrypt_parts(self, principal: Principal, entity: fmt.Parts, to: Sequence[str], key_transport: str,
+                            cipher: str, content_sha256: str | None = None) -> fmt.Parts:
+        """application/pkcs7-mime of a canonical entity; the ciphertext is made while the result is read."""
         principal.require("cms-encrypt")
-
-        async def encrypt(content: bytes) -> tuple[bytes, bool]:
-            der = await self.cms.encrypt(principal, content, to, key_transport=key_transport, cipher=cipher)
-            return der, cipher.endswith("gcm")
-
-        return await fmt.encrypt_entity(entity, encrypt)
+        envelope = await self.cms.encrypt_parts(principal, entity.buffers(), to, key_transport=key_transport,
+                                                cipher=cipher, content_sha256=content_sha256)
+        return fmt.pkcs7_mime_stream(envelope, "authEnveloped-data" if cipher.endswith("gcm") else "enveloped-data")
 
     async def sign_message(self, principal: Principal, raw: bytes, key_ref: str | None, algorithm: str | None,
-                           opaque: bool = False) -> bytes:
-        outer, entity = fmt.split_entity(raw)
-        return fmt.join_message(outer, await self.sign_entity(principal, entity, key_ref, algorithm, opaque))
+                           opaque: bool = False, canonical: bool = False) -> fmt.Parts:
+        """The message signed, as parts referring to ``raw`` (canonical input is not copied).
+
+        ``canonical``: ``raw`` is known to have CRLF line endings (the API canonicalizes while reading).
+        """
+        outer, entity = fmt.split_entity_parts(raw, canonical)
+        signed, _ = await self.sign_parts(principal, entity, key_ref, algorithm, opaque)
+        return fmt.join_message_parts(outer, signed)
 
     async def encrypt_message(self, principal: Principal, raw: bytes, to: Sequence[str], key_transport: str,
-                              cipher: str) -> bytes:
-        outer, entity = fmt.split_entity(raw)
-        return fmt.join_message(outer, await self.encrypt_entity(principal, entity, to, key_transport, cipher))
+                              cipher: str, canonical: bool = False) -> fmt.Parts:
+        """The message encrypted, as a stream: read it once (e.g. as the response body)."""
+        outer, entity = fmt.split_entity_parts(raw, canonical)
+        return fmt.join_message_parts(outer, await self.encrypt_parts(principal, entity, to, key_transport, cipher))
+
+    async def sign_and_encrypt_message(self, principal: Principal, raw: bytes, to: Sequence[str],
+                                       key_ref: str | None, algorithm: str | None, key_transport: str,
+                                       cipher: str, canonical: bool = False) -> fmt.Parts:
+        """Sign, then encrypt: the same bytes as ``encrypt_message(sign_message(raw))``, in one pass."""
+        outer, entity = fmt.split_entity_parts(raw, canonical)
+        signed, sha256 = await self.sign_parts(principal, entity, key_ref, algorithm, audit_hash=True)
+        return fmt.join_message_parts(outer, await self.encrypt_parts(principal, signed, to, key_transport, cipher,
+                                                                      sha256))
 
     async def open_message(self, principal: Principal, raw: bytes) -> tuple[fmt.Opened, dict[str, Any]]:
         """Decrypt and verify every layer; the JSON view says what was found and whether it holds."""
@@ -175,22 +220,25 @@ class SmimeService:
         if not recipients:
             raise Problem("'to' holds no e-mail address", code="invalid_request", status=422,
                           title="Invalid request")
-        attachments = [fmt.Attachment(a.filename, a.content_type, b64.decode(a.data, f"attachment {a.filename!r} data"))
+        # Base64 in, base64 out: re-encoded into MIME lines block by block, never decoded whole.
+        attachments = [fmt.EncodedAttachment(a.filename, a.content_type, _mime_base64(a.data, a.filename))
                        for a in req.attachments]
         try:  # everything that can be refused is checked before the token signs
             outer, mid = fmt.outer_headers(sender, req.to, req.subject)
-            entity = fmt.compose_entity(req.text, attachments)
+            parts = fmt.compose_entity_parts(req.text, attachments)
         except CmsError as exc:
             raise problem(exc) from None
         del attachments
         if req.encrypt_to:
             await self.cms.recipients(req.encrypt_to)
+        sha256: str | None = None
         if key is not None:
-            entity = await self.sign_entity(principal, entity, key.id, req.algorithm)
+            parts, sha256 = await self.sign_parts(principal, parts, key.id, req.algorithm,
+                                                  audit_hash=bool(req.encrypt_to))
         if req.encrypt_to:
-            entity = await self.encrypt_entity(principal, entity, req.encrypt_to, req.key_transport, req.cipher)
-        return Composed(fmt.join_message(outer, entity), mid, parseaddr(sender)[1], recipients, key is not None,
-                        bool(req.encrypt_to))
+            parts = await self.encrypt_parts(principal, parts, req.encrypt_to, req.key_transport, req.cipher, sha256)
+        return Composed(fmt.join_message_parts(outer, parts), mid, parseaddr(sender)[1], recipients,
+                        key is not None, bool(req.encrypt_to))
 
     async def send(self, principal: Principal, req: ComposeRequest) -> Composed:
         principal.require("smime-send")
@@ -234,6 +282,14 @@ class SmimeService:
                 else self.settings.config_file.parent / s.password_file
             return path.read_text().strip()
         return os.environ.get(s.password_env, "")
+
+
+def _mime_base64(data: str, filename: str) -> bytes:
+    try:
+        return fmt.mime_base64(data)
+    except (binascii.Error, ValueError):
+        raise Problem(f"attachment {filename!r} data is not valid base64", code="invalid_base64", status=400,
+                      title="Invalid base64") from None
 
 
 async def _digest(hash_name: str, data: bytes) -> bytes:
