@@ -133,7 +133,9 @@ def bind_listeners(settings: Settings, api_port: int) -> list[tuple[socket.socke
                 raise ValueError(f"upstream {name!r}: listen port {port} is the API's port")
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
             try:
-                bound.append((socket.create_server((host, port), family=family, backlog=512), name))
+                listener = socket.create_server((host, port), family=family, backlog=512)
+                listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # see server.py: no ACK wait
+                bound.append((listener, name))
             except OSError as exc:
                 raise ValueError(f"upstream {name!r}: cannot listen on {up.listen}: {exc.strerror}") from exc
     except ValueError:
