@@ -904,7 +904,7 @@ def targets_for(res: dict[str, Any], key: str, suffix: str) -> list[dict[str, st
         if w.get("rows") and sign:
             best2 = max(r["throughput"]["median"] for r in w["rows"])
             ref = {(r["algorithm"], r["clients"]): r
-                   for r in res.get("sign_nodelay" if w.get("nodelay") else "sign", [])}
+                   for r in (res.get("sign_nodelay") or res.get("sign") or [])}
             best1 = max(ref[(a, c)]["throughput"]["median"] for (a, c) in ref if a == "rsa-pkcs1v15-sha256")
             ratio = best2 / best1
             out.append({"target": "2 token workers vs 1 (RSA-2048 PKCS#1 v1.5, best of 8/64 clients)",
