@@ -78,14 +78,12 @@ class Bridge:
         self.ca_pool = load_ca_pool(settings.ca_files)
 
     def start(self) -> None:
-        self.audit.start_writer()
         status = self.owner.start()
         log.info("token %s: %s%s", status.label or "?", status.state,
                  f" ({status.message})" if status.message else "")
 
     def stop(self) -> None:
         self.owner.stop()
-        self.audit.stop_writer()
         self.store.close()
 
     def _token_event(self, event: str, data: dict[str, object]) -> None:
