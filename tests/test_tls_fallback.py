@@ -97,6 +97,7 @@ def test_rsa_key_without_raw_rsa_is_limited_to_tls12_pkcs1(tmp_path: Path, serve
             if server_version == "1.3":
                 with pytest.raises(ssl.SSLError):
                     context.wrap_socket(raw, server_hostname="localhost")
+                assert used == []  # refused on the version, before the key was asked for anything
                 return
             with context.wrap_socket(raw, server_hostname="localhost") as tls:
                 assert tls.version() == "TLSv1.2"

@@ -360,6 +360,7 @@ def test_recovery_closes_the_sessions_it_abandons(fresh_service: Any, faults: Fa
     while faults.count("C_Sign", "CKR_DEVICE_ERROR") < 3 and time.monotonic() < deadline:
         wait_state(svc, ("ready",), 5.0)
         client.post(SIGN_URL, json=sign_body(b"error"))
+    assert faults.count("C_Sign", "CKR_DEVICE_ERROR") == 3, faults.summary()  # the faults really happened
     wait_state(svc, ("ready",), 5.0)
     assert client.post(SIGN_URL, json=sign_body(b"recovered")).status_code == 200
     opened = faults.count("C_OpenSession", "CKR_OK")
