@@ -98,3 +98,10 @@ def test_service_survives_the_fuzz_findings(service: Service, secret: str) -> No
     r = httpx.post(f"{service.url}/v1/keys/auth-ec/sign", timeout=10, headers={"Authorization": f"Bearer {secret}"},
                    json={"algorithm": "ecdsa-sha256", "data": "AAAA"})
     assert r.status_code == 200, r.text
+
+
+def test_smime_compose_group_syntax_in_to(service: Service, secret: str) -> None:
+    """Was a 500 (found by schemathesis): the stdlib header parser raised TypeError on a group address."""
+    r = httpx.post(f"{service.url}/v1/smime/compose", timeout=30, headers={"Authorization": f"Bearer {secret}"},
+                   json={"to": ["\u00b4", "\U0010ffff<", "\u0097\u00a8@", ".exe", "", "O(T", "\u00c7?"]})
+    assert _is_problem_below_500(r), (r.status_code, r.text[:300])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import email
+import email.errors
 import email.policy
 import hashlib
 import re
@@ -25,6 +26,11 @@ from tokenbridge.formats.cms_asn1 import Buffer, CmsError, preallocated_io
 MICALG = {"sha256": "sha-256", "sha384": "sha-384", "sha512": "sha-512", "sha1": "sha1"}
 CONTENT_HEADERS = ("content-type", "content-transfer-encoding", "content-disposition", "content-id",
                    "content-description", "content-language", "content-location", "content-md5")
+# What Python's email package raises on hostile headers besides its own errors (found by fuzzing):
+# TypeError and AttributeError from its header parser, RecursionError on nested comments.
+PARSER_ERRORS = (email.errors.MessageError, UnicodeError, ValueError, IndexError, AttributeError, TypeError,
+                 RecursionError)
+
 _SMTP = email.policy.SMTP
 MAX_DEPTH = 6
 _BLANK_LINE = re.compile(rb"\r?\n\r?\n")
@@ -430,7 +436,7 @@ def outer_headers(sender: str, to: Sequence[str], subject: str, *, message_id: s
         try:
             folded = _SMTP.header_factory(name, value).fold(policy=_SMTP)
             fields.append(folded.rstrip("\r\n").encode("ascii"))
-        except (UnicodeError, ValueError, IndexError, AttributeError):  # e.g. non-ASCII in an address
+        except PARSER_ERRORS:  # e.g. non-ASCII in an address, or a group syntax the stdlib trips on
             raise CmsError("invalid_header", f"the {name} header cannot be encoded: check its addresses") from None
     return fields, mid
 
@@ -439,12 +445,15 @@ def address_of(value: str) -> str:
     """The bare address of a From-like value; empty when the stdlib cannot parse it (hostile nesting)."""
     try:
         return parseaddr(value)[1]
-    except (RecursionError, ValueError, IndexError):
+    except PARSER_ERRORS:
         return ""
 
 
 def addresses(values: Sequence[str]) -> list[str]:
-    return [addr for _, addr in getaddresses(list(values)) if addr]
+    try:
+        return [addr for _, addr in getaddresses(list(values)) if addr]
+    except PARSER_ERRORS:
+        raise CmsError("invalid_header", "the recipient list cannot be parsed") from None
 
 
 # --- opening --------------------------------------------------------------------------------------
@@ -565,7 +574,7 @@ def attachments_of(entity: bytes) -> list[dict[str, Any]]:
     """Attachments of a MIME entity: name, type, size, SHA-256 and the decoded bytes."""
     try:
         return _attachments_of(entity)
-    except (RecursionError, AttributeError, ValueError, IndexError, TypeError):
+    except PARSER_ERRORS:
         # The stdlib parser fails on some hostile inputs (e.g. thousands of nested comments): say so.
         raise CmsError("mime_malformed", "the inner message cannot be parsed") from None
 
@@ -590,7 +599,7 @@ def text_of(entity: bytes) -> str | None:
     try:
         msg = email.message_from_bytes(entity, policy=email.policy.default)
         body = msg.get_body(preferencelist=("plain",))
-    except (RecursionError, AttributeError, ValueError, IndexError, TypeError):
+    except PARSER_ERRORS:
         return None
     if body is None:
         return None
@@ -608,6 +617,6 @@ def header_value(fields: Sequence[bytes], name: str) -> str | None:
                 msg = email.message_from_bytes(f + b"\r\n\r\n", policy=email.policy.default)
                 value = msg.get(name)
                 return str(value) if value is not None else None
-            except (AttributeError, ValueError, IndexError, TypeError, RecursionError):  # stdlib parser, odd syntax
+            except PARSER_ERRORS:  # the stdlib parser on odd syntax
                 return f.partition(b":")[2].decode("latin-1").strip()
     return None
