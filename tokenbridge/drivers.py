@@ -135,11 +135,16 @@ def current_os() -> OsName:
 
 
 def drivers_dir() -> Path:
-    """The repository's ``drivers/`` folder, or ``$TOKENBRIDGE_DRIVERS_DIR``."""
+    """``$TOKENBRIDGE_DRIVERS_DIR``, else the checkout's ``drivers/`` folder, else the copy a wheel
+    installs under ``<prefix>/share/tokenbridge/drivers`` (pyproject's data-files)."""
     override = os.environ.get(DRIVERS_DIR_ENV)
     if override:
         return Path(override).expanduser()
-    return Path(__file__).resolve().parent.parent / "drivers"
+    checkout = Path(__file__).resolve().parent.parent / "drivers"
+    if checkout.is_dir():
+        return checkout
+    installed = Path(sys.prefix) / "share" / "tokenbridge" / "drivers"
+    return installed if installed.is_dir() else checkout
 
 
 def load_profiles(directory: Path | None = None) -> list[DriverProfile]:
