@@ -216,9 +216,28 @@ class _Stream(httpcore.NetworkStream):
             data = self._sock.recv(max_bytes)
         except Exception as exc:
             raise classify(self._up.name, exc, "reading the response") from None
-        if not self._session_saved and isinstance(self._sock, ssl.SSLSocket):
-            self._save_session()
+        if isinstance(self._sock, ssl.SSLSocket):
+            if not self._session_saved:
+                self._save_session()
+            if data:
+                data = self._read_more(data, max_bytes)
         return data
+
+    def _read_more(self, data: bytes, max_bytes: int) -> bytes:
+        """A TLS recv returns one 16 KiB record; take what else has already arrived, without waiting,
+        so that each hand-off to the event loop carries up to ``max_bytes`` (bulk throughput)."""
+        parts, size = [data], len(data)
+        self._sock.settimeout(0)
+        try:
+            while size < max_bytes:
+                more = self._sock.recv(max_bytes - size)
+                if not more:
+                    break
+                parts.append(more)
+                size += len(more)
+        except OSError:  # nothing more yet (SSLWantReadError is an OSError), or a failure the next read reports
+            pass
+        return b"".join(parts) if len(parts) > 1 else data
 
     def write(self, buffer: bytes, timeout: float | None = None) -> None:
         try:
