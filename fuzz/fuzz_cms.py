@@ -19,7 +19,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common
 
 with atheris.instrument_imports(include=_common.INSTRUMENT):
-    from tokenbridge.errors import Problem
     from tokenbridge.services.cms import CmsService
     from tokenbridge.services.principal import Principal
 
@@ -50,14 +49,7 @@ async def one(data: bytes) -> None:
 
 
 def TestOneInput(data: bytes) -> None:
-    try:
-        _common.run_async(one(data))
-    except Problem as exc:
-        if exc.status >= 500 and exc.code not in ("token_unavailable", "audit_unavailable"):
-            raise
-    except Exception as exc:
-        if not _common.known_bug(exc):
-            raise
+    _common.expect_no_server_error(lambda: _common.run_async(one(data)))
 
 
 def seeds() -> list[bytes]:

@@ -70,11 +70,11 @@ class Operations:
         principal.require_key(key)
         return key
 
-    async def refused(self, principal: Principal, event: str, problem: Problem, key: str | None = None) -> Problem:
+    def refused(self, principal: Principal, event: str, problem: Problem, key: str | None = None) -> Problem:
         """Audit a refusal that says something about a client (a grant, key or usage it lacks)."""
         if problem.status == 403:
             try:
-                await self.audit.record_async(principal.actor, event, problem.code, key=key, detail=problem.detail)
+                self.audit.record(principal.actor, event, problem.code, key=key, detail=problem.detail)
             except AuditUnavailable as exc:
                 return _audit_failed(exc)
         return problem
@@ -87,7 +87,7 @@ class Operations:
         except Problem as problem:
             if isinstance(problem, TokenError):
                 raise
-            raise await self.refused(principal, event, problem, key_ref) from None
+            raise self.refused(principal, event, problem, key_ref) from None
 
     async def _sign(self, principal: Principal, key_ref: str, algorithm: str, data: bytes | None,
                     digest: bytes | None, raw_ecdsa: bool, event: str, grant: str) -> SignResult:
@@ -127,7 +127,7 @@ class Operations:
         except Problem as problem:
             if isinstance(problem, TokenError):
                 raise
-            raise await self.refused(principal, event, problem, key_ref) from None
+            raise self.refused(principal, event, problem, key_ref) from None
 
     async def _decrypt(self, principal: Principal, key_ref: str, algorithm: str, ciphertext: bytes,
                        event: str, grant: str) -> bytes:
@@ -189,14 +189,14 @@ class Operations:
         except TokenError as exc:
             self._count(event, key, principal, exc.code)
             try:
-                await self.audit.record_async(principal.actor, event, exc.code, key=key.id, algorithm=algorithm,
+                self.audit.record(principal.actor, event, exc.code, key=key.id, algorithm=algorithm,
                                   input_sha256=input_hash)
             except AuditUnavailable as audit_exc:
                 raise _audit_failed(audit_exc) from exc
             raise
         self._count(event, key, principal, outcome)
         try:
-            await self.audit.record_async(principal.actor, event, outcome, key=key.id, algorithm=algorithm,
+            self.audit.record(principal.actor, event, outcome, key=key.id, algorithm=algorithm,
                               input_sha256=input_hash)
         except AuditUnavailable as exc:
             raise _audit_failed(exc) from None
