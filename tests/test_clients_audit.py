@@ -155,3 +155,51 @@ def test_refusals_are_audited_and_last_seen_recorded(service: Service) -> None:
     assert refused and refused[-1]["outcome"] == "grant_missing" and refused[-1]["event"] == "sign"
     listed = json.loads(service.cli("clients", "list", "--json").stdout)
     assert next(c for c in listed if c["name"] == "nosy")["last_seen"]
+
+
+def test_openapi_declares_the_bearer_scheme_on_protected_routes(service: Service) -> None:
+    doc = service.http().get("/openapi.json").json()
+    assert doc["components"]["securitySchemes"]["HTTPBearer"] == {
+        "type": "http", "scheme": "bearer", "description": "A client secret from `tokenbridge clients add`."}
+    assert doc["paths"]["/v1/keys/{key}/sign"]["post"]["security"] == [{"HTTPBearer": []}]
+    assert "security" not in doc["paths"]["/v1/health"]["get"]
+    sign = doc["paths"]["/v1/keys/{key}/sign"]["post"]["responses"]["200"]["content"]["application/json"]
+    assert sign["schema"]["$ref"].endswith("/SignResponse")
+
+
+def test_audit_chain_stays_whole_with_several_writers(tmp_path) -> None:
+    """Workers and the CLI append to one chain, each from its own connection."""
+    import threading
+
+    from tokenbridge.audit import AuditLog
+    from tokenbridge.store import Store
+
+    logs = [AuditLog(Store(tmp_path / "state.db")) for _ in range(3)]
+
+    def append(log: AuditLog, n: int) -> None:
+        for i in range(n):
+            log.record(f"writer-{id(log)}", "sign", "ok", input_sha256=f"{i:064x}")
+
+    threads = [threading.Thread(target=append, args=(log, 200)) for log in logs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    logs[0].record("operator", "client_added", "ok")  # after the others: continues after their entries
+    assert logs[1].verify() == (True, 601, None)
+
+
+def test_revocation_by_another_process_applies_to_cached_secrets(tmp_path) -> None:
+    from tokenbridge.clients import ClientRegistry
+    from tokenbridge.store import Store
+
+    service, cli = ClientRegistry(Store(tmp_path / "s.db")), ClientRegistry(Store(tmp_path / "s.db"))
+    _, secret = cli.add("counter-1", ["sign"])
+    assert service.authenticate(secret) is not None  # now cached by the service
+    assert service.authenticate(secret) is not None
+    cli.revoke("counter-1")
+    assert service.authenticate(secret) is None
+    _, rotated = cli.add("counter-2", ["sign"])
+    assert service.authenticate(rotated) is not None
+    _, newer = cli.rotate("counter-2")
+    assert service.authenticate(rotated) is None and service.authenticate(newer) is not None

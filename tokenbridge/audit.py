@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -20,6 +21,8 @@ from tokenbridge.store import Store
 
 GENESIS = "0" * 64
 FIELDS = ("seq", "ts", "actor", "event", "key", "algorithm", "input_sha256", "outcome", "detail")
+_INSERT = (f"INSERT INTO audit ({', '.join(FIELDS)}, prev_hash, hash) "
+           f"VALUES ({', '.join('?' * (len(FIELDS) + 2))})")
 
 
 class AuditUnavailable(Exception):
@@ -50,6 +53,8 @@ class AuditLog:
     def __init__(self, store: Store) -> None:
         self._store = store
         self._broken = False
+        self._lock = threading.Lock()
+        self._tail: tuple[int, str] | None = None  # (seq, hash) of the last entry this process knows
 
     def ensure_writable(self) -> None:
         """Cheap check before a private-key operation, only once a write has failed."""
@@ -75,28 +80,40 @@ class AuditLog:
     ) -> int:
         """Append one entry; raise ``AuditUnavailable`` if it cannot be made durable.
 
-        Called on the event loop too: a commit takes ~20 µs here (WAL, synchronous=NORMAL). A group-commit
-        writer thread was measured and removed: its thread hand-offs cost more than the commits it grouped.
+        Called on the event loop, once per private-key operation, so the usual append is one statement:
+        the entry after the last one this process wrote. ``seq`` is the primary key: if another process
+        (a worker, the CLI) appended meanwhile, that insert fails and the entry is appended again after
+        the chain's real end, read under the write lock.
         """
-        try:
-            with self._store.transaction(immediate=True) as db:
-                row = db.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
-                seq, prev = (row[0] + 1, row[1]) if row else (1, GENESIS)
-                fields: dict[str, object] = {
-                    "seq": seq, "ts": datetime.now(UTC).isoformat(timespec="microseconds"),
-                    "actor": actor, "event": event, "key": key, "algorithm": algorithm,
-                    "input_sha256": input_sha256, "outcome": outcome, "detail": detail,
-                }
-                db.execute(
-                    "INSERT INTO audit (seq, ts, actor, event, key, algorithm, input_sha256, outcome, detail,"
-                    " prev_hash, hash) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                    (*[fields[f] for f in FIELDS], prev, entry_hash(prev, fields)),
-                )
+        fields: dict[str, object] = {
+            "seq": 0, "ts": datetime.now(UTC).isoformat(timespec="microseconds"), "actor": actor,
+            "event": event, "key": key, "algorithm": algorithm, "input_sha256": input_sha256,
+            "outcome": outcome, "detail": detail,
+        }
+        with self._lock:
+            try:
+                try:
+                    appended = self._tail is not None and self._append(self._store, fields, self._tail)
+                except sqlite3.IntegrityError:
+                    appended = False  # another process appended since our last entry
+                if not appended:
+                    with self._store.transaction(immediate=True) as db:
+                        row = db.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+                        self._append(db, fields, (row[0], row[1]) if row else (0, GENESIS))
+            except sqlite3.Error as exc:
+                self._tail = None
+                self._broken = True
+                raise AuditUnavailable(f"the audit log cannot be written: {exc}") from exc
             self._broken = False
-            return seq
-        except sqlite3.Error as exc:
-            self._broken = True
-            raise AuditUnavailable(f"the audit log cannot be written: {exc}") from exc
+            assert self._tail is not None
+            return self._tail[0]
+
+    def _append(self, db: Store | sqlite3.Connection, fields: dict[str, object], tail: tuple[int, str]) -> bool:
+        fields["seq"] = tail[0] + 1
+        digest = entry_hash(tail[1], fields)
+        db.execute(_INSERT, (*[fields[f] for f in FIELDS], tail[1], digest))
+        self._tail = (tail[0] + 1, digest)
+        return True
 
     def tail(self, count: int = 20) -> list[AuditEntry]:
         rows = self._store.query("SELECT * FROM audit ORDER BY seq DESC LIMIT ?", (count,))

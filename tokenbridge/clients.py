@@ -12,6 +12,7 @@ import hmac
 import re
 import secrets
 import sqlite3
+import time
 from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -62,8 +63,23 @@ def _row_to_client(row: sqlite3.Row) -> Client:
 
 
 class ClientRegistry:
+    """Clients in the store. Authentications are cached per process (a lookup per request costs more than
+    the rest of the check) and dropped as soon as the store's ``clients`` revision moves: a revocation
+    made by any process applies to the next request."""
+
     def __init__(self, store: Store) -> None:
         self._store = store
+        self._revision: int | None = None
+        self._by_secret: dict[bytes, Client] = {}  # secret SHA-256 -> active client
+        self._by_certificate: dict[str, Client] = {}  # certificate SHA-256 -> active workstation
+        self._touched: dict[str, float] = {}  # client id -> monotonic time last_seen was written
+
+    def _sync(self) -> None:
+        revision = self._store.query("SELECT value FROM revisions WHERE name = 'clients'")[0][0]
+        if revision != self._revision:
+            self._by_secret.clear()
+            self._by_certificate.clear()
+            self._revision = revision
 
     def add(self, name: str, grants: list[str], keys: list[str] | None = None, *, kind: str = "client",
             cert_sha256: str | None = None) -> tuple[Client, str]:
@@ -126,33 +142,43 @@ class ClientRegistry:
 
     def authenticate_certificate(self, cert_sha256: str) -> Client | None:
         """The active workstation enrolled with this certificate, or None (revocation applies at once)."""
-        rows = self._store.query("SELECT * FROM clients WHERE cert_sha256 = ? AND kind = 'workstation'",
-                                 (cert_sha256,))
-        if not rows or rows[0]["revoked"]:
-            return None
-        self._touch(rows[0]["client_id"], rows[0]["last_seen"])
-        return _row_to_client(rows[0])
+        self._sync()
+        client = self._by_certificate.get(cert_sha256)
+        if client is None:
+            rows = self._store.query("SELECT * FROM clients WHERE cert_sha256 = ? AND kind = 'workstation'",
+                                     (cert_sha256,))
+            if not rows or rows[0]["revoked"]:
+                return None
+            client = self._by_certificate[cert_sha256] = _row_to_client(rows[0])
+        self._touch(client.client_id)
+        return client
 
     def authenticate(self, secret: str) -> Client | None:
         """The active client holding this secret, or None. Revocation applies at once."""
         parts = secret.split("_", 2)
         if len(parts) != 3 or parts[0] != "tb":
             return None
-        rows = self._store.query("SELECT * FROM clients WHERE client_id = ?", (parts[1],))
-        if not rows:
-            hmac.compare_digest(_hash(secret), b"\0" * 32)  # same work either way
-            return None
-        row = rows[0]
-        if not hmac.compare_digest(_hash(secret), bytes(row["secret_hash"])) or row["revoked"]:
-            return None
-        self._touch(row["client_id"], row["last_seen"])
-        return _row_to_client(row)
+        digest = _hash(secret)
+        self._sync()
+        client = self._by_secret.get(digest)  # keyed by the secret's hash: no timing on the secret itself
+        if client is None:
+            rows = self._store.query("SELECT * FROM clients WHERE client_id = ?", (parts[1],))
+            if not rows:
+                hmac.compare_digest(digest, b"\0" * 32)  # same work either way
+                return None
+            row = rows[0]
+            if not hmac.compare_digest(digest, bytes(row["secret_hash"])) or row["revoked"]:
+                return None
+            client = self._by_secret[digest] = _row_to_client(row)
+        self._touch(client.client_id)
+        return client
 
-    def _touch(self, client_id: str, last_seen: str | None) -> None:
+    def _touch(self, client_id: str) -> None:
         """Record when a client was last seen, at most once a minute (a write per request would cost)."""
-        now = datetime.now(UTC)
-        if last_seen and (now - datetime.fromisoformat(last_seen)).total_seconds() < 60:
+        now = time.monotonic()
+        last = self._touched.get(client_id)
+        if last is not None and now - last < 60:
             return
+        self._touched[client_id] = now
         with suppress(sqlite3.Error), self._store.transaction(immediate=True) as db:
-            db.execute("UPDATE clients SET last_seen = ? WHERE client_id = ?",
-                       (now.isoformat(timespec="seconds"), client_id))
+            db.execute("UPDATE clients SET last_seen = ? WHERE client_id = ?", (_now(), client_id))

@@ -8,7 +8,7 @@ owner's cached state: a scrape never touches the token.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -60,10 +60,24 @@ class Metrics:
         self.handshakes = Counter("tokenbridge_upstream_handshakes", "TLS handshakes signed on the token",
                                   ["upstream", "outcome"], registry=self.registry)
 
+        # Labelled children, kept: looking one up through ``labels()`` costs more than the update itself.
+        self._counters: dict[tuple[str, ...], Any] = {}
+        self._timers: dict[str, tuple[Any, Any]] = {}
+
+    def count(self, operation: str, key: str, client: str, outcome: str) -> None:
+        labels = (operation, key, client, outcome)
+        child = self._counters.get(labels)
+        if child is None:
+            child = self._counters[labels] = self.operations.labels(*labels)
+        child.inc()
+
     def watch(self, owner: TokenOwner) -> None:
         self.registry.register(_TokenCollector(owner))
 
     def observe_job(self, client: str, kind: str, wait: float, token: float, outcome: str) -> None:
         """Called on the owner thread after each job: two histogram updates, nothing else."""
-        self.queue_wait.labels(kind).observe(wait)
-        self.token_time.labels(kind).observe(token)
+        timers = self._timers.get(kind)
+        if timers is None:
+            timers = self._timers[kind] = (self.queue_wait.labels(kind), self.token_time.labels(kind))
+        timers[0].observe(wait)
+        timers[1].observe(token)

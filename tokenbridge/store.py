@@ -40,6 +40,20 @@ CREATE TABLE IF NOT EXISTS audit (
 );
 """
 
+# Bumped whenever who may do what changes (not on last_seen): a service caches authentications until it moves,
+# whichever process (another worker, the CLI) made the change.
+TRIGGERS = """
+CREATE TABLE IF NOT EXISTS revisions (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT OR IGNORE INTO revisions VALUES ('clients', 0);
+CREATE TRIGGER IF NOT EXISTS clients_added AFTER INSERT ON clients
+    BEGIN UPDATE revisions SET value = value + 1 WHERE name = 'clients'; END;
+CREATE TRIGGER IF NOT EXISTS clients_removed AFTER DELETE ON clients
+    BEGIN UPDATE revisions SET value = value + 1 WHERE name = 'clients'; END;
+CREATE TRIGGER IF NOT EXISTS clients_changed
+    AFTER UPDATE OF client_id, name, secret_hash, grants, keys, revoked, kind, cert_sha256 ON clients
+    BEGIN UPDATE revisions SET value = value + 1 WHERE name = 'clients'; END;
+"""
+
 
 class Store:
     """A thread-safe handle on the state database."""
@@ -58,6 +72,7 @@ class Store:
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
         self._migrate()
+        self._db.executescript(TRIGGERS)
         for side in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
             with suppress(OSError):
                 side.chmod(0o600)
@@ -80,6 +95,11 @@ class Store:
                 raise
             else:
                 self._db.execute("COMMIT")
+
+    def execute(self, sql: str, params: tuple[object, ...] = ()) -> None:
+        """One statement, committed on its own (autocommit)."""
+        with self._lock:
+            self._db.execute(sql, params)
 
     def query(self, sql: str, params: tuple[object, ...] = ()) -> list[sqlite3.Row]:
         with self._lock:

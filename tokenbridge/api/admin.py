@@ -13,26 +13,24 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, time
 from importlib import resources
-from typing import Annotated, Any
+from typing import Any
 
 from cryptography.x509.oid import NameOID
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from starlette.datastructures import State
 
 from tokenbridge import __version__
-from tokenbridge.api.auth import bridge_of, principal
+from tokenbridge.api.auth import Caller, bridge_of
 from tokenbridge.api.v1 import token_view
 from tokenbridge.audit import AuditEntry
 from tokenbridge.errors import Problem
 from tokenbridge.formats import x509 as x509h
 from tokenbridge.services.bridge import Bridge
-from tokenbridge.services.principal import Principal
 from tokenbridge.store import Store
 from tokenbridge.token.model import KeyInfo, TokenState, TokenStatus
 
 router = APIRouter()
-Caller = Annotated[Principal, Depends(principal)]
 
 AUDIT_ENTRIES = 20
 EXPIRY_WARNING_DAYS = 30

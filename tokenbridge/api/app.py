@@ -38,6 +38,8 @@ def create_app(bridge: Bridge, manage: bool = True) -> FastAPI:
         description="Share one PKCS#11 certificate between workstations: sign and decrypt with the token's "
                     "key, which never leaves it. Errors are RFC 9457 problem documents with a stable `code`.",
         lifespan=lifespan,
+        # Metrics are Prometheus (/metrics); FastAPI's OpenTelemetry hooks would only cost time per request.
+        telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False},
     )
     app.state.bridge = bridge
     problems.install(app)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+from typing import Annotated
 
 from fastapi import Depends, Request
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import HTTPBearer
 
 from tokenbridge.audit import AuditUnavailable
 from tokenbridge.clients import Client
@@ -24,10 +25,6 @@ def via_admin_socket(request: Request) -> bool:
 def bridge_of(request: Request) -> Bridge:
     bridge: Bridge = request.app.state.bridge
     return bridge
-
-
-# Declares the scheme in OpenAPI (the Authorize button in /docs); checking stays ours, for problem+json.
-_bearer = HTTPBearer(auto_error=False, description="A client secret from `tokenbridge clients add`.")
 
 
 def _unauthorized(detail: str, challenge: str = 'Bearer realm="tokenbridge"') -> Problem:
@@ -51,8 +48,15 @@ def _workstation(request: Request) -> Client | None:
     return workstation
 
 
-async def principal(request: Request,
-                    _credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> Principal:
+class ClientAuthentication(HTTPBearer):
+    """The bearer scheme as FastAPI sees it (so /docs has an Authorize button), checked our way: one
+    dependency per request that yields the ``Principal``, with problem+json errors."""
+
+    async def __call__(self, request: Request) -> Principal:  # type: ignore[override]
+        return await principal(request)
+
+
+async def principal(request: Request) -> Principal:
     """Who is asking. On the TLS listener, ``server.client_auth`` says whether a workstation certificate,
     a client secret, either, or both are needed; a secret used through a workstation names both."""
     if via_admin_socket(request):
@@ -91,3 +95,8 @@ async def operator(request: Request) -> Principal:
         raise Problem("this operation is only available on the local admin socket", code="operator_only",
                       status=403, title="Forbidden")
     return OPERATOR
+
+
+authenticated = ClientAuthentication(auto_error=False, scheme_name="HTTPBearer",
+                                     description="A client secret from `tokenbridge clients add`.")
+Caller = Annotated[Principal, Depends(authenticated)]

@@ -12,11 +12,11 @@ import io
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from tokenbridge.api.auth import bridge_of, principal
+from tokenbridge.api.auth import Caller, bridge_of
 from tokenbridge.errors import Problem
 from tokenbridge.formats import b64
 from tokenbridge.formats import smime as fmt
@@ -24,11 +24,9 @@ from tokenbridge.formats import x509 as x509h
 from tokenbridge.formats.cms_asn1 import to_pem
 from tokenbridge.formats.cms_envelope import CONTENT_CIPHERS, KEY_TRANSPORTS
 from tokenbridge.services.cms import CmsService
-from tokenbridge.services.principal import Principal
 from tokenbridge.services.smime import ComposeRequest, SmimeService
 
 router = APIRouter(prefix="/v1")
-Caller = Annotated[Principal, Depends(principal)]
 _RAW_TYPES = ("application/pkcs7-mime", "application/pkcs7-signature", "application/octet-stream",
               "application/x-pem-file", "message/rfc822")
 KeyTransportQ = Annotated[Literal[KEY_TRANSPORTS], Query(description="Key transport")]  # type: ignore[valid-type]

@@ -14,14 +14,14 @@ import ipaddress
 import logging
 import socket
 from collections.abc import AsyncIterator, Iterator
-from typing import Annotated, Any
+from typing import Any
 
 import uvicorn
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 
 from tokenbridge.api import problems
-from tokenbridge.api.auth import bridge_of, principal
+from tokenbridge.api.auth import Caller, bridge_of
 from tokenbridge.config import Settings
 from tokenbridge.errors import Problem
 from tokenbridge.services.principal import Principal
@@ -29,7 +29,6 @@ from tokenbridge.services.proxy import ProxyResponse, proxy_service
 
 log = logging.getLogger("tokenbridge.proxy")
 router = APIRouter(prefix="/v1", tags=["proxy"])
-Caller = Annotated[Principal, Depends(principal)]
 METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from tokenbridge import __version__
-from tokenbridge.api.auth import bridge_of, operator, principal
+from tokenbridge.api.auth import Caller, bridge_of, operator
 from tokenbridge.errors import Problem
 from tokenbridge.formats import b64
 from tokenbridge.formats import x509 as x509h
@@ -19,7 +19,6 @@ from tokenbridge.services.principal import Principal
 from tokenbridge.token.model import KeyInfo, TokenState, TokenStatus
 
 router = APIRouter(prefix="/v1")
-Caller = Annotated[Principal, Depends(principal)]
 Operator = Annotated[Principal, Depends(operator)]
 
 
@@ -43,6 +42,56 @@ def token_view(status: TokenStatus) -> dict[str, Any]:
 
 def _view(bridge: Bridge, key: KeyInfo) -> dict[str, Any]:
     return key_view(key, bridge.settings.key_policy(key.id, key.label).allow_rsa_pkcs1v15_decrypt)
+
+
+# The private-key operations come first: routes are matched in order, and these are the hot ones.
+# They return their JSON directly (the response models document it): FastAPI would validate it again.
+
+class SignRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    algorithm: str = Field(description="e.g. rsa-pkcs1v15-sha256, rsa-pss-sha256, ecdsa-sha256")
+    data: str | None = Field(None, description="base64 data; hashed by the service")
+    digest: str | None = Field(None, description="base64 digest, already hashed with the algorithm's hash")
+    format: Literal["der", "raw"] = Field("der", description="ECDSA only: DER, or raw r||s")
+
+
+class SignResponse(BaseModel):
+    signature: str
+    algorithm: str
+    key: str
+    key_label: str
+
+
+@router.post("/keys/{key}/sign", summary="Sign data or a digest with the key", response_model=SignResponse)
+async def sign(request: Request, key: str, body: SignRequest, caller: Caller) -> Response:
+    data = b64.decode(body.data, "'data'") if body.data is not None else None
+    digest = b64.decode(body.digest, "'digest'") if body.digest is not None else None
+    result = await bridge_of(request).operations.sign(caller, key, body.algorithm, data=data, digest=digest,
+                                                      raw_ecdsa=body.format == "raw")
+    return JSONResponse({"signature": b64.encode(result.signature), "algorithm": result.algorithm,
+                         "key": result.key.id, "key_label": result.key.label})
+
+
+class DecryptRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    algorithm: str = Field(description="rsa-oaep-sha256, rsa-oaep-sha1, or rsa-pkcs1v15 (if enabled)")
+    ciphertext: str = Field(description="base64")
+
+
+class DecryptResponse(BaseModel):
+    plaintext: str
+    algorithm: str
+    key: str
+
+
+@router.post("/keys/{key}/decrypt", summary="Decrypt an RSA ciphertext with the key",
+             response_model=DecryptResponse)
+async def decrypt(request: Request, key: str, body: DecryptRequest, caller: Caller) -> Response:
+    ciphertext = b64.decode(body.ciphertext, "'ciphertext'")
+    ops = bridge_of(request).operations
+    plaintext = await ops.decrypt(caller, key, body.algorithm, ciphertext)
+    return JSONResponse({"plaintext": b64.encode(plaintext), "algorithm": body.algorithm,
+                         "key": ops.resolve_key(caller, key).id})
 
 
 @router.get("/health", summary="Service and token state (no authentication)")
@@ -102,52 +151,6 @@ async def chain(request: Request, key: str, caller: Caller) -> Response:
     pool = [c for other in bridge.owner.list_keys() if (c := other.certificate) is not None] + bridge.ca_pool
     chain = x509h.build_chain(cert, pool)
     return Response(b"".join(x509h.to_pem(c) for c in chain), media_type="application/x-pem-file")
-
-
-class SignRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    algorithm: str = Field(description="e.g. rsa-pkcs1v15-sha256, rsa-pss-sha256, ecdsa-sha256")
-    data: str | None = Field(None, description="base64 data; hashed by the service")
-    digest: str | None = Field(None, description="base64 digest, already hashed with the algorithm's hash")
-    format: Literal["der", "raw"] = Field("der", description="ECDSA only: DER, or raw r||s")
-
-
-class SignResponse(BaseModel):
-    signature: str
-    algorithm: str
-    key: str
-    key_label: str
-
-
-@router.post("/keys/{key}/sign", summary="Sign data or a digest with the key")
-async def sign(request: Request, key: str, body: SignRequest, caller: Caller) -> SignResponse:
-    data = b64.decode(body.data, "'data'") if body.data is not None else None
-    digest = b64.decode(body.digest, "'digest'") if body.digest is not None else None
-    result = await bridge_of(request).operations.sign(caller, key, body.algorithm, data=data, digest=digest,
-                                                      raw_ecdsa=body.format == "raw")
-    return SignResponse(signature=b64.encode(result.signature), algorithm=result.algorithm, key=result.key.id,
-                        key_label=result.key.label)
-
-
-class DecryptRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    algorithm: str = Field(description="rsa-oaep-sha256, rsa-oaep-sha1, or rsa-pkcs1v15 (if enabled)")
-    ciphertext: str = Field(description="base64")
-
-
-class DecryptResponse(BaseModel):
-    plaintext: str
-    algorithm: str
-    key: str
-
-
-@router.post("/keys/{key}/decrypt", summary="Decrypt an RSA ciphertext with the key")
-async def decrypt(request: Request, key: str, body: DecryptRequest, caller: Caller) -> DecryptResponse:
-    ciphertext = b64.decode(body.ciphertext, "'ciphertext'")
-    ops = bridge_of(request).operations
-    plaintext = await ops.decrypt(caller, key, body.algorithm, ciphertext)
-    return DecryptResponse(plaintext=b64.encode(plaintext), algorithm=body.algorithm,
-                           key=ops.resolve_key(caller, key).id)
 
 
 class LoginRequest(BaseModel):

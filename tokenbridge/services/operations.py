@@ -204,4 +204,4 @@ class Operations:
 
     def _count(self, event: str, key: KeyInfo, principal: Principal, outcome: str) -> None:
         if self.metrics is not None:
-            self.metrics.operations.labels(event, key.label, principal.name, outcome).inc()
+            self.metrics.count(event, key.label, principal.name, outcome)
