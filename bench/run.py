@@ -57,8 +57,6 @@ ALGORITHMS = [  # (algorithm, key label)
 ]
 CONCURRENCY = [1, 8, 64]
 PHASES = ("raw", "bare", "sign", "workers", "spy", "slow", "profile", "smime", "tls")
-# Kept for comparison with runs from before the listener got TCP_NODELAY (now fixed in the service).
-EXTRA_PHASES = ("sign_nodelay",)
 
 
 def log(msg: str) -> None:
@@ -113,15 +111,13 @@ class Server:
 
 
 @contextlib.contextmanager
-def service(demo: DemoInfo, work: Path, name: str, extra_env: dict[str, str] | None = None,
-            nodelay: bool = False) -> Iterator[Server]:
+def service(demo: DemoInfo, work: Path, name: str, extra_env: dict[str, str] | None = None) -> Iterator[Server]:
     data = work / name
     data.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "TOKENBRIDGE_DATA_DIR": str(data), "TOKENBRIDGE_CONFIG": str(demo.config_file),
            **(extra_env or {})}
     port = free_port()
-    entry = [PY, str(HERE / "serve_nodelay.py")] if nodelay else [PY, "-m", "tokenbridge"]
-    srv = Server([*entry, "serve", "--config", str(demo.config_file), "--port", str(port),
+    srv = Server([PY, "-m", "tokenbridge", "serve", "--config", str(demo.config_file), "--port", str(port),
                   "--log-level", "warning"], env, port, data / "service.log", "/v1/health")
     srv.env = env  # type: ignore[attr-defined]
     try:
@@ -170,24 +166,42 @@ def wrk(url: str, body: str, token: str | None, clients: int, seconds: float) ->
             "socket_errors": r["connect_errors"] + r["read_errors"] + r["write_errors"] + r["timeouts"]}
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and its children (the workers), all threads, from /proc."""
+    total = 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return total
+    return total + sum(cpu_seconds(int(c)) for c in children)
+
+
 def load_matrix(url_for: dict[str, str], token: str | None, reps: int, seconds: float,
-                algorithms: list[tuple[str, str]]) -> list[dict[str, Any]]:
+                algorithms: list[tuple[str, str]], server: Server | None = None) -> list[dict[str, Any]]:
+    """``server``: also report the service's CPU time per request (all its processes and threads)."""
     rows = []
     for algorithm, key in algorithms:
         for clients in CONCURRENCY:
             runs = []
             for _ in range(reps):
                 wrk(url_for[key], body_for(algorithm), token, clients, 1.0)  # warm-up
-                runs.append(wrk(url_for[key], body_for(algorithm), token, clients, seconds))
+                before = cpu_seconds(server.proc.pid) if server else 0.0
+                run = wrk(url_for[key], body_for(algorithm), token, clients, seconds)
+                if server:
+                    run["cpu_us_per_request"] = 1e6 * (cpu_seconds(server.proc.pid) - before) / run["requests"]
+                runs.append(run)
             row = {"algorithm": algorithm, "clients": clients, "runs": runs,
                    "throughput": summarize([r["throughput"] for r in runs]),
                    "p50_ms": summarize([r["p50_ms"] for r in runs]),
                    "p99_ms": summarize([r["p99_ms"] for r in runs]),
                    "non200": sum(r["non200"] for r in runs),
+                   "cpu_us": summarize([r["cpu_us_per_request"] for r in runs]) if server else None,
                    "socket_errors": sum(r["socket_errors"] for r in runs)}
             log(f"  {algorithm:22s} c={clients:<3d} {row['throughput']['median']:8.0f} req/s  "
                 f"p50 {row['p50_ms']['median']:.2f} ms  p99 {row['p99_ms']['median']:.2f} ms  "
-                f"non200 {row['non200']}")
+                f"non200 {row['non200']}" + (f"  cpu {row['cpu_us']['median']:.0f} us/req" if server else ""))
             rows.append(row)
     return rows
 
@@ -223,28 +237,25 @@ def phase_bare(work: Path, reps: int, seconds: float) -> list[dict[str, Any]]:
         return load_matrix({"sign-rsa": url, "auth-ec": url}, None, reps, seconds, [("ecdsa-sha256", "auth-ec")])
 
 
-def phase_sign(demo: DemoInfo, work: Path, reps: int, seconds: float, nodelay: bool = False) -> list[dict[str, Any]]:
-    with service(demo, work, "svc-sign-nodelay" if nodelay else "svc-sign", nodelay=nodelay) as srv:
+def phase_sign(demo: DemoInfo, work: Path, reps: int, seconds: float) -> list[dict[str, Any]]:
+    with service(demo, work, "svc-sign") as srv:
         token = add_client(srv, demo, "bench")
         urls = {key: f"{srv.url}/v1/keys/{key}/sign" for _, key in ALGORITHMS}
-        rows = load_matrix(urls, token, reps, seconds, ALGORITHMS)
+        rows = load_matrix(urls, token, reps, seconds, ALGORITHMS, srv)
         health = httpx.get(f"{srv.url}/v1/health").json()
         log(f"  service after load: {health['status']}, queue {health['token']['queue_depth']}")
     return rows
 
 
 def phase_workers(demo: DemoInfo, work: Path, reps: int, seconds: float, n: int = 2) -> dict[str, Any]:
-    """RSA-2048 PKCS#1 v1.5 with ``server.workers = n`` (n service processes, one token session each)."""
-    from tokenbridge.config import ServerSettings
-
-    if "workers" not in ServerSettings.model_fields:
-        return {"skipped": "no server.workers setting in this version"}
-    # With TCP_NODELAY patched in, like sign_nodelay: otherwise both are capped by the ~40 ms ACK wait.
-    with service(demo, work, f"svc-workers{n}", {"TOKENBRIDGE_SERVER__WORKERS": str(n)}, nodelay=True) as srv:
+    """``server.workers = n`` (n service processes, one token session each): RSA-2048 for the target, and
+    ECDSA, where a software token is fast enough that the HTTP side, not the token, needs the processes."""
+    with service(demo, work, f"svc-workers{n}", {"TOKENBRIDGE_SERVER__WORKERS": str(n)}) as srv:
         token = add_client(srv, demo, "bench-workers")
-        url = f"{srv.url}/v1/keys/sign-rsa/sign"
-        rows = load_matrix({"sign-rsa": url}, token, reps, seconds, [("rsa-pkcs1v15-sha256", "sign-rsa")])
-    return {"workers": n, "nodelay": True, "rows": [r for r in rows if r["clients"] > 1] or rows}
+        urls = {key: f"{srv.url}/v1/keys/{key}/sign" for key in ("sign-rsa", "auth-ec")}
+        rows = load_matrix(urls, token, reps, seconds, [("rsa-pkcs1v15-sha256", "sign-rsa"),
+                                                        ("ecdsa-sha256", "auth-ec")], srv)
+    return {"workers": n, "rows": rows}
 
 
 def phase_spy(demo: DemoInfo, work: Path, n: int = 100) -> dict[str, Any]:
@@ -329,9 +340,7 @@ def phase_profile(demo: DemoInfo, work: Path, seconds: float) -> dict[str, Any]:
         return {"skipped": "py-spy is not installed (pip install py-spy)"}
     pyspy = shutil.which("py-spy") or str(Path(PY).parent / "py-spy")
     out: dict[str, Any] = {}
-    # Profiled with TCP_NODELAY patched in: as the service is, it waits ~40 ms per response on the
-    # client's delayed ACK and the profile would mostly show an idle event loop.
-    with service(demo, work, "svc-profile", nodelay=True) as srv:
+    with service(demo, work, "svc-profile") as srv:
         token = add_client(srv, demo, "profiled")
         for algorithm, key in (("ecdsa-sha256", "auth-ec"), ("rsa-pkcs1v15-sha256", "sign-rsa")):
             raw = work / f"profile-{algorithm}.txt"
@@ -749,14 +758,13 @@ def report(res: dict[str, Any]) -> str:
              "(anything else running on the machine shows here).", ""]
     raw = {(r["algorithm"], r["processes"]): r for r in res.get("raw", [])}
     bare = {r["clients"]: r for r in res.get("bare", [])}
-    for key, title in (("sign", "Sign over HTTP vs raw python-pkcs11 (the service as it is)"),
-                       ("sign_nodelay", "Same, with TCP_NODELAY on the listening socket (bench/serve_nodelay.py)")):
+    for key, title in (("sign", "Sign over HTTP vs raw python-pkcs11 (the service as it is)"),):
         if not res.get(key):
             continue
         lines += [f"## {title}", "",
                   "| algorithm | clients | bridge req/s | p50 ms | p99 ms | raw sig/s (1 proc) | raw p50 ms | "
-                  "ratio to raw | ratio to bare FastAPI | errors |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "ratio to raw | ratio to bare FastAPI | service CPU µs/req | errors |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in res[key]:
             rr = raw.get((r["algorithm"], 1))
             ratio = f"{r['throughput']['median'] / rr['throughput']['median']:.2f}x" if rr else "—"
@@ -764,7 +772,7 @@ def report(res: dict[str, Any]) -> str:
             bratio = f"{r['throughput']['median'] / b['throughput']['median']:.2f}x" if b else "—"
             lines.append(f"| {r['algorithm']} | {r['clients']} | {_fmt(r['throughput'])} | {_fmt(r['p50_ms'], 2)} | "
                          f"{_fmt(r['p99_ms'], 2)} | {_fmt(rr and rr['throughput'])} | "
-                         f"{_fmt(rr and rr['p50_ms'], 3)} | {ratio} | {bratio} | "
+                         f"{_fmt(rr and rr['p50_ms'], 3)} | {ratio} | {bratio} | {_fmt(r.get('cpu_us'))} | "
                          f"{r['non200'] + r['socket_errors']} |")
         lines.append("")
     if bare:
@@ -815,12 +823,17 @@ def report(res: dict[str, Any]) -> str:
     lines += tls_report(res.get("tls"))
     w = res.get("workers")
     if w and w.get("rows"):
-        lines += ["", f"## server.workers = {w['workers']} (RSA-2048 PKCS#1 v1.5"
-                  f"{', TCP_NODELAY patched in' if w.get('nodelay') else ''})", "",
-                  "| clients | req/s | p50 ms | p99 ms | errors |", "|---:|---:|---:|---:|---:|"]
+        one = {(r["algorithm"], r["clients"]): r for r in res.get("sign", [])}
+        lines += ["", f"## server.workers = {w['workers']} (one token session per worker process)", "",
+                  "| algorithm | clients | req/s | p50 ms | p99 ms | vs 1 worker | vs bare FastAPI | "
+                  "service CPU µs/req | errors |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in w["rows"]:
-            lines.append(f"| {r['clients']} | {_fmt(r['throughput'])} | {_fmt(r['p50_ms'], 2)} | "
-                         f"{_fmt(r['p99_ms'], 2)} | {r['non200'] + r['socket_errors']} |")
+            o, b = one.get((r.get("algorithm", "rsa-pkcs1v15-sha256"), r["clients"])), bare.get(r["clients"])
+            vs1 = f"{r['throughput']['median'] / o['throughput']['median']:.2f}x" if o else "—"
+            vsb = f"{r['throughput']['median'] / b['throughput']['median']:.2f}x" if b else "—"
+            lines.append(f"| {r.get('algorithm', 'rsa-pkcs1v15-sha256')} | {r['clients']} | {_fmt(r['throughput'])} | "
+                         f"{_fmt(r['p50_ms'], 2)} | {_fmt(r['p99_ms'], 2)} | {vs1} | {vsb} | {_fmt(r.get('cpu_us'))} | "
+                         f"{r['non200'] + r['socket_errors']} |")
     elif w:
         lines.append(f"| 2 token workers vs 1 (RSA-2048) | {w.get('skipped')} |")
     return "\n".join(lines) + "\n"
@@ -857,11 +870,7 @@ def tls_report(tls: dict[str, Any] | None) -> list[str]:
 
 
 def targets(res: dict[str, Any]) -> list[dict[str, str]]:
-    out = targets_for(res, "sign", "")
-    if res.get("sign_nodelay"):
-        out += [t for t in targets_for(res, "sign_nodelay", " [TCP_NODELAY fixed]")
-                if "calls per sign" not in t["target"] and "workers" not in t["target"]]
-    return out
+    return targets_for(res, "sign", "")
 
 
 def targets_for(res: dict[str, Any], key: str, suffix: str) -> list[dict[str, str]]:
@@ -889,6 +898,14 @@ def targets_for(res: dict[str, Any], key: str, suffix: str) -> list[dict[str, st
         out.append({"target": "ECDSA P-256 vs bare FastAPI, same run" + suffix, "wanted": ">= 0.7x",
                     "measured": f"{worst[0]:.2f}x (at {worst[1]} clients) .. {best[0]:.2f}x (at {best[1]})",
                     "met": "yes" if worst[0] >= 0.7 else "no"})
+        w2 = {r["clients"]: r for r in (res.get("workers") or {}).get("rows", [])
+              if r.get("algorithm") == "ecdsa-sha256"}
+        ratios = [(w2[c]["throughput"]["median"] / bare[c]["throughput"]["median"], c) for c in bare if c in w2]
+        if ratios:
+            out.append({"target": "ECDSA P-256 vs bare FastAPI, server.workers = 2 (a software token scaled out)",
+                        "wanted": ">= 0.7x", "measured": f"{min(ratios)[0]:.2f}x (at {min(ratios)[1]} clients) .. "
+                        f"{max(ratios)[0]:.2f}x (at {max(ratios)[1]})",
+                        "met": "yes" if min(ratios)[0] >= 0.7 else "no"})
     spy = res.get("spy")
     if spy:
         ok = all(c.get("C_SignInit") == 1 and not any(c.get(f) for f in ("C_FindObjects", "C_FindObjectsInit",
@@ -902,9 +919,10 @@ def targets_for(res: dict[str, Any], key: str, suffix: str) -> list[dict[str, st
     if raw.get(("rsa-pkcs1v15-sha256", 2)) and rr:
         two = raw[("rsa-pkcs1v15-sha256", 2)]["throughput"]["median"] / rr["throughput"]["median"]
         if w.get("rows") and sign:
-            best2 = max(r["throughput"]["median"] for r in w["rows"])
+            best2 = max(r["throughput"]["median"] for r in w["rows"]
+                        if r.get("algorithm", "rsa-pkcs1v15-sha256") == "rsa-pkcs1v15-sha256" and r["clients"] > 1)
             ref = {(r["algorithm"], r["clients"]): r
-                   for r in (res.get("sign_nodelay") or res.get("sign") or [])}
+                   for r in (res.get("sign") or [])}
             best1 = max(ref[(a, c)]["throughput"]["median"] for (a, c) in ref if a == "rsa-pkcs1v15-sha256")
             ratio = best2 / best1
             out.append({"target": "2 token workers vs 1 (RSA-2048 PKCS#1 v1.5, best of 8/64 clients)",
@@ -956,11 +974,8 @@ def main(argv: list[str] | None = None) -> int:
     if "sign" in phases:
         log("sign through the bridge")
         res["sign"] = phase_sign(demo, work, a.reps, a.seconds)
-    if "sign_nodelay" in phases:
-        log("sign through the bridge, TCP_NODELAY patched in (bench/serve_nodelay.py)")
-        res["sign_nodelay"] = phase_sign(demo, work, a.reps, a.seconds, nodelay=True)
     if "workers" in phases:
-        log("token worker processes (server.workers = 2, TCP_NODELAY patched in)")
+        log("token worker processes (server.workers = 2)")
         try:
             res["workers"] = phase_workers(demo, work, a.reps, a.seconds)
         except Exception as exc:
@@ -972,7 +987,7 @@ def main(argv: list[str] | None = None) -> int:
         log("slowed token")
         res["slow"] = phase_slow(demo, work, max(10.0, 3 * a.seconds))
     if "profile" in phases:
-        log("py-spy profile at 64 clients (TCP_NODELAY patched in)")
+        log("py-spy profile at 64 clients")
         res["profile"] = phase_profile(demo, work, max(4.0, a.seconds))
     if "smime" in phases:
         log("S/MIME")

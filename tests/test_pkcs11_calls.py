@@ -50,6 +50,7 @@ def test_steady_state_sign_costs_one_sign_init_and_no_lookup(fresh_service, tmp_
     time.sleep(0.2)
     made = calls(log.read_text()[start:])
     assert made.count("C_SignInit") == 3 * n
+    assert made.count("C_Sign") == 3 * n  # the buffer is big enough: no length query
     # Besides the signatures, only the idle presence check (slot status, no card operation) may appear.
     assert set(made) <= {"C_SignInit", "C_Sign", "C_GetSlotList", "C_GetSlotInfo"}, sorted(set(made))
     for forbidden in ("C_FindObjectsInit", "C_FindObjects", "C_Login", "C_OpenSession", "C_GetAttributeValue"):

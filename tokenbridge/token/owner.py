@@ -38,6 +38,7 @@ from pkcs11.util.ec import encode_ec_public_key
 
 from tokenbridge.algorithms import HashName
 from tokenbridge.formats.padding import DIGEST_SIZE, digest_info, oaep_decode, pss_encode
+from tokenbridge.token.direct import DirectSigner
 from tokenbridge.token.model import (
     DeadlineExceeded,
     DecryptionFailed,
@@ -164,6 +165,7 @@ class TokenOwner:
         self._ready = threading.Event()
 
         self._lib: Any = None
+        self._direct: DirectSigner | None = None  # the signing calls, bound once the module is loaded
         self._session: Any = None
         self._handles: dict[str, Any] = {}
         self._keys: dict[str, KeyInfo] = {}
@@ -244,9 +246,8 @@ class TokenOwner:
             raise MechanismUnsupported(f"unknown mechanism {mechanism}")
 
         def op() -> bytes:
-            handle = self._handle(key)
             try:
-                return self._with_session(lambda: handle.sign(data, mechanism=mech))
+                return self._sign_raw(key, mech, data)
             except _MECH as exc:
                 raise MechanismUnsupported(f"the token refused {mechanism}: {type(exc).__name__}") from None
             except p11e.PKCS11Error as exc:
@@ -338,6 +339,7 @@ class TokenOwner:
             for name, value in self._environment.items():
                 os.environ[name] = value
             self._lib = pkcs11.lib(self.module_path)
+            self._direct = DirectSigner(self.module_path)
         except Exception as exc:  # the module itself is unusable: nothing to retry
             self._set_state(TokenState.ERROR, f"cannot load PKCS#11 module {self.module_path}: {exc}")
             self._ready.set()
@@ -607,25 +609,28 @@ class TokenOwner:
             self._set_state(TokenState.ABSENT, f"{type(exc).__name__} during an operation")
             raise TokenUnavailable(self._unavailable_detail()) from None
 
-    def _do_sign(self, key: KeyInfo, scheme: str, hash_name: HashName, digest: bytes) -> bytes:
+    def _sign_raw(self, key: KeyInfo, mechanism: Mechanism, data: bytes,
+                  pss: tuple[int, int, int] | None = None) -> bytes:
         handle = self._handle(key)
+        assert self._direct is not None
+        direct = self._direct
+        return self._with_session(lambda: direct.sign(self._session.handle, handle.handle, mechanism, data, pss))
+
+    def _do_sign(self, key: KeyInfo, scheme: str, hash_name: HashName, digest: bytes) -> bytes:
         if len(digest) != DIGEST_SIZE[hash_name]:
             raise OperationFailed("digest length does not match the hash")
         try:
             if scheme == "rsa-pkcs1v15":
-                return self._with_session(lambda: handle.sign(digest_info(hash_name, digest),
-                                                              mechanism=Mechanism.RSA_PKCS))
+                return self._sign_raw(key, Mechanism.RSA_PKCS, digest_info(hash_name, digest))
             if scheme == "rsa-pss":
                 if Mechanism.RSA_PKCS_PSS in self._mechanisms:
-                    param = (_HASH_MECH[hash_name], _MGF[hash_name], DIGEST_SIZE[hash_name])
-                    return self._with_session(lambda: handle.sign(
-                        digest, mechanism=Mechanism.RSA_PKCS_PSS, mechanism_param=param))
+                    params = (_HASH_MECH[hash_name], _MGF[hash_name], DIGEST_SIZE[hash_name])
+                    return self._sign_raw(key, Mechanism.RSA_PKCS_PSS, digest, pss=params)
                 if Mechanism.RSA_X_509 in self._mechanisms:
-                    block = pss_encode(digest, hash_name, key.size)
-                    return self._with_session(lambda: handle.sign(block, mechanism=Mechanism.RSA_X_509))
+                    return self._sign_raw(key, Mechanism.RSA_X_509, pss_encode(digest, hash_name, key.size))
                 raise MechanismUnsupported("the token has neither RSA-PSS nor raw RSA")
             if scheme == "ecdsa":
-                return self._with_session(lambda: handle.sign(digest, mechanism=Mechanism.ECDSA))
+                return self._sign_raw(key, Mechanism.ECDSA, digest)
         except _MECH as exc:
             raise MechanismUnsupported(f"the token refused the mechanism: {type(exc).__name__}") from None
         except p11e.PKCS11Error as exc:
