@@ -61,6 +61,21 @@ def test_bad_requests_are_problems(workstation: httpx.Client, service: Service, 
     assert audit_count(service) == before + expected
 
 
+def test_key_operations_check_the_caller_before_the_body(workstation: httpx.Client, service: Service) -> None:
+    anonymous = service.http()
+    r = anonymous.post("/v1/keys/sign-rsa/sign", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 401 and r.json()["code"] == "unauthorized"  # nothing about the body is revealed
+    r = workstation.post("/v1/keys/sign-rsa/sign", content=json.dumps({"algorithm": "rsa-pkcs1v15-sha256",
+                                                                       "data": GOOD}),
+                         headers={"content-type": "text/plain"})
+    assert r.status_code == 422 and r.json()["code"] == "invalid_request"
+    assert "application/json" in r.json()["detail"]
+    r = workstation.post("/v1/keys/sign-rsa/sign", content=json.dumps({"algorithm": "rsa-pkcs1v15-sha256",
+                                                                       "data": GOOD}),
+                         headers={"content-type": "application/json; charset=utf-8"})
+    assert r.status_code == 200, r.text
+
+
 def test_unknown_routes_and_methods(workstation: httpx.Client) -> None:
     r = workstation.get("/v1/nothing-here")
     assert r.status_code == 404 and r.json()["code"] == "not_found"

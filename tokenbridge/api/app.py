@@ -43,6 +43,7 @@ def create_app(bridge: Bridge, manage: bool = True) -> FastAPI:
     )
     app.state.bridge = bridge
     problems.install(app)
+    app.include_router(v1.key_operations)  # first: the hot routes
     app.include_router(v1.router)
     app.include_router(v1.metrics_router)
     app.include_router(cms.router)
