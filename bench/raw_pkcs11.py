@@ -17,13 +17,14 @@ import multiprocessing
 import os
 import statistics
 import time
+from typing import Any
 
 MECHS = {"rsa-pkcs1v15-sha256": "RSA_PKCS", "rsa-pss-sha256": "RSA_PKCS_PSS", "ecdsa-sha256": "ECDSA"}
 SHA256_DIGEST_INFO = bytes.fromhex("3031300d060960864801650304020105000420")
 
 
 def _worker(module: str, conf: str, token_label: str, pin: str, key_label: str, algorithm: str,
-            seconds: float, start_at: float, out: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+            seconds: float, start_at: float, out: multiprocessing.Queue[dict[str, Any]]) -> None:
     os.environ["SOFTHSM2_CONF"] = conf
     import pkcs11
     from pkcs11 import Mechanism, ObjectClass
@@ -32,7 +33,7 @@ def _worker(module: str, conf: str, token_label: str, pin: str, key_label: str, 
     lib = pkcs11.lib(module)
     token = lib.get_token(token_label=token_label)
     with token.open(user_pin=pin) as session:
-        key = session.get_key(object_class=ObjectClass.PRIVATE_KEY, label=key_label)
+        key: Any = session.get_key(object_class=ObjectClass.PRIVATE_KEY, label=key_label)  # a private key: signs
         mech = getattr(Mechanism, MECHS[algorithm])
         param = (Mechanism.SHA256, MGF.SHA256, 32) if algorithm.startswith("rsa-pss") else None
         data = os.urandom(32)
@@ -63,7 +64,7 @@ def _worker(module: str, conf: str, token_label: str, pin: str, key_label: str, 
 def run(module: str, conf: str, token_label: str, pin: str, key_label: str, algorithm: str,
         seconds: float, processes: int) -> dict[str, object]:
     ctx = multiprocessing.get_context("spawn")
-    q: multiprocessing.Queue = ctx.Queue()  # type: ignore[type-arg]
+    q: multiprocessing.Queue[dict[str, Any]] = ctx.Queue()
     start_at = time.time() + 1.5 + 0.3 * processes
     procs = [ctx.Process(target=_worker, args=(module, conf, token_label, pin, key_label, algorithm, seconds,
                                                start_at, q)) for _ in range(processes)]
@@ -72,9 +73,9 @@ def run(module: str, conf: str, token_label: str, pin: str, key_label: str, algo
     results = [q.get(timeout=seconds + 60) for _ in procs]
     for p in procs:
         p.join()
-    lat = sorted(x for r in results for x in r["latencies"])  # type: ignore[attr-defined]
-    count = sum(int(r["count"]) for r in results)  # type: ignore[call-overload]
-    elapsed = max(float(r["elapsed"]) for r in results)  # type: ignore[arg-type]
+    lat = sorted(x for r in results for x in r["latencies"])
+    count = sum(int(r["count"]) for r in results)
+    elapsed = max(float(r["elapsed"]) for r in results)
     return {
         "algorithm": algorithm, "processes": processes, "requests": count,
         "throughput": count / elapsed,
