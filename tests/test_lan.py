@@ -321,3 +321,29 @@ def test_expired_workstation_certificate_is_refused(hub: Service, tmp_path: Path
         client.get("/v1/keys")
     with hub.http() as anonymous:  # the service goes on serving the others
         assert anonymous.get("/v1/health").json()["status"] == "ok"
+
+
+def test_renewed_workstation_keeps_working_until_the_new_certificate_is_used(hub: Service, tmp_path: Path) -> None:
+    ca = hub.data_dir / "tls" / "ca.pem"
+    (tmp_path / "old").mkdir()
+    (tmp_path / "new").mkdir()
+    old = enroll(hub, tmp_path / "old", "guichet-7", "sign")
+    out = json.loads(cli(hub.data_dir, hub.config, "workstations", "renew", "guichet-7", "-o",
+                         str(tmp_path / "renewed.p12"), "--json").stdout)
+    new = Workstation(tmp_path / "new", "guichet-7", Path(out["credential"]), out["password"])
+    assert new.cert_file.read_bytes() != old.cert_file.read_bytes()
+    listed = json.loads(cli(hub.data_dir, hub.config, "workstations", "list", "--json").stdout)
+    assert next(w for w in listed if w["name"] == "guichet-7")["previous_cert_sha256"]
+
+    with httpx.Client(base_url=hub.url, verify=old.context(ca)) as before:
+        assert before.post("/v1/keys/sign-rsa/sign", json=SIGN).status_code == 200  # not yet installed
+        with httpx.Client(base_url=hub.url, verify=new.context(ca)) as after:
+            assert after.post("/v1/keys/sign-rsa/sign", json=SIGN).status_code == 200  # installed: first use
+            assert after.post("/v1/keys/sign-rsa/sign", json=SIGN).status_code == 200
+        r = before.post("/v1/keys/sign-rsa/sign", json=SIGN)  # the old one is retired, open connection too
+        assert r.status_code == 401, r.text
+    entries = [json.loads(x) for x in cli(hub.data_dir, hub.config, "audit", "tail", "-n", "50", "--json").stdout
+               .split("\n") if x]
+    renewed = [e for e in entries if e["event"] == "workstation_renewed"]
+    assert renewed and "previous=" in renewed[-1]["detail"]
+    assert cli(hub.data_dir, hub.config, "workstations", "renew", "nobody", check=False).returncode != 0

@@ -54,19 +54,55 @@ def enroll(name: str,
                      cert_sha256=fingerprint(cert))
     except ClientError as exc:
         _fail(str(exc))
-    target = output or settings.data_dir / "workstations" / f"{name}.p12"
+    target = _write_credential(output or settings.data_dir / "workstations" / f"{name}.p12", p12)
+    audit.record("operator", "workstation_enrolled", "ok", detail=f"name={name}, grants={grant}, "
+                 f"cert_sha256={fingerprint(cert)}")
+    _show_credential(name, target, password, as_json)
+
+
+def _write_credential(target: Path, p12: bytes) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(p12)
-    audit.record("operator", "workstation_enrolled", "ok", detail=f"name={name}, grants={grant}, "
-                 f"cert_sha256={fingerprint(cert)}")
+    return target
+
+
+def _show_credential(name: str, target: Path, password: str, as_json: bool) -> None:
     if as_json:
         print(json.dumps({"name": name, "credential": str(target), "password": password}))
     else:
         console.print(f"workstation [bold]{name}[/bold]: credential {target}")
         console.print("the file's password (give it by another channel than the file):")
         print(password)
+
+
+@workstations_app.command("renew")
+def renew(name: str,
+          output: Annotated[Path | None, typer.Option("-o", "--output", help="PKCS#12 file to write.")] = None,
+          config: ConfigOpt = None,
+          as_json: Annotated[bool, typer.Option("--json", help="Print {name, credential, password}.")] = False
+          ) -> None:
+    """A new certificate for a workstation (same name, grants and keys). The one in use keeps working
+    until the workstation first connects with the new one."""
+    from tokenbridge.clients import ClientError
+    from tokenbridge.services.bridge import open_state
+    from tokenbridge.services.bridge_ca import fingerprint, issue_workstation
+
+    settings = _settings(config)
+    _, audit, registry = open_state(settings)
+    current = registry.get(name)
+    if current is None or current.kind != "workstation" or current.revoked:
+        _fail(f"no active workstation named {name!r}")
+    p12, password, cert = issue_workstation(settings.data_dir, name)
+    try:
+        registry.renew_certificate(name, fingerprint(cert))
+    except ClientError as exc:
+        _fail(str(exc))
+    target = _write_credential(output or settings.data_dir / "workstations" / f"{name}.p12", p12)
+    audit.record("operator", "workstation_renewed", "ok", detail=f"name={name}, "
+                 f"cert_sha256={fingerprint(cert)}, previous={current.prev_cert_sha256 or current.cert_sha256}")
+    _show_credential(name, target, password, as_json)
 
 
 @workstations_app.command("list")
@@ -79,14 +115,15 @@ def workstations_list(config: ConfigOpt = None,
     items = [c for c in registry.list() if c.kind == "workstation"]
     if as_json:
         print(json.dumps([{"name": c.name, "grants": sorted(c.grants), "keys": sorted(c.keys),
-                           "cert_sha256": c.cert_sha256, "created": c.created, "last_seen": c.last_seen,
-                           "revoked": c.revoked} for c in items]))
+                           "cert_sha256": c.cert_sha256, "previous_cert_sha256": c.prev_cert_sha256,
+                           "created": c.created, "last_seen": c.last_seen, "revoked": c.revoked} for c in items]))
         return
     table = Table(title="workstations")
     for col in ("name", "grants", "certificate sha256", "last seen", "revoked"):
         table.add_column(col)
     for c in items:
-        table.add_row(c.name, ",".join(sorted(c.grants)), (c.cert_sha256 or "")[:16], c.last_seen or "",
+        renewal = " (renewed: the previous one works until this one is used)" if c.prev_cert_sha256 else ""
+        table.add_row(c.name, ",".join(sorted(c.grants)), (c.cert_sha256 or "")[:16] + renewal, c.last_seen or "",
                       c.revoked or "")
     console.print(table)
 

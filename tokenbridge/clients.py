@@ -39,6 +39,7 @@ class Client:
     last_seen: str | None
     kind: str = "client"  # or "workstation": authenticated by its certificate
     cert_sha256: str | None = None
+    prev_cert_sha256: str | None = None  # renewed: the old certificate, accepted until the new one is used
 
     def may_use(self, key_id: str, key_label: str) -> bool:
         return not self.keys or key_id in self.keys or key_label in self.keys
@@ -58,7 +59,7 @@ def _row_to_client(row: sqlite3.Row) -> Client:
         grants=frozenset(g for g in row["grants"].split(",") if g),
         keys=frozenset(k for k in row["keys"].split(",") if k),
         created=row["created"], revoked=row["revoked"], last_seen=row["last_seen"],
-        kind=row["kind"], cert_sha256=row["cert_sha256"],
+        kind=row["kind"], cert_sha256=row["cert_sha256"], prev_cert_sha256=row["prev_cert_sha256"],
     )
 
 
@@ -141,17 +142,41 @@ class ClientRegistry:
         return client, secret
 
     def authenticate_certificate(self, cert_sha256: str) -> Client | None:
-        """The active workstation enrolled with this certificate, or None (revocation applies at once)."""
+        """The active workstation enrolled with this certificate, or None (revocation applies at once).
+
+        After a renewal the previous certificate still works, until the workstation first shows the new one.
+        """
         self._sync()
         client = self._by_certificate.get(cert_sha256)
         if client is None:
-            rows = self._store.query("SELECT * FROM clients WHERE cert_sha256 = ? AND kind = 'workstation'",
-                                     (cert_sha256,))
+            rows = self._store.query("SELECT * FROM clients WHERE kind = 'workstation' AND "
+                                     "(cert_sha256 = ? OR prev_cert_sha256 = ?)", (cert_sha256, cert_sha256))
             if not rows or rows[0]["revoked"]:
                 return None
-            client = self._by_certificate[cert_sha256] = _row_to_client(rows[0])
+            client = _row_to_client(rows[0])
+            if client.prev_cert_sha256 is not None and client.cert_sha256 == cert_sha256:
+                self._retire_previous_certificate(client.client_id)  # the renewed credential is installed
+            else:
+                self._by_certificate[cert_sha256] = client
         self._touch(client.client_id)
         return client
+
+    def renew_certificate(self, name: str, cert_sha256: str) -> Client:
+        """A new certificate for an active workstation. The one in use keeps working until the new one is
+        first used (renewing again before that keeps the one in use, not the unused one)."""
+        with self._store.transaction(immediate=True) as db:
+            cur = db.execute("UPDATE clients SET prev_cert_sha256 = COALESCE(prev_cert_sha256, cert_sha256), "
+                             "cert_sha256 = ? WHERE name = ? AND kind = 'workstation' AND revoked IS NULL",
+                             (cert_sha256, name))
+            if cur.rowcount == 0:
+                raise ClientError(f"no active workstation named {name!r}")
+        client = self.get(name)
+        assert client is not None
+        return client
+
+    def _retire_previous_certificate(self, client_id: str) -> None:
+        with self._store.transaction(immediate=True) as db:
+            db.execute("UPDATE clients SET prev_cert_sha256 = NULL WHERE client_id = ?", (client_id,))
 
     def authenticate(self, secret: str) -> Client | None:
         """The active client holding this secret, or None. Revocation applies at once."""

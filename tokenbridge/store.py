@@ -42,17 +42,13 @@ CREATE TABLE IF NOT EXISTS audit (
 
 # Bumped whenever who may do what changes (not on last_seen): a service caches authentications until it moves,
 # whichever process (another worker, the CLI) made the change.
-TRIGGERS = """
-CREATE TABLE IF NOT EXISTS revisions (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
-INSERT OR IGNORE INTO revisions VALUES ('clients', 0);
-CREATE TRIGGER IF NOT EXISTS clients_added AFTER INSERT ON clients
-    BEGIN UPDATE revisions SET value = value + 1 WHERE name = 'clients'; END;
-CREATE TRIGGER IF NOT EXISTS clients_removed AFTER DELETE ON clients
-    BEGIN UPDATE revisions SET value = value + 1 WHERE name = 'clients'; END;
-CREATE TRIGGER IF NOT EXISTS clients_changed
-    AFTER UPDATE OF client_id, name, secret_hash, grants, keys, revoked, kind, cert_sha256 ON clients
-    BEGIN UPDATE revisions SET value = value + 1 WHERE name = 'clients'; END;
-"""
+_BUMP = "BEGIN UPDATE revisions SET value = value + 1 WHERE name = 'clients'; END"
+TRIGGERS = {
+    "clients_added": f"CREATE TRIGGER clients_added AFTER INSERT ON clients {_BUMP}",
+    "clients_removed": f"CREATE TRIGGER clients_removed AFTER DELETE ON clients {_BUMP}",
+    "clients_changed": "CREATE TRIGGER clients_changed AFTER UPDATE OF client_id, name, secret_hash, grants, keys, "
+                       f"revoked, kind, cert_sha256, prev_cert_sha256 ON clients {_BUMP}",
+}
 
 
 class Store:
@@ -72,7 +68,7 @@ class Store:
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
         self._migrate()
-        self._db.executescript(TRIGGERS)
+        self._install_triggers()
         for side in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
             with suppress(OSError):
                 side.chmod(0o600)
@@ -80,9 +76,24 @@ class Store:
     def _migrate(self) -> None:
         """Columns added after the first release; adding one twice is harmless."""
         for ddl in ("ALTER TABLE clients ADD COLUMN kind TEXT NOT NULL DEFAULT 'client'",
-                    "ALTER TABLE clients ADD COLUMN cert_sha256 TEXT"):
+                    "ALTER TABLE clients ADD COLUMN cert_sha256 TEXT",
+                    # a renewed workstation's certificate, accepted until the new one is first used
+                    "ALTER TABLE clients ADD COLUMN prev_cert_sha256 TEXT"):
             with suppress(sqlite3.OperationalError):
                 self._db.execute(ddl)
+
+    def _install_triggers(self) -> None:
+        """Make the triggers match this code; no write when they already do (a read-only store still opens)."""
+        installed = dict(self._db.execute("SELECT name, sql FROM sqlite_master WHERE type = 'trigger'").fetchall())
+        has_revisions = self._db.execute("SELECT 1 FROM sqlite_master WHERE name = 'revisions'").fetchone()
+        if has_revisions and all(installed.get(name) == sql for name, sql in TRIGGERS.items()):
+            return
+        with self.transaction(immediate=True) as db:
+            db.execute("CREATE TABLE IF NOT EXISTS revisions (name TEXT PRIMARY KEY, value INTEGER NOT NULL)")
+            db.execute("INSERT OR IGNORE INTO revisions VALUES ('clients', 0)")
+            for name, sql in TRIGGERS.items():
+                db.execute(f"DROP TRIGGER IF EXISTS {name}")
+                db.execute(sql)
 
     @contextmanager
     def transaction(self, immediate: bool = False) -> Iterator[sqlite3.Connection]:
