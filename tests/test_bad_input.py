@@ -7,8 +7,12 @@ import json
 
 import httpx
 import pytest
+from fastapi import APIRouter, Request
+from pydantic import BaseModel
 
 from tests.conftest import Service
+from tokenbridge.api.auth import Caller
+from tokenbridge.api.fast_route import FastRoute
 
 GOOD = base64.b64encode(b"ok").decode()
 
@@ -185,3 +189,22 @@ def test_slow_second_request_is_closed_too(fresh_service) -> None:
         closed = True  # reset by the server
     s.close()
     assert closed
+
+
+class _Body(BaseModel):
+    x: int
+
+
+def test_fast_route_refuses_endpoints_it_cannot_call() -> None:
+    """The lean route calls endpoints with (request, body, caller, path parameters) only: anything else is a
+    programming error, caught when the route is declared rather than on a request."""
+    router = APIRouter(route_class=FastRoute)
+
+    async def fine(request: Request, key: str, body: _Body, caller: Caller) -> None: ...
+    async def extra_query(request: Request, key: str, body: _Body, caller: Caller, page: int = 1) -> None: ...
+    async def no_body(request: Request, key: str, caller: Caller) -> None: ...
+
+    router.add_api_route("/k/{key}", fine, methods=["POST"])
+    for endpoint in (extra_query, no_body):
+        with pytest.raises(TypeError, match="FastRoute endpoint"):
+            router.add_api_route("/k/{key}", endpoint, methods=["POST"])
