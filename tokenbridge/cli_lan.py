@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -11,6 +12,7 @@ import typer
 from rich.table import Table
 
 from tokenbridge.cli import ConfigOpt, _fail, _settings, console
+from tokenbridge.config import Settings
 
 tls_app = typer.Typer(help="The TLS listener's certificate (from the bridge's own CA).", no_args_is_help=True)
 workstations_app = typer.Typer(help="Workstations: machines that authenticate with a certificate.",
@@ -41,23 +43,32 @@ def enroll(name: str,
            as_json: Annotated[bool, typer.Option("--json", help="Print {name, credential, password}.")] = False
            ) -> None:
     """Issue a workstation certificate (PKCS#12 with a one-time password); it authenticates by mutual TLS."""
-    from tokenbridge.clients import ClientError
     from tokenbridge.services.bridge import open_state
-    from tokenbridge.services.bridge_ca import fingerprint, issue_workstation
 
     settings = _settings(config)
     _, audit, registry = open_state(settings)
+    target, password, sha256 = _issue(settings, name, output, lambda sha256: registry.add(
+        name, [g.strip() for g in grant.split(",") if g.strip()],
+        [k.strip() for k in (keys or "").split(",") if k.strip()], kind="workstation", cert_sha256=sha256))
+    audit.record("operator", "workstation_enrolled", "ok", detail=f"name={name}, grants={grant}, "
+                 f"cert_sha256={sha256}")
+    _show_credential(name, target, password, as_json)
+
+
+def _issue(settings: Settings, name: str, output: Path | None,
+           register: Callable[[str], object]) -> tuple[Path, str, str]:
+    """A new certificate for ``name``: recorded by ``register(fingerprint)``, then written as PKCS#12.
+    Returns the file, its password and the certificate's SHA-256."""
+    from tokenbridge.clients import ClientError
+    from tokenbridge.services.bridge_ca import fingerprint, issue_workstation
+
     p12, password, cert = issue_workstation(settings.data_dir, name)
+    sha256 = fingerprint(cert)
     try:
-        registry.add(name, [g.strip() for g in grant.split(",") if g.strip()],
-                     [k.strip() for k in (keys or "").split(",") if k.strip()], kind="workstation",
-                     cert_sha256=fingerprint(cert))
+        register(sha256)
     except ClientError as exc:
         _fail(str(exc))
-    target = _write_credential(output or settings.data_dir / "workstations" / f"{name}.p12", p12)
-    audit.record("operator", "workstation_enrolled", "ok", detail=f"name={name}, grants={grant}, "
-                 f"cert_sha256={fingerprint(cert)}")
-    _show_credential(name, target, password, as_json)
+    return _write_credential(output or settings.data_dir / "workstations" / f"{name}.p12", p12), password, sha256
 
 
 def _write_credential(target: Path, p12: bytes) -> Path:
@@ -85,23 +96,17 @@ def renew(name: str,
           ) -> None:
     """A new certificate for a workstation (same name, grants and keys). The one in use keeps working
     until the workstation first connects with the new one."""
-    from tokenbridge.clients import ClientError
     from tokenbridge.services.bridge import open_state
-    from tokenbridge.services.bridge_ca import fingerprint, issue_workstation
 
     settings = _settings(config)
     _, audit, registry = open_state(settings)
     current = registry.get(name)
     if current is None or current.kind != "workstation" or current.revoked:
         _fail(f"no active workstation named {name!r}")
-    p12, password, cert = issue_workstation(settings.data_dir, name)
-    try:
-        registry.renew_certificate(name, fingerprint(cert))
-    except ClientError as exc:
-        _fail(str(exc))
-    target = _write_credential(output or settings.data_dir / "workstations" / f"{name}.p12", p12)
-    audit.record("operator", "workstation_renewed", "ok", detail=f"name={name}, "
-                 f"cert_sha256={fingerprint(cert)}, previous={current.prev_cert_sha256 or current.cert_sha256}")
+    target, password, sha256 = _issue(settings, name, output,
+                                      lambda sha256: registry.renew_certificate(name, sha256))
+    audit.record("operator", "workstation_renewed", "ok", detail=f"name={name}, cert_sha256={sha256}, "
+                 f"previous={current.prev_cert_sha256 or current.cert_sha256}")
     _show_credential(name, target, password, as_json)
 
 
