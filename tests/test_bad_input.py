@@ -7,12 +7,13 @@ import json
 
 import httpx
 import pytest
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel
 
 from tests.conftest import Service
 from tokenbridge.api.auth import Caller
 from tokenbridge.api.fast_route import FastRoute
+from tokenbridge.api.v1 import Operator
 
 GOOD = base64.b64encode(b"ok").decode()
 
@@ -203,8 +204,11 @@ def test_fast_route_refuses_endpoints_it_cannot_call() -> None:
     async def fine(request: Request, key: str, body: _Body, caller: Caller) -> None: ...
     async def extra_query(request: Request, key: str, body: _Body, caller: Caller, page: int = 1) -> None: ...
     async def no_body(request: Request, key: str, caller: Caller) -> None: ...
+    async def operator_only(request: Request, key: str, body: _Body, caller: Operator) -> None: ...
 
     router.add_api_route("/k/{key}", fine, methods=["POST"])
-    for endpoint in (extra_query, no_body):
+    for endpoint in (extra_query, no_body, operator_only):
         with pytest.raises(TypeError, match="FastRoute endpoint"):
             router.add_api_route("/k/{key}", endpoint, methods=["POST"])
+    with pytest.raises(TypeError, match="only dependency"):  # it would not run: refused
+        router.add_api_route("/k/{key}", fine, methods=["POST"], dependencies=[Depends(lambda: None)])

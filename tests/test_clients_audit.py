@@ -203,3 +203,23 @@ def test_revocation_by_another_process_applies_to_cached_secrets(tmp_path) -> No
     assert service.authenticate(rotated) is not None
     _, newer = cli.rotate("counter-2")
     assert service.authenticate(rotated) is None and service.authenticate(newer) is not None
+
+
+def test_renewal_keeps_the_certificate_in_use_until_the_new_one_and_revocation_stops_both(tmp_path) -> None:
+    from tokenbridge.clients import ClientRegistry
+    from tokenbridge.store import Store
+
+    service, cli = ClientRegistry(Store(tmp_path / "s.db")), ClientRegistry(Store(tmp_path / "s.db"))
+    cli.add("guichet", ["sign"], kind="workstation", cert_sha256="a" * 64)
+    cli.renew_certificate("guichet", "b" * 64)
+    cli.renew_certificate("guichet", "c" * 64)  # again, before "b" was used: "a" is still the one in use
+    assert service.authenticate_certificate("a" * 64) is not None
+    assert service.authenticate_certificate("b" * 64) is None
+    assert service.authenticate_certificate("c" * 64) is not None  # first use of the new one: "a" retired
+    assert service.authenticate_certificate("a" * 64) is None
+
+    cli.add("guichet-2", ["sign"], kind="workstation", cert_sha256="d" * 64)
+    cli.renew_certificate("guichet-2", "e" * 64)
+    assert service.authenticate_certificate("d" * 64) is not None
+    cli.revoke("guichet-2")
+    assert service.authenticate_certificate("d" * 64) is None and service.authenticate_certificate("e" * 64) is None

@@ -36,7 +36,7 @@ SCRIPT = textwrap.dedent("""
         signer = DirectSigner(module)
         signer._buffer = ctypes.create_string_buffer(8)  # too small: the module must be asked again
         digest = hashlib.sha256(b"dossier 42").digest()
-        raw = signer.sign(session.handle, key.handle, Mechanism.ECDSA, digest)
+        raw = signer.sign(session.handle, key.handle, Mechanism.ECDSA, bytearray(digest))  # bytes-like is fine
         assert len(raw) == 64, len(raw)
         r, s = int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big")
         public.verify(utils.encode_dss_signature(r, s), digest, ec.ECDSA(utils.Prehashed(hashes.SHA256())))
@@ -60,6 +60,11 @@ def test_direct_sign_retries_a_small_buffer_and_maps_errors(demo: DemoInfo) -> N
 
 
 def test_return_values_map_to_python_pkcs11_errors() -> None:
+    from tokenbridge.token.direct import _ERRORS
+    from tokenbridge.token.owner import _GONE, _MECH
+
+    # The owner decides "token gone" / "mechanism refused" by class: every such class must be mapped.
+    assert set(_GONE) | set(_MECH) <= set(_ERRORS.values())
     assert isinstance(error_for(0x32), p11e.DeviceRemoved)
     assert isinstance(error_for(0xB3), p11e.SessionHandleInvalid)
     assert isinstance(error_for(0x70), p11e.MechanismInvalid)

@@ -86,9 +86,8 @@ class AuditLog:
         the chain's real end, read under the write lock.
         """
         fields: dict[str, object] = {
-            "seq": 0, "ts": datetime.now(UTC).isoformat(timespec="microseconds"), "actor": actor,
-            "event": event, "key": key, "algorithm": algorithm, "input_sha256": input_sha256,
-            "outcome": outcome, "detail": detail,
+            "seq": 0, "ts": "", "actor": actor, "event": event, "key": key, "algorithm": algorithm,
+            "input_sha256": input_sha256, "outcome": outcome, "detail": detail,
         }
         with self._lock:
             try:
@@ -109,7 +108,8 @@ class AuditLog:
             return self._tail[0]
 
     def _append(self, db: Store | sqlite3.Connection, fields: dict[str, object], tail: tuple[int, str]) -> bool:
-        fields["seq"] = tail[0] + 1
+        # Numbered and stamped under the lock, so that timestamps grow with seq (the admin page bisects on them).
+        fields["seq"], fields["ts"] = tail[0] + 1, datetime.now(UTC).isoformat(timespec="microseconds")
         digest = entry_hash(tail[1], fields)
         db.execute(_INSERT, (*[fields[f] for f in FIELDS], tail[1], digest))
         self._tail = (tail[0] + 1, digest)

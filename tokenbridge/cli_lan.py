@@ -95,7 +95,7 @@ def renew(name: str,
           as_json: Annotated[bool, typer.Option("--json", help="Print {name, credential, password}.")] = False
           ) -> None:
     """A new certificate for a workstation (same name, grants and keys). The one in use keeps working
-    until the workstation first connects with the new one."""
+    until the workstation first connects with the new one: for a lost or stolen credential, revoke instead."""
     from tokenbridge.services.bridge import open_state
 
     settings = _settings(config)

@@ -76,6 +76,7 @@ class ClientRegistry:
         self._touched: dict[str, float] = {}  # client id -> monotonic time last_seen was written
 
     def _sync(self) -> None:
+        """Called on the event loop only (the caches are not locked)."""
         revision = self._store.query("SELECT value FROM revisions WHERE name = 'clients'")[0][0]
         if revision != self._revision:
             self._by_secret.clear()
@@ -175,7 +176,8 @@ class ClientRegistry:
         return client
 
     def _retire_previous_certificate(self, client_id: str) -> None:
-        with self._store.transaction(immediate=True) as db:
+        """Best effort, like ``_touch``: if the store is busy or read-only now, the next request retries."""
+        with suppress(sqlite3.Error), self._store.transaction(immediate=True) as db:
             db.execute("UPDATE clients SET prev_cert_sha256 = NULL WHERE client_id = ?", (client_id,))
 
     def authenticate(self, secret: str) -> Client | None:

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 
-from tokenbridge.api.auth import principal
+from tokenbridge.api.auth import authenticated, principal
 
 _FIXED = {"request", "body", "caller"}
 
@@ -36,6 +36,11 @@ class FastRoute(APIRoute):
         if not {"request", "body", "caller"} <= names or path_params != set(self.param_convertors):
             raise TypeError(f"{endpoint.__name__}: a FastRoute endpoint takes request, body, caller and the "
                             f"path parameters, nothing else")
+        # The handler below authenticates with ``principal``: the route must declare exactly that, and no
+        # other dependency (FastAPI would have run it; this route would not).
+        declared = [(d.name, d.call) for d in self.dependant.dependencies]
+        if declared != [("caller", authenticated)] or self.dependencies:
+            raise TypeError(f"{endpoint.__name__}: a FastRoute endpoint's only dependency is caller: Caller")
         model = typing.get_type_hints(endpoint)["body"]
         if not (isinstance(model, type) and issubclass(model, BaseModel)):
             raise TypeError(f"{endpoint.__name__}: 'body' must be a Pydantic model")

@@ -36,8 +36,9 @@ _ERRORS: dict[int, type[p11e.PKCS11Error]] = {
     0x54: p11e.FunctionNotSupported, 0x60: p11e.KeyHandleInvalid, 0x62: p11e.KeySizeRange,
     0x63: p11e.KeyTypeInconsistent, 0x70: p11e.MechanismInvalid,
     0x71: p11e.MechanismParamInvalid, 0x82: p11e.ObjectHandleInvalid, 0x90: p11e.OperationActive,
-    0x91: p11e.OperationNotInitialized, 0xB0: p11e.SessionClosed, 0xB3: p11e.SessionHandleInvalid,
-    0xE0: p11e.TokenNotPresent, 0xE1: p11e.TokenNotRecognised, 0x101: p11e.UserNotLoggedIn,
+    0x91: p11e.OperationNotInitialized, 0xA3: p11e.PinExpired, 0xB0: p11e.SessionClosed,
+    0xB3: p11e.SessionHandleInvalid, 0xE0: p11e.TokenNotPresent, 0xE1: p11e.TokenNotRecognised,
+    0x101: p11e.UserNotLoggedIn, 0x200: p11e.FunctionRejected,
 }
 
 
@@ -83,6 +84,7 @@ class DirectSigner:
     def sign(self, session: int, key: int, mechanism: int, data: bytes,
              pss: tuple[int, int, int] | None = None) -> bytes:
         """``pss``: (hash mechanism, MGF, salt length) for ``CKM_RSA_PKCS_PSS``."""
+        data = bytes(data)  # checked before C_SignInit: nothing may fail between it and C_Sign
         mech = _Mechanism(mechanism, None, 0)
         if pss is not None:
             params = _PssParams(*pss)
@@ -92,7 +94,8 @@ class DirectSigner:
             raise error_for(rv)
         buffer, length = self._buffer, CK_ULONG(len(self._buffer))
         rv = self._sign(session, data, len(data), ctypes.addressof(buffer), ctypes.byref(length))
-        if rv == _CKR_BUFFER_TOO_SMALL:  # the operation stays active: call again with the size asked for
+        if rv == _CKR_BUFFER_TOO_SMALL and length.value <= 64 * 1024:  # still active: call again, bigger
+            # (a second failure leaves the operation open: the owner then starts a new session)
             buffer = ctypes.create_string_buffer(length.value)
             rv = self._sign(session, data, len(data), ctypes.addressof(buffer), ctypes.byref(length))
         if rv != 0:

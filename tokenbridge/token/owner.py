@@ -73,6 +73,7 @@ _GONE = (
     p11e.UserNotLoggedIn,
     p11e.ObjectHandleInvalid,
     p11e.KeyHandleInvalid,
+    p11e.OperationActive,  # a signature left open by a failure: only a new session ends it
 )
 _PIN_WRONG = (p11e.PinIncorrect, p11e.PinInvalid, p11e.PinLenRange, p11e.PinExpired)
 _MECH = (p11e.MechanismInvalid, p11e.MechanismParamInvalid, p11e.ArgumentsBad, p11e.FunctionNotSupported)
