@@ -14,6 +14,7 @@ import json
 import sqlite3
 import threading
 from collections.abc import Iterator
+from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -91,10 +92,11 @@ class AuditLog:
         }
         with self._lock:
             try:
-                try:
-                    appended = self._tail is not None and self._append(self._store, fields, self._tail)
-                except sqlite3.IntegrityError:
-                    appended = False  # another process appended since our last entry
+                appended = False
+                if self._tail is not None:
+                    with suppress(sqlite3.IntegrityError):  # another process appended since our last entry
+                        self._append(self._store, fields, self._tail)
+                        appended = True
                 if not appended:
                     with self._store.transaction(immediate=True) as db:
                         row = db.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
@@ -107,13 +109,12 @@ class AuditLog:
             assert self._tail is not None
             return self._tail[0]
 
-    def _append(self, db: Store | sqlite3.Connection, fields: dict[str, object], tail: tuple[int, str]) -> bool:
+    def _append(self, db: Store | sqlite3.Connection, fields: dict[str, object], tail: tuple[int, str]) -> None:
         # Numbered and stamped under the lock, so that timestamps grow with seq (the admin page bisects on them).
         fields["seq"], fields["ts"] = tail[0] + 1, datetime.now(UTC).isoformat(timespec="microseconds")
         digest = entry_hash(tail[1], fields)
         db.execute(_INSERT, (*[fields[f] for f in FIELDS], tail[1], digest))
         self._tail = (tail[0] + 1, digest)
-        return True
 
     def tail(self, count: int = 20) -> list[AuditEntry]:
         rows = self._store.query("SELECT * FROM audit ORDER BY seq DESC LIMIT ?", (count,))

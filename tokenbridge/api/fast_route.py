@@ -33,7 +33,7 @@ class FastRoute(APIRoute):
         endpoint = self.endpoint
         names = set(inspect.signature(endpoint).parameters)
         path_params = names - _FIXED
-        if not {"request", "body", "caller"} <= names or path_params != set(self.param_convertors):
+        if not names >= _FIXED or path_params != set(self.param_convertors):
             raise TypeError(f"{endpoint.__name__}: a FastRoute endpoint takes request, body, caller and the "
                             f"path parameters, nothing else")
         # The handler below authenticates with ``principal``: the route must declare exactly that, and no

@@ -87,7 +87,7 @@ class DecryptResponse(BaseModel):
 
 
 @key_operations.post("/keys/{key}/decrypt", summary="Decrypt an RSA ciphertext with the key",
-             response_model=DecryptResponse)
+                     response_model=DecryptResponse)
 async def decrypt(request: Request, key: str, body: DecryptRequest, caller: Caller) -> Response:
     ciphertext = b64.decode(body.ciphertext, "'ciphertext'")
     ops = bridge_of(request).operations
