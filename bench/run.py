@@ -344,7 +344,8 @@ def phase_profile(demo: DemoInfo, work: Path, seconds: float) -> dict[str, Any]:
         token = add_client(srv, demo, "profiled")
         for algorithm, key in (("ecdsa-sha256", "auth-ec"), ("rsa-pkcs1v15-sha256", "sign-rsa")):
             raw = work / f"profile-{algorithm}.txt"
-            prof = subprocess.Popen([pyspy, "record", "--format", "raw", "--nonblocking", "--threads", "-r", "200",
+            prof = subprocess.Popen([pyspy, "record", "--format", "raw", "--nonblocking", "--threads",
+                                     "--subprocesses", "-r", "200",
                                      "-d", str(int(seconds) + 1), "-o", str(raw), "-p", str(srv.proc.pid)],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             time.sleep(0.5)

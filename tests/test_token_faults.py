@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -366,3 +367,91 @@ def test_recovery_closes_the_sessions_it_abandons(fresh_service: Any, faults: Fa
     opened = faults.count("C_OpenSession", "CKR_OK")
     closed = faults.count("C_CloseSession", "CKR_OK")
     assert opened - closed == 1, faults.summary()  # the one session in use
+
+
+# ---------------------------------------------------------------------- a module that crashes
+
+
+def audit_entries(svc: Service, event: str) -> list[dict[str, Any]]:
+    lines = svc.cli("audit", "tail", "-n", "100000", "--json").stdout.splitlines()
+    return [entry for line in lines if (entry := json.loads(line))["event"] == event]
+
+
+async def test_a_crashing_module_takes_down_only_the_token_process(
+        fresh_service: Any, faults: FaultControl, tmp_path: Path) -> None:
+    svc = start(fresh_service, faults)
+    with svc.http(svc.add_client("counter", "sign")) as sync_client:
+        key = public_key(sync_client)
+    secret = svc.secrets["counter"]
+    results: list[tuple[int, str]] = []
+    wrong: list[str] = []
+    stop = asyncio.Event()
+
+    async def signer(http: httpx.AsyncClient, n: int) -> None:
+        i = 0
+        while not stop.is_set():
+            data = b"signer %d request %d" % (n, i)
+            i += 1
+            response = await http.post(SIGN_URL, json=sign_body(data))
+            if response.status_code == 200:
+                try:
+                    verify(key, response, data)
+                except InvalidSignature:
+                    wrong.append(data.decode())
+                results.append((200, ""))
+            else:
+                results.append((response.status_code, response.json().get("code", "")))
+                await asyncio.sleep(0.05)
+
+    async with httpx.AsyncClient(base_url=svc.url, headers={"Authorization": f"Bearer {secret}"},
+                                 timeout=30) as http:
+        tasks = [asyncio.create_task(signer(http, n)) for n in range(16)]
+        await asyncio.sleep(0.5)
+        mark = faults.mark()
+        faults.set(crash_once=tmp_path / "crashed")  # the next signature aborts the token process
+        deadline = time.monotonic() + 10
+        while not (tmp_path / "crashed").exists():
+            assert time.monotonic() < deadline, "the module never crashed"
+            await asyncio.sleep(0.01)
+        crashed = time.monotonic()
+        while (await http.get("/v1/health")).json()["token"]["state"] != "ready" or \
+                faults.count("C_Sign", "CKR_OK", since=mark) == 0:
+            assert time.monotonic() - crashed < 10, "the token never came back"
+            await asyncio.sleep(0.02)
+        recovered = time.monotonic() - crashed
+        await asyncio.sleep(0.5)
+        stop.set()
+        await asyncio.gather(*tasks)
+
+    assert not wrong, wrong[:5]
+    # The service itself lived on: the requests in flight got a clear 503, then signing resumed.
+    assert {r for r in results} <= {(200, ""), (503, "token_unavailable")}, set(results)
+    assert (503, "token_unavailable") in results and results[-1] == (200, "")
+    assert recovered < 5.0
+    assert [note for f, _, note in faults.calls(mark) if note == "crash"] == ["crash"]
+    # The new process logged in by itself with the PIN that had worked, once.
+    assert [rv for f, rv, _ in faults.calls(mark) if f == "C_Login"] == ["CKR_OK"]
+    restarts = audit_entries(svc, "token_process")
+    assert len(restarts) == 1 and "SIGABRT" in (restarts[0]["detail"] or ""), restarts
+    assert_alive(svc)
+
+
+def test_a_crash_during_login_is_never_followed_by_the_same_pin(
+        fresh_service: Any, faults: FaultControl, demo: DemoInfo, tmp_path: Path) -> None:
+    # C_Login ran, then the process died: did the PIN work? Unknown, so it is not tried again.
+    faults.set(pin_retries=3, crash_login_once=tmp_path / "crashed")
+    svc = start(fresh_service, faults, ("needs_pin",))
+    assert (tmp_path / "crashed").exists()
+    time.sleep(0.6)  # presence intervals of the new process
+    assert [rv for f, rv, _ in faults.calls() if f == "C_Login"] == ["CKR_GENERAL_ERROR"]  # the crash only
+    view = health(svc)
+    assert view["state"] == "needs_pin" and "during a login" in view["message"], view
+
+    svc.cli("login", "--pin-file", str(demo.pin_file))  # an operator's PIN: tried once, and it works
+    assert health(svc)["state"] == "ready"
+    assert [rv for f, rv, _ in faults.calls() if f == "C_Login"] == ["CKR_GENERAL_ERROR", "CKR_OK"]
+    client = svc.http(svc.add_client("counter", "sign"))
+    response = client.post(SIGN_URL, json=sign_body(b"after the crash"))
+    assert response.status_code == 200, response.text
+    verify(public_key(client), response, b"after the crash")
+    assert_alive(svc)

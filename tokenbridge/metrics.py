@@ -17,13 +17,13 @@ from prometheus_client.registry import Collector
 from tokenbridge.formats import x509 as x509h
 
 if TYPE_CHECKING:
-    from tokenbridge.token.owner import TokenOwner
+    from tokenbridge.token.process import TokenProcess
 
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 class _TokenCollector(Collector):
-    def __init__(self, owner: TokenOwner) -> None:
+    def __init__(self, owner: TokenProcess) -> None:
         self.owner = owner
 
     def collect(self) -> Iterable[Metric]:
@@ -71,7 +71,7 @@ class Metrics:
             child = self._counters[labels] = self.operations.labels(*labels)
         child.inc()
 
-    def watch(self, owner: TokenOwner) -> None:
+    def watch(self, owner: TokenProcess) -> None:
         self.registry.register(_TokenCollector(owner))
 
     def observe_job(self, client: str, kind: str, wait: float, token: float, outcome: str) -> None:

@@ -23,6 +23,10 @@
  *   fail=CKR_...       with fail_count=N (default 1): the next N C_Sign / C_Decrypt calls
  *                      that produce output return this error (CKR_DEVICE_ERROR,
  *                      CKR_FUNCTION_FAILED, CKR_GENERAL_ERROR, CKR_DEVICE_MEMORY or a number).
+ *   crash_once=PATH    the next C_Sign / C_Decrypt that produces output aborts the whole process
+ *                      (a vendor module that crashes), if it can create PATH: one crash in all,
+ *                      whichever process gets there first; remove PATH to arm it again.
+ *   crash_login_once=PATH  the same for C_Login, after the real call (the PIN was tried).
  *   pin_arm=, fail_arm=  pin_retries (with pin_max), and fail with fail_count, are applied when
  *                      their value changes; changing pin_arm / fail_arm (any value) re-applies the same one.
  *
@@ -63,6 +67,7 @@ static struct {
     CK_RV fail_rv;
     long fail_left;
     char raw_pin[128], raw_fail[128];  /* last values seen, to detect changes */
+    char crash_once[256], crash_login_once[256];  /* "" = no crash */
     int event_pending;
     CK_SLOT_ID event_slot;
 } st = {.present = 1, .pin_max = -1};
@@ -164,7 +169,8 @@ static void refresh(void)
     }
     int present = 1;
     char serial[17] = "", pin[32] = "", fail[32] = "", fail_count[32] = "";
-    char pin_max[32] = "", pin_arm[32] = "", fail_arm[32] = "";
+    char pin_max[32] = "", pin_arm[32] = "", fail_arm[32] = "", crash_once[256] = "";
+    char crash_login_once[256] = "";
     long latency = 0;
     char *save = NULL;
     for (char *line = strtok_r(buf, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
@@ -189,6 +195,8 @@ static void refresh(void)
         else if (strcmp(key, "pin_max") == 0) copy(pin_max, sizeof pin_max, val);
         else if (strcmp(key, "pin_arm") == 0) copy(pin_arm, sizeof pin_arm, val);
         else if (strcmp(key, "fail_arm") == 0) copy(fail_arm, sizeof fail_arm, val);
+        else if (strcmp(key, "crash_once") == 0) copy(crash_once, sizeof crash_once, val);
+        else if (strcmp(key, "crash_login_once") == 0) copy(crash_login_once, sizeof crash_login_once, val);
     }
 
     if (present != st.present) {
@@ -198,6 +206,8 @@ static void refresh(void)
         st.event_pending = 1;
     }
     copy(st.serial, sizeof st.serial, serial);
+    copy(st.crash_once, sizeof st.crash_once, crash_once);
+    copy(st.crash_login_once, sizeof st.crash_login_once, crash_login_once);
     st.latency_ms = latency;
     char key[128];
     snprintf(key, sizeof key, "%s/%s/%s", pin, pin_max, pin_arm);
@@ -223,6 +233,18 @@ static int is_present(void)
     int p = st.present;
     pthread_mutex_unlock(&mu);
     return p;
+}
+
+/* Abort the process if path (non-empty) can be created: one crash per path, across processes. Under mu. */
+static void crash_once(const char *path, const char *name)
+{
+    if (!path[0])
+        return;
+    int fd = open(path, O_WRONLY | O_CREAT | O_EXCL, 0600);
+    if (fd < 0)
+        return;
+    logged(name, CKR_GENERAL_ERROR, "crash");
+    abort();
 }
 
 /* ------------------------------------------------------------------ plain forwarding */
@@ -445,6 +467,9 @@ static CK_RV w_C_Login(CK_SESSION_HANDLE h, CK_USER_TYPE user, CK_UTF8CHAR_PTR p
     if (locked)
         return logged("C_Login", CKR_PIN_LOCKED, "injected");
     CK_RV rv = real->C_Login(h, user, pin, len);
+    pthread_mutex_lock(&mu);
+    crash_once(st.crash_login_once, "C_Login");
+    pthread_mutex_unlock(&mu);
     if (counted) {
         pthread_mutex_lock(&mu);
         if (rv == CKR_PIN_INCORRECT && st.pin_left > 0) {
@@ -474,6 +499,7 @@ static CK_RV one_shot(const char *name, one_shot_fn fn, CK_SESSION_HANDLE h, CK_
     if (out == NULL)
         return logged(name, fn(h, in, in_len, out, out_len), "query");
     pthread_mutex_lock(&mu);
+    crash_once(st.crash_once, name);
     long latency = st.latency_ms;
     CK_RV fail = st.fail_left > 0 ? st.fail_rv : CKR_OK;
     if (fail != CKR_OK)

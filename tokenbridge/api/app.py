@@ -21,7 +21,7 @@ def create_app(bridge: Bridge, manage: bool = True) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if manage:
-            await asyncio.to_thread(bridge.start)
+            await asyncio.to_thread(bridge.start, asyncio.get_running_loop())
             status = bridge.owner.status()
             # systemd (Type=notify): ready to serve, even if the token still needs an operator.
             notify(f"READY=1\nSTATUS=token {status.label or '?'}: {status.state.value}")

@@ -6,6 +6,7 @@ below this module knows about HTTP.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from pathlib import Path
@@ -18,7 +19,8 @@ from tokenbridge.metrics import Metrics
 from tokenbridge.services.keys import load_ca_pool
 from tokenbridge.services.operations import Operations
 from tokenbridge.store import Store
-from tokenbridge.token.owner import PINPAD, TokenOwner, TokenSelector
+from tokenbridge.token.owner import PINPAD, TokenSelector
+from tokenbridge.token.process import TokenProcess
 
 log = logging.getLogger("tokenbridge")
 
@@ -59,7 +61,7 @@ class Bridge:
         module_path, self.driver = resolve_module(settings.token.module)
         self.module_path = Path(module_path)
         t = settings.token
-        self.owner = TokenOwner(
+        self.owner = TokenProcess(
             str(module_path),
             TokenSelector(label=t.label, serial=t.serial, slot=t.slot),
             pin,
@@ -72,13 +74,15 @@ class Bridge:
             environment=t.environment,
             on_event=self._token_event,
             observer=self.metrics.observe_job,
+            log_level=logging.getLevelName(log.getEffectiveLevel()),
         )
         self.metrics.watch(self.owner)
         self.operations = Operations(self.owner, self.audit, settings, self.metrics)
         self.ca_pool = load_ca_pool(settings.ca_files)
 
-    def start(self) -> None:
-        status = self.owner.start()
+    def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """``loop``: the service's event loop, which then reads the token's answers itself."""
+        status = self.owner.start(loop=loop)
         log.info("token %s: %s%s", status.label or "?", status.state,
                  f" ({status.message})" if status.message else "")
 
@@ -87,7 +91,7 @@ class Bridge:
         self.store.close()
 
     def _token_event(self, event: str, data: dict[str, object]) -> None:
-        """Login attempts and state changes go to the audit log (called on the owner thread)."""
+        """Login attempts and state changes go to the audit log."""
         outcome = str(data.get("outcome") or data.get("to") or "ok")
         detail = ", ".join(f"{k}={v}" for k, v in data.items() if k != "outcome" and v is not None) or None
         try:

@@ -28,7 +28,7 @@ from tokenbridge.services.keys import load_ca_pool, may_decrypt, may_sign
 from tokenbridge.services.operations import Operations
 from tokenbridge.services.principal import Principal
 from tokenbridge.token.model import DecryptionFailed, KeyInfo
-from tokenbridge.token.owner import TokenOwner
+from tokenbridge.token.process import TokenProcess
 
 # Status for each format-layer error code; anything else is a 422.
 _STATUS = {"cms_malformed": 400, "mime_malformed": 400, "invalid_certificate": 400}
@@ -75,7 +75,7 @@ def _is_email_key(key: KeyInfo) -> bool:
 class CmsService:
     def __init__(self, operations: Operations, ca_pool: list[x509.Certificate]) -> None:
         self.ops = operations
-        self.owner: TokenOwner = operations.owner
+        self.owner: TokenProcess = operations.owner
         self.audit: AuditLog = operations.audit
         self.settings: Settings = operations.settings
         self.ca_pool = ca_pool

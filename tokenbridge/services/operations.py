@@ -25,7 +25,7 @@ from tokenbridge.metrics import Metrics
 from tokenbridge.services.keys import may_decrypt, may_sign, require_usage
 from tokenbridge.services.principal import Principal
 from tokenbridge.token.model import DecryptionFailed, KeyInfo, TokenError
-from tokenbridge.token.owner import TokenOwner
+from tokenbridge.token.process import TokenProcess
 
 T = TypeVar("T")
 
@@ -52,7 +52,8 @@ async def _hash(hash_name: str, data: bytes) -> bytes:
 
 
 class Operations:
-    def __init__(self, owner: TokenOwner, audit: AuditLog, settings: Settings, metrics: Metrics | None = None) -> None:
+    def __init__(self, owner: TokenProcess, audit: AuditLog, settings: Settings,
+                 metrics: Metrics | None = None) -> None:
         self.owner = owner
         self.audit = audit
         self.settings = settings

@@ -80,6 +80,7 @@ _MECH = (p11e.MechanismInvalid, p11e.MechanismParamInvalid, p11e.ArgumentsBad, p
 
 _HASH_MECH = {"sha1": Mechanism.SHA_1, "sha256": Mechanism.SHA256, "sha384": Mechanism.SHA384,
               "sha512": Mechanism.SHA512}
+_PREPARED = {"rsa-pkcs1": Mechanism.RSA_PKCS, "rsa-x509": Mechanism.RSA_X_509, "ecdsa": Mechanism.ECDSA}
 _MGF = {"sha1": MGF.SHA1, "sha256": MGF.SHA256, "sha384": MGF.SHA384, "sha512": MGF.SHA512}
 
 
@@ -98,7 +99,8 @@ class TokenSelector:
 class _Job:
     """One unit of work for the owner thread, resolved on an asyncio loop or a waiting thread."""
 
-    __slots__ = ("cancelled", "client", "deadline", "enqueued", "fn", "future", "kind", "loop", "started")
+    __slots__ = ("cancelled", "client", "deadline", "elapsed", "enqueued", "fn", "future", "kind", "loop", "started",
+                 "waited")
 
     def __init__(self, fn: Callable[[], Any], future: asyncio.Future[Any] | concurrent.futures.Future[Any],
                  loop: asyncio.AbstractEventLoop | None, deadline: float, client: str = "", kind: str = "op") -> None:
@@ -111,16 +113,18 @@ class _Job:
         self.enqueued = time.monotonic()
         self.cancelled = False
         self.started = False
+        self.waited = 0.0  # seconds in the queue, then at the token: set when the job has run
+        self.elapsed = 0.0
 
     def resolve(self, result: Any, error: BaseException | None) -> None:
         if self.loop is not None:
-            self.loop.call_soon_threadsafe(_resolve, self.future, result, error)
+            self.loop.call_soon_threadsafe(settle, self.future, result, error)
         else:
-            _resolve(self.future, result, error)
+            settle(self.future, result, error)
 
 
-def _resolve(future: asyncio.Future[Any] | concurrent.futures.Future[Any], result: Any,
-             error: BaseException | None) -> None:
+def settle(future: asyncio.Future[Any] | concurrent.futures.Future[Any], result: Any,
+           error: BaseException | None) -> None:
     if future.done():
         return
     if error is not None:
@@ -172,7 +176,7 @@ class TokenOwner:
         self._keys: dict[str, KeyInfo] = {}
         self._mechanisms: set[Any] = set()
         self._identity: tuple[str, frozenset[str]] | None = None  # serial, cert fingerprints
-        self._login_failed = False
+        self._login_failed: str | None = None  # why the PIN must not be tried again
         self._oaep_in_software: set[str] = set()  # (key id, hash) pairs the token refused
         self._status = TokenStatus(state=TokenState.STARTING, module=module_path)
         self._service_time = 0.005  # seconds per job, moving average, for Retry-After
@@ -212,14 +216,7 @@ class TokenOwner:
 
     def find_key(self, ref: str) -> KeyInfo:
         """A key by its id or its label."""
-        key = self._keys.get(ref)
-        if key is None:
-            key = next((k for k in self._keys.values() if k.label == ref), None)
-        if key is None and self._status.state is not TokenState.READY and not self._keys:
-            raise TokenUnavailable(self._unavailable_detail())
-        if key is None:
-            raise KeyNotFound(f"no key {ref!r} on the token (see GET /v1/keys)")
-        return key
+        return find_key(self._keys, ref, self._status)
 
     # ------------------------------------------------------------------ async API
 
@@ -241,20 +238,7 @@ class TokenOwner:
         ``mechanism``: ``rsa-pkcs1`` (data is a DigestInfo), ``rsa-x509`` (data is a
         full-size encoded block, e.g. PSS), or ``ecdsa`` (data is a digest; raw r||s back).
         """
-        mechanisms = {"rsa-pkcs1": Mechanism.RSA_PKCS, "rsa-x509": Mechanism.RSA_X_509, "ecdsa": Mechanism.ECDSA}
-        mech = mechanisms.get(mechanism)
-        if mech is None:
-            raise MechanismUnsupported(f"unknown mechanism {mechanism}")
-
-        def op() -> bytes:
-            try:
-                return self._sign_raw(key, mech, data)
-            except _MECH as exc:
-                raise MechanismUnsupported(f"the token refused {mechanism}: {type(exc).__name__}") from None
-            except p11e.PKCS11Error as exc:
-                raise OperationFailed(f"the token failed to sign: {type(exc).__name__}") from None
-
-        return self._submit_blocking(op, client)
+        return self._submit_blocking(lambda: self._do_sign_prepared(key, mechanism, data), client)
 
     def has_mechanism(self, name: str) -> bool:
         """Whether the token lists a mechanism, by its python-pkcs11 name (e.g. ``RSA_PKCS_PSS``)."""
@@ -318,24 +302,31 @@ class TokenOwner:
             self._cv.notify()
 
     def _unavailable_detail(self) -> str:
-        s = self._status
-        reasons = {
-            TokenState.STARTING: "the token is still being opened",
-            TokenState.ABSENT: "the token is absent (removed or not responding); it is reopened "
-                               "automatically when it comes back",
-            TokenState.NEEDS_PIN: "the token is not logged in: an operator must run `tokenbridge login`",
-            TokenState.LOCKED: "the token's user PIN is locked or at its final try; the service will "
-                               "not try it",
-            TokenState.FOREIGN: "a different token was inserted; an operator must accept it with "
-                                "`tokenbridge login --accept-new-token`",
-            TokenState.ERROR: "the PKCS#11 module or token cannot be used",
-        }
-        base = reasons.get(s.state, f"token state is {s.state}")
-        return f"{base}" + (f": {s.message}" if s.message else "")
+        return unavailable_detail(self._status)
 
     # ------------------------------------------------------------------ the owner thread
 
     def _run(self) -> None:
+        if not self._load_module():
+            self._ready.set()
+            self._fail_all_forever()
+            return
+        self._connect()
+        self._ready.set()
+        while not self._stopping:
+            idle = self._status.state in (TokenState.ABSENT, TokenState.READY)
+            job = self._next_job(self._presence_interval if idle else None)
+            if job is not None:
+                self._execute(job)
+            elif self._stopping:
+                break
+            elif self._status.state is TokenState.ABSENT:
+                self._connect()  # poll for the token's return
+            elif self._status.state is TokenState.READY:
+                self._check_presence()  # idle: notice a card pulled between requests
+        self._fail_pending(TokenUnavailable("the service is stopping"))
+
+    def _load_module(self) -> bool:
         try:
             for name, value in self._environment.items():
                 os.environ[name] = value
@@ -343,28 +334,15 @@ class TokenOwner:
             self._direct = DirectSigner(self.module_path)
         except Exception as exc:  # the module itself is unusable: nothing to retry
             self._set_state(TokenState.ERROR, f"cannot load PKCS#11 module {self.module_path}: {exc}")
-            self._ready.set()
-            self._fail_all_forever()
-            return
-        self._connect()
-        self._ready.set()
-        while True:
-            with self._cv:
-                while not self._jobs and not self._stopping:
-                    if self._status.state in (TokenState.ABSENT, TokenState.READY):
-                        self._cv.wait(self._presence_interval)
-                        break
-                    self._cv.wait()
-                if self._stopping:
-                    break
-                job = self._jobs.get()
-            if job is not None:
-                self._execute(job)
-            elif self._status.state is TokenState.ABSENT:
-                self._connect()  # poll for the token's return
-            elif self._status.state is TokenState.READY:
-                self._check_presence()  # idle: notice a card pulled between requests
-        self._fail_pending(TokenUnavailable("the service is stopping"))
+            return False
+        return True
+
+    def _next_job(self, timeout: float | None) -> _Job | None:
+        """The next job in fair order; None when ``timeout`` passes first or the owner stops."""
+        with self._cv:
+            if not self._jobs and not self._stopping:
+                self._cv.wait(timeout)
+            return None if self._stopping else self._jobs.get()
 
     def _execute(self, job: _Job) -> None:
         now = time.monotonic()
@@ -385,6 +363,7 @@ class TokenOwner:
             error = OperationFailed(f"unexpected error: {type(exc).__name__}")
         elapsed = time.monotonic() - now
         self._service_time = 0.9 * self._service_time + 0.1 * elapsed
+        job.waited, job.elapsed = now - job.enqueued, elapsed
         job.resolve(result, error)
         if self._observer is not None:
             outcome = "ok" if error is None else getattr(error, "code", "error")
@@ -397,13 +376,10 @@ class TokenOwner:
             job.resolve(None, error)
 
     def _fail_all_forever(self) -> None:
-        while True:
-            with self._cv:
-                while not self._jobs and not self._stopping:
-                    self._cv.wait()
-                if self._stopping:
-                    return
-            self._fail_pending(TokenUnavailable(self._unavailable_detail()))
+        while not self._stopping:
+            job = self._next_job(None)
+            if job is not None:
+                job.resolve(None, TokenUnavailable(self._unavailable_detail()))
 
     # ------------------------------------------------------------------ connection and login
 
@@ -466,10 +442,11 @@ class TokenOwner:
             return
         if self._login_failed or self._pin is None:
             _close_quietly(public_session)
-            self._set_state(TokenState.NEEDS_PIN, "the last PIN failed" if self._login_failed
+            self._set_state(TokenState.NEEDS_PIN, self._login_failed if self._login_failed
                             else "no PIN configured")
             return
         pin: Any = pkcs11.PROTECTED_AUTH if self._pin == PINPAD else self._pin
+        self._before_login()
         try:
             session = token.open(user_pin=pin)
             self._emit("login", {"outcome": "ok"})
@@ -477,7 +454,7 @@ class TokenOwner:
         except p11e.UserAlreadyLoggedIn:
             session = public_session  # login state is per process: still logged in
         except _PIN_WRONG as exc:
-            self._login_failed = True
+            self._login_failed = "the last PIN failed"
             self._pin = None
             self._status = replace(self._status, pin=_pin_flags(self._refresh_flags(token)))
             self._set_state(TokenState.NEEDS_PIN, f"the PIN was refused ({type(exc).__name__}); it will "
@@ -485,7 +462,7 @@ class TokenOwner:
             self._emit("login", {"outcome": "pin_refused"})
             return
         except p11e.PinLocked:
-            self._login_failed = True
+            self._login_failed = "the last PIN failed"
             self._pin = None
             self._set_state(TokenState.LOCKED, "the token reports the user PIN locked")
             self._emit("login", {"outcome": "pin_locked"})
@@ -502,6 +479,9 @@ class TokenOwner:
         self._identity = identity
         self._status = replace(self._status, logged_in=True, pin=_pin_flags(self._refresh_flags(token)))
         self._set_state(TokenState.READY, None)
+
+    def _before_login(self) -> None:
+        """Called just before ``C_Login``: the token process tells the service (see token/process.py)."""
 
     def _check_presence(self) -> None:
         """Slot status only (no card operation): is our token still in its slot?"""
@@ -528,7 +508,7 @@ class TokenOwner:
     def _operator_login(self, pin: str | None, accept_new_token: bool, allow_final_try: bool) -> TokenStatus:
         if pin is not None:
             self._pin = pin
-            self._login_failed = False
+            self._login_failed = None
         if accept_new_token:
             self._identity = None
             self._emit("token_accepted", {})
@@ -638,6 +618,17 @@ class TokenOwner:
             raise OperationFailed(f"the token failed to sign: {type(exc).__name__}") from None
         raise MechanismUnsupported(f"unknown scheme {scheme}")
 
+    def _do_sign_prepared(self, key: KeyInfo, mechanism: str, data: bytes) -> bytes:
+        mech = _PREPARED.get(mechanism)
+        if mech is None:
+            raise MechanismUnsupported(f"unknown mechanism {mechanism}")
+        try:
+            return self._sign_raw(key, mech, data)
+        except _MECH as exc:
+            raise MechanismUnsupported(f"the token refused {mechanism}: {type(exc).__name__}") from None
+        except p11e.PKCS11Error as exc:
+            raise OperationFailed(f"the token failed to sign: {type(exc).__name__}") from None
+
     def _do_decrypt(self, key: KeyInfo, scheme: str, hash_name: HashName | None, data: bytes) -> bytes:
         handle = self._handle(key)
         k = (key.size + 7) // 8
@@ -691,6 +682,35 @@ class TokenOwner:
                 self._on_event(event, data)
             except Exception:
                 log.exception("event handler failed")
+
+
+def find_key(keys: dict[str, KeyInfo], ref: str, status: TokenStatus) -> KeyInfo:
+    """A key by its id or its label; a token that is not ready and has shown no keys is "unavailable"."""
+    key = keys.get(ref)
+    if key is None:
+        key = next((k for k in keys.values() if k.label == ref), None)
+    if key is None and status.state is not TokenState.READY and not keys:
+        raise TokenUnavailable(unavailable_detail(status))
+    if key is None:
+        raise KeyNotFound(f"no key {ref!r} on the token (see GET /v1/keys)")
+    return key
+
+
+def unavailable_detail(status: TokenStatus) -> str:
+    """What an operator reads in a 503: why the token cannot serve, and what to do."""
+    reasons = {
+        TokenState.STARTING: "the token is still being opened",
+        TokenState.ABSENT: "the token is absent (removed or not responding); it is reopened "
+                           "automatically when it comes back",
+        TokenState.NEEDS_PIN: "the token is not logged in: an operator must run `tokenbridge login`",
+        TokenState.LOCKED: "the token's user PIN is locked or at its final try; the service will "
+                           "not try it",
+        TokenState.FOREIGN: "a different token was inserted; an operator must accept it with "
+                            "`tokenbridge login --accept-new-token`",
+        TokenState.ERROR: "the PKCS#11 module or token cannot be used",
+    }
+    base = reasons.get(status.state, f"token state is {status.state}")
+    return base + (f": {status.message}" if status.message else "")
 
 
 def _close_quietly(session: Any) -> None:

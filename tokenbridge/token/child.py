@@ -1,0 +1,185 @@
+"""The token process: one ``TokenOwner`` alone in its own interpreter, fed over a socket.
+
+Started by ``TokenProcess`` (token/process.py) as ``python -m tokenbridge.token.child FD``.
+It runs the owner's loop on its only thread: waiting for work is waiting on the
+socket, and each answer is one message back. With no event loop in the same
+process there is no lock (GIL) to hand back and forth around each PKCS#11 call,
+and a module that crashes takes only this process down.
+
+It ignores SIGINT and SIGTERM (a Ctrl-C or ``systemctl stop`` reaches the whole
+process group): it stops when the service says so or closes the socket.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import select
+import signal
+import socket
+import sys
+from typing import Any
+
+from tokenbridge.token import wire
+from tokenbridge.token.model import KeyInfo, TokenUnavailable
+from tokenbridge.token.owner import TokenOwner, TokenSelector, _Job
+
+log = logging.getLogger("tokenbridge.token")
+
+
+class _RemoteJob(_Job):
+    """A job whose answer goes back over the socket."""
+
+    __slots__ = ("id", "owner")
+
+    def __init__(self, owner: ChildOwner, job_id: int, fn: Any, deadline: float, client: str, kind: str) -> None:
+        super().__init__(fn, concurrent.futures.Future(), None, deadline, client, kind)
+        self.owner = owner
+        self.id = job_id
+
+    def resolve(self, result: Any, error: BaseException | None) -> None:
+        self.owner.answer(self, result, error)
+
+
+class ChildOwner(TokenOwner):
+    def __init__(self, sock: socket.socket, config: dict[str, Any]) -> None:
+        super().__init__(
+            config["module_path"], TokenSelector(**config["selector"]), config["pin"],
+            operation_timeout=config["operation_timeout"], presence_interval=config["presence_interval"],
+            environment=config["environment"], on_event=self._send_event,
+        )
+        self._identity = config["identity"]
+        self._login_failed = config["login_failed"]
+        self._sock = sock
+        self._inbox = bytearray()
+        self._by_id: dict[int, _RemoteJob] = {}
+        self._sent: tuple[Any, Any, Any] = (None, None, None)  # status, identity, keys last sent
+
+    def serve(self) -> None:
+        self._run()
+        self._publish()
+
+    # ------------------------------------------------------------------ the owner's hooks
+
+    def _next_job(self, timeout: float | None) -> _Job | None:
+        self._publish()
+        self._receive(0)  # what already arrived joins the fair queue before the next pick
+        if not self._jobs and not self._stopping:
+            self._receive(timeout)
+        return None if self._stopping else self._jobs.get()
+
+    def _before_login(self) -> None:
+        # If this process dies inside C_Login, the service must not start another with the same PIN.
+        self._send(("attempt",))
+
+    # ------------------------------------------------------------------ messages
+
+    def answer(self, job: _RemoteJob, result: Any, error: BaseException | None) -> None:
+        self._publish()  # the new state first: a login's answer must find it there
+        self._by_id.pop(job.id, None)
+        self._send(("done", job.id, result, wire.encode_error(error), job.waited, job.elapsed))
+
+    def _publish(self) -> None:
+        status, identity, keys = self._status, self._identity, self._keys
+        sent_status, sent_identity, sent_keys = self._sent
+        if status is not sent_status or identity != sent_identity:
+            self._send(("status", status, identity))
+        if keys is not sent_keys:
+            self._send(("keys", [wire.encode_key(k) for k in keys.values()]))
+        self._sent = (status, identity, keys)
+
+    def _send_event(self, name: str, data: dict[str, Any]) -> None:
+        self._send(("event", name, data))
+
+    def _send(self, message: tuple[Any, ...]) -> None:
+        try:
+            self._sock.sendall(wire.frame(message))
+        except OSError:
+            self._stopping = True  # the service is gone
+
+    def _receive(self, timeout: float | None) -> None:
+        """Read what the service sent, waiting up to ``timeout`` (0: only what is there)."""
+        try:
+            if timeout != 0:
+                readable, _, _ = select.select([self._sock], [], [], timeout)
+                if not readable:
+                    return
+            data = self._sock.recv(1 << 20, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._stopping = True  # the service closed its end
+            return
+        self._inbox += data
+        for message in wire.unframe(self._inbox):
+            self._dispatch(message)
+
+    def _dispatch(self, message: tuple[Any, ...]) -> None:
+        kind = message[0]
+        if kind == "cancel":
+            job = self._by_id.get(message[1])
+            if job is not None:
+                job.cancelled = True
+            return
+        if kind == "stop":
+            self._stopping = True
+            return
+        job_id, deadline = message[1], message[2]
+        if kind == "login":
+            pin, accept, final_try = message[3:]
+            self._queue(_RemoteJob(self, job_id, lambda: self._operator_login(pin, accept, final_try),
+                                   deadline, "operator", "login"))
+            return
+        client, key_id, a, b, data = message[3:]
+        if kind == "sign":
+            fn = lambda: self._do_sign(self._key(key_id), a, b, data)  # noqa: E731
+        elif kind == "decrypt":
+            fn = lambda: self._do_decrypt(self._key(key_id), a, b, data)  # noqa: E731
+        elif kind == "prepared":
+            fn = lambda: self._do_sign_prepared(self._key(key_id), a, data)  # noqa: E731
+        else:
+            raise wire.ProtocolError(f"unknown message {kind!r}")
+        self._queue(_RemoteJob(self, job_id, fn, deadline, client, kind))
+
+    def accept(self, inbox: bytearray, messages: list[tuple[Any, ...]]) -> None:
+        """What came with the configuration, in the same read."""
+        self._inbox += inbox
+        for message in messages:
+            self._dispatch(message)
+
+    def _queue(self, job: _RemoteJob) -> None:
+        self._by_id[job.id] = job
+        self._jobs.put(job.client, job, force=True)  # limits are the service's: it counts what it sent
+
+    def _key(self, key_id: str) -> KeyInfo:
+        key = self._keys.get(key_id)
+        if key is None:  # keys are rediscovered at each login: this one is gone with its token
+            raise TokenUnavailable(self._unavailable_detail())
+        return key
+
+
+def main(argv: list[str]) -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sock = socket.socket(fileno=int(argv[0]))
+    inbox = bytearray()
+    while not (messages := wire.unframe(inbox)):
+        data = sock.recv(1 << 16)
+        if not data:
+            return 0
+        inbox += data
+    kind, config = messages[0]
+    if kind != "config":
+        raise wire.ProtocolError(f"expected the configuration, got {kind!r}")
+    logging.basicConfig(level=config["log_level"], stream=sys.stderr,
+                        format="%(levelname)s:     token process: %(message)s")
+    owner = ChildOwner(sock, config)
+    owner.accept(inbox, messages[1:])
+    owner.serve()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
