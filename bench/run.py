@@ -167,12 +167,14 @@ def wrk(url: str, body: str, token: str | None, clients: int, seconds: float) ->
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process and its children (the workers), all threads, from /proc."""
+    """User + system CPU of a process and its descendants (workers, token processes), all threads, from /proc."""
     total = 0.0
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
         total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        # A child belongs to the thread that started it (the token process: a worker thread).
+        children = [c for task in Path(f"/proc/{pid}/task").iterdir()
+                    for c in (task / "children").read_text().split()]
     except OSError:
         return total
     return total + sum(cpu_seconds(int(c)) for c in children)
@@ -370,10 +372,15 @@ def hot_spots(raw: Path, top: int = 12) -> dict[str, Any]:
             continue
         count = int(n)
         frames = stack.split(";")
+        # --subprocesses: "process <pid>:<cmdline>" frames (service, then token process), one "thread (...)".
+        where = [f for f in frames if f.startswith(("process ", "thread ("))]
+        frames = frames[len(where):] or ["(idle)"]
+        process = "token process" if any("tokenbridge.token.child" in f for f in where) else "service"
+        thread = next((f.partition(": ")[2] for f in where if f.startswith("thread (")), "?")
         total += count
-        threads[frames[0][:60]] += count
+        threads[f"{process}: {thread}"] += count
         self_c[_frame(frames[-1])] += count
-        for f in {_frame(x) for x in frames[1:]}:
+        for f in {_frame(x) for x in frames}:
             incl[f] += count
 
     def share(c: collections.Counter[str]) -> list[tuple[str, float]]:

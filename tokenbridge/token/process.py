@@ -122,6 +122,7 @@ class TokenProcess:
         self._sock: socket.socket | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._inbox = bytearray()
+        self._outbox: list[bytes] = []  # messages not sent yet (see _post)
         self._stopping = False
         self._detached = threading.Event()
         self._exits: collections.deque[float] = collections.deque(maxlen=8)  # unexpected exits, for back-off
@@ -142,9 +143,7 @@ class TokenProcess:
         self._stopping = True
         with self._lock:
             sock = self._sock
-            if sock is not None:
-                with contextlib.suppress(OSError):
-                    sock.sendall(wire.frame(("stop",)))
+            self._post(wire.frame(("stop",)))
         proc = self._proc
         if proc is not None:
             try:
@@ -177,6 +176,7 @@ class TokenProcess:
         self._proc, self._inbox, self._detached = proc, bytearray(), threading.Event()
         with self._lock:
             self._sock = ours
+            self._outbox.clear()  # messages meant for a process that died
         self._handshake(ours, time.monotonic() + wait)
         if self._sock is not ours:
             return  # it died while starting; _gone has arranged the next attempt
@@ -286,14 +286,11 @@ class TokenProcess:
                 self._admit(client)
             job_id = next(self._ids)
             message = (kind, job_id, time.monotonic() + self._timeout, *([] if kind == "login" else [client]), *args)
-            try:
-                if self._sock is None:
-                    raise OSError("no token process")
-                self._sock.sendall(wire.frame(message))
-            except OSError:
-                raise TokenUnavailable(unavailable_detail(self._status)) from None
+            if self._sock is None:
+                raise TokenUnavailable(unavailable_detail(self._status))
             self._pending[job_id] = _Pending(future, loop, client, kind)
             self._by_client[client] += 1
+            self._post(wire.frame(message))
         return job_id
 
     def _admit(self, client: str) -> None:
@@ -314,9 +311,29 @@ class TokenProcess:
             if pending is None:
                 return  # answered meanwhile
             self._by_client[pending.client] -= 1
-            if self._sock is not None:
-                with contextlib.suppress(OSError):
-                    self._sock.sendall(wire.frame(("cancel", job_id)))
+            self._post(wire.frame(("cancel", job_id)))
+
+    def _post(self, data: bytes) -> None:
+        """Send a message, under the lock. On the event loop, the messages of one loop iteration leave
+        together, in one write: under load that is one system call for many requests."""
+        self._outbox.append(data)
+        if self._loop is None or not self._loop_is_current():
+            self._flush_locked()
+        elif len(self._outbox) == 1:
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        with self._lock:
+            self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        if not self._outbox:
+            return
+        data = b"".join(self._outbox)
+        self._outbox.clear()
+        if self._sock is not None:
+            with contextlib.suppress(OSError):  # the process is gone: the reader sees it and fails the jobs
+                self._sock.sendall(data)
 
     # ------------------------------------------------------------------ answers
 
