@@ -3,7 +3,7 @@
 Run as its own process (``python -m bench.raw_pkcs11 ...``): it is the only thing in
 that process that loads the PKCS#11 module. Prints one JSON object.
 
-It does what the bridge's owner thread does per request, minus HTTP and the audit:
+It does what the bridge's token process does per request, minus HTTP and the audit:
 hash the data in Python, then one C_SignInit + C_Sign on a cached key handle of an
 open, logged-in session.
 """

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from tokenbridge.token.scheduler import FairQueue, QueueLimit
+from tokenbridge.token.scheduler import FairQueue, QueueLimit, QueueLimits
 
 
 def test_round_robin_between_clients() -> None:
-    q: FairQueue[str] = FairQueue(total_limit=100)
+    q: FairQueue[str] = FairQueue()
     for i in range(10):
         q.put("busy", f"busy-{i}")
     q.put("quiet", "quiet-0")
@@ -19,7 +19,7 @@ def test_round_robin_between_clients() -> None:
 
 
 def test_three_hammering_clients_get_a_third_each() -> None:
-    q: FairQueue[str] = FairQueue(total_limit=1000)
+    q: FairQueue[str] = FairQueue()
     for _ in range(300):
         for client in ("a", "b", "c"):
             q.put(client, client)
@@ -28,17 +28,20 @@ def test_three_hammering_clients_get_a_third_each() -> None:
 
 
 def test_limits() -> None:
-    q: FairQueue[int] = FairQueue(total_limit=5, per_client_limit=2)
-    q.put("a", 1)
-    q.put("a", 2)
+    limits = QueueLimits(total_limit=5, per_client_limit=2)
+    limits.admit("a")
+    limits.admit("a")
     with pytest.raises(QueueLimit) as exc:
-        q.put("a", 3)
-    assert exc.value.scope == "client"
+        limits.admit("a")
+    assert exc.value.scope == "client" and exc.value.depth == 2
     for i in range(3):
-        q.put(f"c{i}", i)
+        limits.admit(f"c{i}")
     with pytest.raises(QueueLimit) as exc:
-        q.put("z", 9)
-    assert exc.value.scope == "total"
-    q.put("z", 9, force=True)  # operator jobs are never refused
-    assert list(q.drain()) == [1, 0, 1, 2, 9, 2]
-    assert len(q) == 0
+        limits.admit("z")
+    assert exc.value.scope == "total" and exc.value.depth == 5
+    limits.admit("z", force=True)  # operator jobs are never refused
+    assert len(limits) == 6 and limits.clients() == {"a": 2, "c0": 1, "c1": 1, "c2": 1, "z": 1}
+    limits.release("a")
+    limits.release("z")
+    limits.admit("a")  # answered jobs free their places
+    assert limits.clients()["a"] == 2 and len(limits) == 5

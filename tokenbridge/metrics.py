@@ -75,7 +75,7 @@ class Metrics:
         self.registry.register(_TokenCollector(owner))
 
     def observe_job(self, client: str, kind: str, wait: float, token: float, outcome: str) -> None:
-        """Called on the owner thread after each job: two histogram updates, nothing else."""
+        """Called on the event loop for each answer from the token: two histogram updates, nothing else."""
         timers = self._timers.get(kind)
         if timers is None:
             timers = self._timers[kind] = (self.queue_wait.labels(kind), self.token_time.labels(kind))

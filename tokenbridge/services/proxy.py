@@ -1,7 +1,7 @@
 """The mutual-TLS forward proxy: calls configured upstreams with the token's certificate.
 
 Every upstream has one ``ssl.SSLContext`` (from a ``KeySource``) whose client
-key signs through ``TokenOwner.sign_prepared_blocking``: the handshake
+key signs through ``TokenProcess.sign_prepared_blocking``: the handshake
 signature is one more job in the owner's queue, audited and counted like any
 other. Connections are made and used on worker threads (httpcore's sync pool),
 never on the event loop, because the card may take a second to sign.

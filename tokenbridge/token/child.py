@@ -12,7 +12,6 @@ process group): it stops when the service says so or closes the socket.
 
 from __future__ import annotations
 
-import concurrent.futures
 import logging
 import select
 import signal
@@ -22,18 +21,18 @@ from typing import Any
 
 from tokenbridge.token import wire
 from tokenbridge.token.model import KeyInfo, TokenUnavailable
-from tokenbridge.token.owner import TokenOwner, TokenSelector, _Job
+from tokenbridge.token.owner import Job, TokenOwner, TokenSelector
 
 log = logging.getLogger("tokenbridge.token")
 
 
-class _RemoteJob(_Job):
+class _RemoteJob(Job):
     """A job whose answer goes back over the socket."""
 
     __slots__ = ("id", "owner")
 
     def __init__(self, owner: ChildOwner, job_id: int, fn: Any, deadline: float, client: str, kind: str) -> None:
-        super().__init__(fn, concurrent.futures.Future(), None, deadline, client, kind)
+        super().__init__(fn, deadline, client, kind)
         self.owner = owner
         self.id = job_id
 
@@ -45,8 +44,8 @@ class ChildOwner(TokenOwner):
     def __init__(self, sock: socket.socket, config: dict[str, Any]) -> None:
         super().__init__(
             config["module_path"], TokenSelector(**config["selector"]), config["pin"],
-            operation_timeout=config["operation_timeout"], presence_interval=config["presence_interval"],
-            environment=config["environment"], on_event=self._send_event,
+            presence_interval=config["presence_interval"], environment=config["environment"],
+            on_event=self._send_event,
         )
         self._identity = config["identity"]
         self._login_failed = config["login_failed"]
@@ -56,12 +55,12 @@ class ChildOwner(TokenOwner):
         self._sent: tuple[Any, Any, Any] = (None, None, None)  # status, identity, keys last sent
 
     def serve(self) -> None:
-        self._run()
+        self.run()
         self._publish()
 
     # ------------------------------------------------------------------ the owner's hooks
 
-    def _next_job(self, timeout: float | None) -> _Job | None:
+    def _next_job(self, timeout: float | None) -> Job | None:
         self._publish()
         self._receive(0)  # what already arrived joins the fair queue before the next pick
         if not self._jobs and not self._stopping:
@@ -151,7 +150,7 @@ class ChildOwner(TokenOwner):
 
     def _queue(self, job: _RemoteJob) -> None:
         self._by_id[job.id] = job
-        self._jobs.put(job.client, job, force=True)  # limits are the service's: it counts what it sent
+        self._jobs.put(job.client, job)
 
     def _key(self, key_id: str) -> KeyInfo:
         key = self._keys.get(key_id)

@@ -9,7 +9,7 @@ the GIL (a card may take a second). Sessions, login and objects stay with
 python-pkcs11: this binds only the two functions on the hot path, from the same
 loaded module (``dlopen`` returns the instance python-pkcs11 initialised).
 
-Only the token owner thread calls it, like every other PKCS#11 call.
+Only the token owner calls it, in the token process, like every other PKCS#11 call.
 """
 
 from __future__ import annotations

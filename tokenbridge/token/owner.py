@@ -1,13 +1,14 @@
-"""The token owner: the one thread that talks to a loaded PKCS#11 module.
+"""The token owner: the only code that calls a loaded PKCS#11 module.
 
-python-pkcs11 initialises modules without asking them to lock, and a card
-serves one operation at a time anyway, so every PKCS#11 call of the process
-goes through this thread. Requests from the event loop are queued as jobs and
-awaited; the thread keeps one session open and logged in and caches the key
-handles, so a signature costs ``C_SignInit`` + ``C_Sign`` and nothing else.
+It runs alone in the token process (token/child.py), which hands it jobs in
+fair order and sends back their answers; the service talks to that process
+through token/process.py. One owner keeps one session open and logged in and
+caches the key handles, so a signature costs ``C_SignInit`` + ``C_Sign`` and
+nothing else. python-pkcs11 initialises modules without asking them to lock,
+and a card serves one operation at a time anyway: one owner, one thread.
 
 State machine (see ``TokenState``): a removed token or dead session makes the
-token ``absent``; the thread then polls the slot list and, when the *same*
+token ``absent``; the owner then polls the slot list and, when the *same*
 token returns (serial and certificate fingerprints), reopens and logs in by
 itself, unless the last login failed. A PIN that failed is never tried again
 until an operator supplies a new one.
@@ -15,13 +16,10 @@ until an operator supplies a new one.
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import contextlib
 import hashlib
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -48,14 +46,12 @@ from tokenbridge.token.model import (
     MechanismUnsupported,
     OperationFailed,
     PinFlags,
-    QueueFull,
-    RateLimited,
     TokenError,
     TokenState,
     TokenStatus,
     TokenUnavailable,
 )
-from tokenbridge.token.scheduler import FairQueue, QueueLimit, RateLimiter
+from tokenbridge.token.scheduler import FairQueue
 
 log = logging.getLogger("tokenbridge.token")
 
@@ -96,45 +92,27 @@ class TokenSelector:
         return ", ".join(parts) or "the first token present"
 
 
-class _Job:
-    """One unit of work for the owner thread, resolved on an asyncio loop or a waiting thread."""
+class Job:
+    """One unit of work for the owner; whoever made it says where its answer goes (``resolve``)."""
 
-    __slots__ = ("cancelled", "client", "deadline", "elapsed", "enqueued", "fn", "future", "kind", "loop", "started",
-                 "waited")
+    __slots__ = ("cancelled", "client", "deadline", "elapsed", "enqueued", "fn", "kind", "waited")
 
-    def __init__(self, fn: Callable[[], Any], future: asyncio.Future[Any] | concurrent.futures.Future[Any],
-                 loop: asyncio.AbstractEventLoop | None, deadline: float, client: str = "", kind: str = "op") -> None:
+    def __init__(self, fn: Callable[[], Any], deadline: float, client: str, kind: str) -> None:
         self.fn = fn
         self.client = client
         self.kind = kind
-        self.future = future
-        self.loop = loop
         self.deadline = deadline
         self.enqueued = time.monotonic()
-        self.cancelled = False
-        self.started = False
+        self.cancelled = False  # its caller gave up: skip it unless it has started
         self.waited = 0.0  # seconds in the queue, then at the token: set when the job has run
         self.elapsed = 0.0
 
     def resolve(self, result: Any, error: BaseException | None) -> None:
-        if self.loop is not None:
-            self.loop.call_soon_threadsafe(settle, self.future, result, error)
-        else:
-            settle(self.future, result, error)
-
-
-def settle(future: asyncio.Future[Any] | concurrent.futures.Future[Any], result: Any,
-           error: BaseException | None) -> None:
-    if future.done():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
+        raise NotImplementedError
 
 
 class TokenOwner:
-    """Owns one PKCS#11 module and one token; the async methods are the public API."""
+    """Owns one PKCS#11 module and one token. A subclass supplies the jobs (``_next_job``)."""
 
     def __init__(
         self,
@@ -142,32 +120,19 @@ class TokenOwner:
         selector: TokenSelector,
         pin: str | None,
         *,
-        queue_size: int = 256,
-        operation_timeout: float = 30.0,
         presence_interval: float = 1.0,
         environment: dict[str, str] | None = None,
         on_event: Callable[[str, dict[str, Any]], None] | None = None,
-        per_client_queue: int | None = None,
-        client_rate: float | None = None,
-        client_burst: int = 10,
-        observer: Callable[[str, str, float, float, str], None] | None = None,
     ) -> None:
         self.module_path = module_path
         self.selector = selector
         self._pin = pin
-        self._queue_size = queue_size
-        self._timeout = operation_timeout
         self._presence_interval = presence_interval
         self._environment = environment or {}
         self._on_event = on_event
 
-        self._jobs: FairQueue[_Job] = FairQueue(queue_size, per_client_queue)
-        self._observer = observer  # (client, kind, queue wait s, token time s, outcome), for metrics
-        self._rates = RateLimiter(client_rate, client_burst) if client_rate else None
-        self._cv = threading.Condition()
+        self._jobs: FairQueue[Job] = FairQueue()  # limits are the service's: it counts what it sent
         self._stopping = False
-        self._thread: threading.Thread | None = None
-        self._ready = threading.Event()
 
         self._lib: Any = None
         self._direct: DirectSigner | None = None  # the signing calls, bound once the module is loaded
@@ -179,140 +144,21 @@ class TokenOwner:
         self._login_failed: str | None = None  # why the PIN must not be tried again
         self._oaep_in_software: set[str] = set()  # (key id, hash) pairs the token refused
         self._status = TokenStatus(state=TokenState.STARTING, module=module_path)
-        self._service_time = 0.005  # seconds per job, moving average, for Retry-After
-
-    # ------------------------------------------------------------------ lifecycle
-
-    def start(self, wait: float = 30.0) -> TokenStatus:
-        """Start the owner thread; wait until the first connection attempt is over."""
-        self._thread = threading.Thread(target=self._run, name="token-owner", daemon=True)
-        self._thread.start()
-        self._ready.wait(wait)
-        return self._status
-
-    def stop(self) -> None:
-        with self._cv:
-            self._stopping = True
-            self._cv.notify_all()
-        if self._thread is not None:
-            self._thread.join(10)
-
-    # ------------------------------------------------------------------ read-only views (no token call)
 
     def status(self) -> TokenStatus:
         return replace(self._status, queue_depth=len(self._jobs))
 
-    def queued_by_client(self) -> dict[str, int]:
-        with self._cv:
-            return self._jobs.clients()
-
-    @property
-    def service_time(self) -> float:
-        """Moving average of one token operation, in seconds."""
-        return self._service_time
-
-    def list_keys(self) -> list[KeyInfo]:
-        return list(self._keys.values())
-
-    def find_key(self, ref: str) -> KeyInfo:
-        """A key by its id or its label."""
-        return find_key(self._keys, ref, self._status)
-
-    # ------------------------------------------------------------------ async API
-
-    async def sign(self, key: KeyInfo, scheme: str, hash_name: HashName, digest: bytes, client: str = "") -> bytes:
-        """Sign a digest; ECDSA signatures come back raw (r || s)."""
-        return await self._submit(lambda: self._do_sign(key, scheme, hash_name, digest), client, "sign")
-
-    async def decrypt(self, key: KeyInfo, scheme: str, hash_name: HashName | None, data: bytes,
-                      client: str = "") -> bytes:
-        return await self._submit(lambda: self._do_decrypt(key, scheme, hash_name, data), client, "decrypt")
-
-    def sign_blocking(self, key: KeyInfo, scheme: str, hash_name: HashName, digest: bytes, client: str = "") -> bytes:
-        """``sign`` for callers on other threads (e.g. OpenSSL callbacks during a TLS handshake)."""
-        return self._submit_blocking(lambda: self._do_sign(key, scheme, hash_name, digest), client)
-
-    def sign_prepared_blocking(self, key: KeyInfo, mechanism: str, data: bytes, client: str = "") -> bytes:
-        """Sign input already prepared by the caller (e.g. OpenSSL during a TLS handshake).
-
-        ``mechanism``: ``rsa-pkcs1`` (data is a DigestInfo), ``rsa-x509`` (data is a
-        full-size encoded block, e.g. PSS), or ``ecdsa`` (data is a digest; raw r||s back).
-        """
-        return self._submit_blocking(lambda: self._do_sign_prepared(key, mechanism, data), client)
-
-    def has_mechanism(self, name: str) -> bool:
-        """Whether the token lists a mechanism, by its python-pkcs11 name (e.g. ``RSA_PKCS_PSS``)."""
-        return name in self._status.mechanisms
-
-    def _submit_blocking(self, fn: Callable[[], Any], client: str = "") -> Any:
-        if threading.current_thread() is self._thread:
-            return fn()  # already on the owner thread
-        if self._status.state is not TokenState.READY:
-            raise TokenUnavailable(self._unavailable_detail())
-        fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        job = _Job(fn, fut, None, time.monotonic() + self._timeout, client, "sign")
-        self._enqueue(job)
-        try:
-            return fut.result(self._timeout)
-        except concurrent.futures.TimeoutError:
-            job.cancelled = True
-            raise DeadlineExceeded(f"the token did not answer within {self._timeout:g} s") from None
-
-    async def login(self, pin: str | None, accept_new_token: bool = False,
-                    allow_final_try: bool = False) -> TokenStatus:
-        """An operator's new PIN (or pin pad). Runs through the queue like any job."""
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[TokenStatus] = loop.create_future()
-        job = _Job(lambda: self._operator_login(pin, accept_new_token, allow_final_try), fut, loop,
-                   time.monotonic() + self._timeout, "operator", "login")
-        self._enqueue(job, force=True)
-        return await fut
-
-    async def _submit(self, fn: Callable[[], Any], client: str, kind: str) -> Any:
-        state = self._status.state
-        if state is not TokenState.READY:
-            raise TokenUnavailable(self._unavailable_detail())
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Any] = loop.create_future()
-        job = _Job(fn, fut, loop, time.monotonic() + self._timeout, client, kind)
-        self._enqueue(job)
-        try:
-            async with asyncio.timeout(self._timeout):
-                return await fut
-        except TimeoutError:
-            job.cancelled = True
-            raise DeadlineExceeded(
-                f"the token did not answer within {self._timeout:g} s"
-                + (" (the operation was running)" if job.started else " (still queued; dropped)")
-            ) from None
-
-    def _enqueue(self, job: _Job, force: bool = False) -> None:
-        with self._cv:
-            if self._rates is not None and not force:
-                wait = self._rates.take(job.client, time.monotonic())
-                if wait > 0:
-                    raise RateLimited(f"more than {self._rates.rate:g} operations per second for this client",
-                                      wait)
-            try:
-                self._jobs.put(job.client, job, force=force)
-            except QueueLimit as limit:
-                retry = max(1.0, len(self._jobs) * self._service_time)
-                who = "requests are" if limit.scope == "total" else "of your requests are"
-                raise QueueFull(f"{limit.depth} {who} already waiting for the token", retry) from None
-            self._cv.notify()
-
     def _unavailable_detail(self) -> str:
         return unavailable_detail(self._status)
 
-    # ------------------------------------------------------------------ the owner thread
+    # ------------------------------------------------------------------ the loop
 
-    def _run(self) -> None:
+    def run(self) -> None:
+        """Serve jobs, and watch the token between them, until told to stop."""
         if not self._load_module():
-            self._ready.set()
             self._fail_all_forever()
             return
         self._connect()
-        self._ready.set()
         while not self._stopping:
             idle = self._status.state in (TokenState.ABSENT, TokenState.READY)
             job = self._next_job(self._presence_interval if idle else None)
@@ -337,42 +183,31 @@ class TokenOwner:
             return False
         return True
 
-    def _next_job(self, timeout: float | None) -> _Job | None:
+    def _next_job(self, timeout: float | None) -> Job | None:
         """The next job in fair order; None when ``timeout`` passes first or the owner stops."""
-        with self._cv:
-            if not self._jobs and not self._stopping:
-                self._cv.wait(timeout)
-            return None if self._stopping else self._jobs.get()
+        raise NotImplementedError
 
-    def _execute(self, job: _Job) -> None:
+    def _execute(self, job: Job) -> None:
         now = time.monotonic()
-        if job.cancelled or job.future.done():
+        if job.cancelled:
             return
         if now > job.deadline:
             job.resolve(None, DeadlineExceeded("the request waited too long for the token"))
             return
-        job.started = True
         result: Any = None
         error: BaseException | None = None
         try:
             result = job.fn()
         except TokenError as exc:
             error = exc
-        except Exception as exc:  # never let the owner thread die
+        except Exception as exc:  # never let the owner's loop die
             log.exception("unexpected error in a token job")
             error = OperationFailed(f"unexpected error: {type(exc).__name__}")
-        elapsed = time.monotonic() - now
-        self._service_time = 0.9 * self._service_time + 0.1 * elapsed
-        job.waited, job.elapsed = now - job.enqueued, elapsed
+        job.waited, job.elapsed = now - job.enqueued, time.monotonic() - now
         job.resolve(result, error)
-        if self._observer is not None:
-            outcome = "ok" if error is None else getattr(error, "code", "error")
-            self._observer(job.client, job.kind, now - job.enqueued, elapsed, outcome)
 
     def _fail_pending(self, error: TokenError) -> None:
-        with self._cv:
-            jobs = list(self._jobs.drain())
-        for job in jobs:
+        for job in list(self._jobs.drain()):
             job.resolve(None, error)
 
     def _fail_all_forever(self) -> None:

@@ -53,12 +53,21 @@ from tokenbridge.token.model import (
     TokenStatus,
     TokenUnavailable,
 )
-from tokenbridge.token.owner import TokenSelector, find_key, settle, unavailable_detail
-from tokenbridge.token.scheduler import RateLimiter
+from tokenbridge.token.owner import TokenSelector, find_key, unavailable_detail
+from tokenbridge.token.scheduler import QueueLimit, QueueLimits, RateLimiter
 
 log = logging.getLogger("tokenbridge.token")
 
 _AnyFuture = asyncio.Future[Any] | concurrent.futures.Future[Any]
+
+
+def settle(future: _AnyFuture, result: Any, error: BaseException | None) -> None:
+    if future.done():  # a caller that gave up (cancelled)
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
 
 
 class _Pending:
@@ -97,8 +106,7 @@ class TokenProcess:
         self.selector = selector
         self._pin = pin
         self._login_failed: str | None = None  # why the PIN is not tried again (it failed, or never answered)
-        self._queue_size = queue_size
-        self._per_client = per_client_queue or queue_size
+        self._limits = QueueLimits(queue_size, per_client_queue)
         self._rates = RateLimiter(client_rate, client_burst) if client_rate else None
         self._timeout = operation_timeout
         self._presence_interval = presence_interval
@@ -109,7 +117,6 @@ class TokenProcess:
 
         self._lock = threading.Lock()  # the pending table and writes to the socket (TLS threads sign too)
         self._pending: dict[int, _Pending] = {}
-        self._by_client: collections.Counter[str] = collections.Counter()
         self._ids = itertools.count(1)
 
         self._status = TokenStatus(state=TokenState.STARTING, module=module_path)
@@ -168,7 +175,7 @@ class TokenProcess:
         config = {
             "module_path": self.module_path, "pin": self._pin, "login_failed": self._login_failed,
             "selector": {"label": self.selector.label, "serial": self.selector.serial, "slot": self.selector.slot},
-            "operation_timeout": self._timeout, "presence_interval": self._presence_interval,
+            "presence_interval": self._presence_interval,
             "environment": self._environment, "identity": self._identity, "log_level": self._log_level,
         }
         ours.settimeout(self._timeout)  # writes wait at most this long for a stuck process to read
@@ -210,7 +217,7 @@ class TokenProcess:
 
     def queued_by_client(self) -> dict[str, int]:
         with self._lock:
-            return {client: n for client, n in self._by_client.items() if n}
+            return self._limits.clients()
 
     @property
     def service_time(self) -> float:
@@ -282,35 +289,34 @@ class TokenProcess:
         if not force and self._status.state is not TokenState.READY:
             raise TokenUnavailable(unavailable_detail(self._status))
         with self._lock:
-            if not force:
-                self._admit(client)
+            self._admit(client, force)
             job_id = next(self._ids)
             message = (kind, job_id, time.monotonic() + self._timeout, *([] if kind == "login" else [client]), *args)
             if self._sock is None:
                 raise TokenUnavailable(unavailable_detail(self._status))
             self._pending[job_id] = _Pending(future, loop, client, kind)
-            self._by_client[client] += 1
             self._post(wire.frame(message))
         return job_id
 
-    def _admit(self, client: str) -> None:
-        """Rate and queue limits, under the lock."""
-        if self._rates is not None:
+    def _admit(self, client: str, force: bool) -> None:
+        """Rate and queue limits (an operator's login is never refused), under the lock."""
+        if self._rates is not None and not force:
             wait = self._rates.take(client, time.monotonic())
             if wait > 0:
                 raise RateLimited(f"more than {self._rates.rate:g} operations per second for this client", wait)
-        total, mine = len(self._pending), self._by_client[client]
-        if total >= self._queue_size or mine >= self._per_client:
-            retry = max(1.0, total * self._service_time)
-            depth, who = (total, "requests are") if total >= self._queue_size else (mine, "of your requests are")
-            raise QueueFull(f"{depth} {who} already waiting for the token", retry)
+        try:
+            self._limits.admit(client, force)
+        except QueueLimit as limit:
+            retry = max(1.0, len(self._limits) * self._service_time)
+            who = "requests are" if limit.scope == "total" else "of your requests are"
+            raise QueueFull(f"{limit.depth} {who} already waiting for the token", retry) from None
 
     def _cancel(self, job_id: int) -> None:
         with self._lock:
             pending = self._pending.pop(job_id, None)
             if pending is None:
                 return  # answered meanwhile
-            self._by_client[pending.client] -= 1
+            self._limits.release(pending.client)
             self._post(wire.frame(("cancel", job_id)))
 
     def _post(self, data: bytes) -> None:
@@ -373,7 +379,7 @@ class TokenProcess:
             pending = self._pending.pop(job_id, None)
             if pending is None:
                 return  # cancelled: its caller has gone
-            self._by_client[pending.client] -= 1
+            self._limits.release(pending.client)
         self._service_time = 0.9 * self._service_time + 0.1 * elapsed
         failure = wire.decode_error(error) if error is not None else None
         if self._observer is not None:
@@ -401,7 +407,7 @@ class TokenProcess:
                 return
             self._sock = None
             pending, self._pending = self._pending, {}
-            self._by_client.clear()
+            self._limits.clear()
         if self._loop is not None and self._loop_is_current():
             self._loop.remove_reader(sock.fileno())
         sock.close()

@@ -2,8 +2,9 @@
 
 A real card signs a few times per second; with one FIFO, a single busy client
 would make everyone else wait behind its whole backlog. Serving per-client
-queues round-robin gives each active client an equal share, and per-client
-limits keep one client from filling the shared queue.
+queues round-robin gives each active client an equal share (``FairQueue``, in
+the token process), and per-client limits and rates keep one client from
+filling the shared queue (``QueueLimits``, ``RateLimiter``, in the service).
 """
 
 from __future__ import annotations
@@ -23,28 +24,17 @@ class QueueLimit(Exception):
 
 
 class FairQueue(Generic[T]):
-    """Not thread-safe by itself: the token owner guards it with its condition variable."""
+    """Per-client queues served in turn. Not thread-safe: the token process has one thread."""
 
-    def __init__(self, total_limit: int, per_client_limit: int | None = None) -> None:
-        self.total_limit = total_limit
-        self.per_client_limit = per_client_limit or total_limit
+    def __init__(self) -> None:
         self._queues: collections.OrderedDict[str, collections.deque[T]] = collections.OrderedDict()
         self._size = 0
 
     def __len__(self) -> int:
         return self._size
 
-    def depth(self, client: str) -> int:
+    def put(self, client: str, item: T) -> None:
         queue = self._queues.get(client)
-        return len(queue) if queue else 0
-
-    def put(self, client: str, item: T, force: bool = False) -> None:
-        queue = self._queues.get(client)
-        if not force:
-            if self._size >= self.total_limit:
-                raise QueueLimit("total", self._size)
-            if queue is not None and len(queue) >= self.per_client_limit:
-                raise QueueLimit("client", len(queue))
         if queue is None:
             queue = self._queues[client] = collections.deque()
         queue.append(item)
@@ -69,6 +59,47 @@ class FairQueue(Generic[T]):
 
     def clients(self) -> dict[str, int]:
         return {client: len(queue) for client, queue in self._queues.items()}
+
+
+class QueueLimits:
+    """How many jobs each client has sent and not had answered; refuses past the limits.
+
+    Kept by the service, not the token process, so that a refusal costs no message.
+    """
+
+    def __init__(self, total_limit: int, per_client_limit: int | None = None) -> None:
+        self.total_limit = total_limit
+        self.per_client_limit = per_client_limit or total_limit
+        self._counts: collections.Counter[str] = collections.Counter()
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def admit(self, client: str, force: bool = False) -> None:
+        mine = self._counts[client]
+        if not force:
+            if self._size >= self.total_limit:
+                raise QueueLimit("total", self._size)
+            if mine >= self.per_client_limit:
+                raise QueueLimit("client", mine)
+        self._counts[client] = mine + 1
+        self._size += 1
+
+    def release(self, client: str) -> None:
+        left = self._counts[client] - 1
+        if left > 0:
+            self._counts[client] = left
+        else:
+            del self._counts[client]
+        self._size -= 1
+
+    def clients(self) -> dict[str, int]:
+        return dict(self._counts)
+
+    def clear(self) -> None:
+        self._counts.clear()
+        self._size = 0
 
 
 class RateLimiter:
