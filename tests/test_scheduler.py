@@ -15,7 +15,7 @@ def test_round_robin_between_clients() -> None:
     q.put("other", "other-0")
     served = [q.get() for _ in range(5)]
     assert served == ["busy-0", "quiet-0", "other-0", "busy-1", "busy-2"]
-    assert len(q) == 7 and q.clients() == {"busy": 7}
+    assert len(q) == 7 and list(q.drain()) == [f"busy-{i}" for i in range(3, 10)]
 
 
 def test_three_hammering_clients_get_a_third_each() -> None:
@@ -45,3 +45,6 @@ def test_limits() -> None:
     limits.release("z")
     limits.admit("a")  # answered jobs free their places
     assert limits.clients()["a"] == 2 and len(limits) == 5
+    limits.clear()
+    limits.release("a")  # an answer after the process was replaced: nothing to give back
+    assert len(limits) == 0 and limits.clients() == {}

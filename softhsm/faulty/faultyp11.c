@@ -26,7 +26,8 @@
  *   crash_once=PATH    the next C_Sign / C_Decrypt that produces output aborts the whole process
  *                      (a vendor module that crashes), if it can create PATH: one crash in all,
  *                      whichever process gets there first; remove PATH to arm it again.
- *   crash_login_once=PATH  the same for C_Login, after the real call (the PIN was tried).
+ *   crash_login_once=PATH  the same for C_Login, after the real call and the retry counter (the PIN
+ *                      was tried; the caller never learns the outcome).
  *   pin_arm=, fail_arm=  pin_retries (with pin_max), and fail with fail_count, are applied when
  *                      their value changes; changing pin_arm / fail_arm (any value) re-applies the same one.
  *
@@ -467,9 +468,6 @@ static CK_RV w_C_Login(CK_SESSION_HANDLE h, CK_USER_TYPE user, CK_UTF8CHAR_PTR p
     if (locked)
         return logged("C_Login", CKR_PIN_LOCKED, "injected");
     CK_RV rv = real->C_Login(h, user, pin, len);
-    pthread_mutex_lock(&mu);
-    crash_once(st.crash_login_once, "C_Login");
-    pthread_mutex_unlock(&mu);
     if (counted) {
         pthread_mutex_lock(&mu);
         if (rv == CKR_PIN_INCORRECT && st.pin_left > 0) {
@@ -481,6 +479,9 @@ static CK_RV w_C_Login(CK_SESSION_HANDLE h, CK_USER_TYPE user, CK_UTF8CHAR_PTR p
         }
         pthread_mutex_unlock(&mu);
     }
+    pthread_mutex_lock(&mu);
+    crash_once(st.crash_login_once, "C_Login");
+    pthread_mutex_unlock(&mu);
     return logged("C_Login", rv, NULL);
 }
 

@@ -31,8 +31,8 @@ class _RemoteJob(Job):
 
     __slots__ = ("id", "owner")
 
-    def __init__(self, owner: ChildOwner, job_id: int, fn: Any, deadline: float, client: str, kind: str) -> None:
-        super().__init__(fn, deadline, client, kind)
+    def __init__(self, owner: ChildOwner, job_id: int, fn: Any, deadline: float, client: str) -> None:
+        super().__init__(fn, deadline, client)
         self.owner = owner
         self.id = job_id
 
@@ -49,10 +49,12 @@ class ChildOwner(TokenOwner):
         )
         self._identity = config["identity"]
         self._login_failed = config["login_failed"]
+        self._pin_number: int | None = config["pin_number"]  # which of the service's PINs this is
+        self._pin_seen: int = max(config["seen"], -1 if self._pin_number is None else self._pin_number)
         self._sock = sock
         self._inbox = bytearray()
         self._by_id: dict[int, _RemoteJob] = {}
-        self._sent: tuple[Any, Any, Any] = (None, None, None)  # status, identity, keys last sent
+        self._sent: tuple[Any, ...] = ()  # the state last reported
 
     def serve(self) -> None:
         self.run()
@@ -76,16 +78,18 @@ class ChildOwner(TokenOwner):
     def answer(self, job: _RemoteJob, result: Any, error: BaseException | None) -> None:
         self._publish()  # the new state first: a login's answer must find it there
         self._by_id.pop(job.id, None)
-        self._send(("done", job.id, result, wire.encode_error(error), job.waited, job.elapsed))
+        self._send(("done", job.id, result, wire.encode_error(error), job.ran, job.waited, job.elapsed))
 
     def _publish(self) -> None:
-        status, identity, keys = self._status, self._identity, self._keys
-        sent_status, sent_identity, sent_keys = self._sent
-        if status is not sent_status or identity != sent_identity:
-            self._send(("status", status, identity))
-        if keys is not sent_keys:
+        """Report what changed: the keys before the state, so that "ready" never comes without them."""
+        held = self._pin_number if self._pin is not None else None
+        state = (self._status, self._identity, held, self._pin_seen, self._login_failed)
+        keys = self._keys
+        if not self._sent or keys is not self._sent[0]:
             self._send(("keys", [wire.encode_key(k) for k in keys.values()]))
-        self._sent = (status, identity, keys)
+        if not self._sent or any(a is not b and a != b for a, b in zip(state, self._sent[1:], strict=True)):
+            self._send(("status", *state))
+        self._sent = (keys, *state)
 
     def _send_event(self, name: str, data: dict[str, Any]) -> None:
         self._send(("event", name, data))
@@ -127,9 +131,11 @@ class ChildOwner(TokenOwner):
             return
         job_id, deadline = message[1], message[2]
         if kind == "login":
-            pin, accept, final_try = message[3:]
-            self._queue(_RemoteJob(self, job_id, lambda: self._operator_login(pin, accept, final_try),
-                                   deadline, "operator", "login"))
+            pin, number, accept, final_try = message[3:]
+            if number is not None:
+                self._pin_seen = max(self._pin_seen, number)
+            self._queue(_RemoteJob(self, job_id, lambda: self._login_job(pin, number, accept, final_try),
+                                   deadline, "operator"))
             return
         client, key_id, a, b, data = message[3:]
         if kind == "sign":
@@ -140,7 +146,7 @@ class ChildOwner(TokenOwner):
             fn = lambda: self._do_sign_prepared(self._key(key_id), a, data)  # noqa: E731
         else:
             raise wire.ProtocolError(f"unknown message {kind!r}")
-        self._queue(_RemoteJob(self, job_id, fn, deadline, client, kind))
+        self._queue(_RemoteJob(self, job_id, fn, deadline, client))
 
     def accept(self, inbox: bytearray, messages: list[tuple[Any, ...]]) -> None:
         """What came with the configuration, in the same read."""
@@ -151,6 +157,11 @@ class ChildOwner(TokenOwner):
     def _queue(self, job: _RemoteJob) -> None:
         self._by_id[job.id] = job
         self._jobs.put(job.client, job)
+
+    def _login_job(self, pin: str | None, number: int | None, accept: bool, final_try: bool) -> Any:
+        if pin is not None:
+            self._pin_number = number
+        return self._operator_login(pin, accept, final_try)
 
     def _key(self, key_id: str) -> KeyInfo:
         key = self._keys.get(key_id)

@@ -95,15 +95,15 @@ class TokenSelector:
 class Job:
     """One unit of work for the owner; whoever made it says where its answer goes (``resolve``)."""
 
-    __slots__ = ("cancelled", "client", "deadline", "elapsed", "enqueued", "fn", "kind", "waited")
+    __slots__ = ("cancelled", "client", "deadline", "elapsed", "enqueued", "fn", "ran", "waited")
 
-    def __init__(self, fn: Callable[[], Any], deadline: float, client: str, kind: str) -> None:
+    def __init__(self, fn: Callable[[], Any], deadline: float, client: str) -> None:
         self.fn = fn
         self.client = client
-        self.kind = kind
         self.deadline = deadline
         self.enqueued = time.monotonic()
         self.cancelled = False  # its caller gave up: skip it unless it has started
+        self.ran = False  # its operation was run (not skipped)
         self.waited = 0.0  # seconds in the queue, then at the token: set when the job has run
         self.elapsed = 0.0
 
@@ -146,7 +146,7 @@ class TokenOwner:
         self._status = TokenStatus(state=TokenState.STARTING, module=module_path)
 
     def status(self) -> TokenStatus:
-        return replace(self._status, queue_depth=len(self._jobs))
+        return self._status
 
     def _unavailable_detail(self) -> str:
         return unavailable_detail(self._status)
@@ -189,11 +189,13 @@ class TokenOwner:
 
     def _execute(self, job: Job) -> None:
         now = time.monotonic()
-        if job.cancelled:
+        if job.cancelled:  # still answered: whoever sent it counts it until then
+            job.resolve(None, DeadlineExceeded("the caller gave up"))
             return
         if now > job.deadline:
             job.resolve(None, DeadlineExceeded("the request waited too long for the token"))
             return
+        job.ran = True
         result: Any = None
         error: BaseException | None = None
         try:

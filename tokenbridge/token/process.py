@@ -14,21 +14,24 @@ A vendor module that crashes takes down only the token process: requests get a
 503 while a new one starts, with the same PIN, token identity and state.
 
 Kept here, so that a refusal costs no message: the state, keys and mechanisms
-last reported, queue limits, client rates and deadlines. A PIN is kept to log in
-again after a restart, unless the process died during ``C_Login``: its outcome
-is unknown, so that PIN is not tried again (a card locks after a few failures).
+last reported, queue limits, client rates and deadlines. A job holds its place
+in the queue limits until the token process is done with it (answered, or
+skipped because its caller gave up), so a stuck card cannot be flooded.
+
+PINs: the token process reports which PIN it holds (by a number the service
+gave it, never the PIN itself) and whether the last one failed. After a crash,
+the new process gets the PIN the old one held, unless the old one died during
+``C_Login``: that outcome is unknown, so the PIN is not tried again.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import concurrent.futures
 import contextlib
 import itertools
 import logging
-import os
-import select
+import selectors
 import signal
 import socket
 import subprocess
@@ -59,10 +62,13 @@ from tokenbridge.token.scheduler import QueueLimit, QueueLimits, RateLimiter
 log = logging.getLogger("tokenbridge.token")
 
 _AnyFuture = asyncio.Future[Any] | concurrent.futures.Future[Any]
+# The child's command line: our package found after the standard library (not before it, as
+# PYTHONPATH would put it), for services run from a source tree.
+_CHILD = "import sys; sys.path.append({root!r}); from tokenbridge.token.child import main; sys.exit(main([{fd!r}]))"
 
 
 def settle(future: _AnyFuture, result: Any, error: BaseException | None) -> None:
-    if future.done():  # a caller that gave up (cancelled)
+    if future.done():  # a caller that gave up
         return
     if error is not None:
         future.set_exception(error)
@@ -71,7 +77,7 @@ def settle(future: _AnyFuture, result: Any, error: BaseException | None) -> None
 
 
 class _Pending:
-    """A job sent to the token process and not answered yet."""
+    """A job sent to the token process, until the process is done with it."""
 
     __slots__ = ("client", "future", "kind", "loop")
 
@@ -79,7 +85,7 @@ class _Pending:
         self.future = future
         self.loop = loop  # None: a thread waits on a concurrent future
         self.client = client
-        self.kind = kind
+        self.kind = kind  # for metrics: sign, decrypt, login
 
 
 class TokenProcess:
@@ -104,8 +110,6 @@ class TokenProcess:
     ) -> None:
         self.module_path = module_path
         self.selector = selector
-        self._pin = pin
-        self._login_failed: str | None = None  # why the PIN is not tried again (it failed, or never answered)
         self._limits = QueueLimits(queue_size, per_client_queue)
         self._rates = RateLimiter(client_rate, client_burst) if client_rate else None
         self._timeout = operation_timeout
@@ -115,24 +119,34 @@ class TokenProcess:
         self._observer = observer  # (client, kind, queue wait s, token time s, outcome), for metrics
         self._log_level = log_level
 
-        self._lock = threading.Lock()  # the pending table and writes to the socket (TLS threads sign too)
+        # PINs the token process may hold, by number; ``_held``: the one it reported holding.
+        self._pins: dict[int, str] = {0: pin} if pin is not None else {}
+        self._pin_numbers = itertools.count(1)
+        self._held: int | None = 0 if pin is not None else None
+        self._seen = -1  # the highest PIN number the process has received
+        self._login_failed: str | None = None  # why the held PIN must not be tried (reported by the process)
+        self._login_running = False  # a C_Login started and its outcome has not been reported
+
+        self._lock = threading.Lock()  # pending jobs, limits and the outbox (TLS threads sign too)
         self._pending: dict[int, _Pending] = {}
         self._ids = itertools.count(1)
 
         self._status = TokenStatus(state=TokenState.STARTING, module=module_path)
         self._keys: dict[str, KeyInfo] = {}
         self._identity: Any = None  # the token first opened (serial, certificate fingerprints)
-        self._login_running = False
         self._service_time = 0.005  # seconds per job, moving average, for Retry-After
 
         self._loop: asyncio.AbstractEventLoop | None = None  # where answers are read; None: a reader thread
         self._sock: socket.socket | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._inbox = bytearray()
-        self._outbox: list[bytes] = []  # messages not sent yet (see _post)
+        self._outbox = bytearray()  # bytes not written yet (see _post)
+        self._writer_armed = False
+        self._launching = threading.Lock()  # one launch at a time; stop() waits for it
         self._stopping = False
-        self._detached = threading.Event()
-        self._exits: collections.deque[float] = collections.deque(maxlen=8)  # unexpected exits, for back-off
+        self._wake = threading.Event()  # cuts a restart back-off short when stopping
+        self._restarter: threading.Thread | None = None
+        self._exits: list[float] = []  # times of unexpected exits in the last minute, for back-off
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -143,72 +157,122 @@ class TokenProcess:
         one, a thread reads them (the CLI's one-off checks).
         """
         self._loop = loop
-        self._launch(wait)
+        try:
+            self._launch(wait)
+        except Exception as exc:
+            self._failed_launch(exc)
         return self.status()
 
     def stop(self) -> None:
         self._stopping = True
-        with self._lock:
-            sock = self._sock
-            self._post(wire.frame(("stop",)))
-        proc = self._proc
+        self._wake.set()
+        deadline = time.monotonic() + 15
+        while (restarter := self._restarter) is not None and restarter.is_alive() and \
+                restarter is not threading.current_thread() and time.monotonic() < deadline:
+            restarter.join(0.1)
+        with self._launching:
+            with self._lock:
+                sock = self._sock
+                self._post(wire.frame(("stop",)))
+            proc = self._proc
         if proc is not None:
             try:
                 proc.wait(10)
             except subprocess.TimeoutExpired:  # stuck in a module call
                 proc.kill()
                 proc.wait()
-        if sock is not None and not self._detached.wait(5):
-            self._gone(sock)  # the loop is no longer reading: let go here
+        if sock is not None:
+            self._let_go(sock)
+
+    def _let_go(self, sock: socket.socket) -> None:
+        """``_gone`` on the loop that reads the socket (a no-op if it saw the end first)."""
+        loop = self._loop
+        if loop is not None and not self._loop_is_current() and not loop.is_closed():
+            done = threading.Event()
+
+            def on_loop() -> None:
+                self._gone(sock)
+                done.set()
+
+            with contextlib.suppress(RuntimeError):  # closed meanwhile
+                loop.call_soon_threadsafe(on_loop)
+                if done.wait(5):
+                    return
+        self._gone(sock)
 
     def _launch(self, wait: float) -> None:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        for s in (ours, theirs):
-            with contextlib.suppress(OSError):
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
-        env = dict(os.environ)
-        package_root = str(Path(tokenbridge.__file__).resolve().parents[1])
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-        with theirs:
-            proc = subprocess.Popen([sys.executable, "-m", "tokenbridge.token.child", str(theirs.fileno())],
-                                    pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=env)
-        config = {
-            "module_path": self.module_path, "pin": self._pin, "login_failed": self._login_failed,
-            "selector": {"label": self.selector.label, "serial": self.selector.serial, "slot": self.selector.slot},
-            "presence_interval": self._presence_interval,
-            "environment": self._environment, "identity": self._identity, "log_level": self._log_level,
-        }
-        ours.settimeout(self._timeout)  # writes wait at most this long for a stuck process to read
-        ours.sendall(wire.frame(("config", config)))
-        self._proc, self._inbox, self._detached = proc, bytearray(), threading.Event()
-        with self._lock:
-            self._sock = ours
-            self._outbox.clear()  # messages meant for a process that died
+        with self._launching:
+            if self._stopping:
+                return
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                proc = self._spawn(theirs)
+            except BaseException:
+                ours.close()
+                raise
+            finally:
+                theirs.close()
+            self._proc, self._inbox = proc, bytearray()
+            try:
+                ours.settimeout(10)
+                ours.sendall(wire.frame(("config", self._config())))
+                ours.setblocking(self._loop is None)  # on the loop: never block it (see _flush_locked)
+            except OSError:
+                ours.close()
+                proc.kill()
+                proc.wait()
+                raise
+            with self._lock:
+                self._sock = ours
+                self._outbox.clear()  # messages meant for a process that died
+                self._writer_armed = False
         self._handshake(ours, time.monotonic() + wait)
         if self._sock is not ours:
-            return  # it died while starting; _gone has arranged the next attempt
+            return  # it died while starting: _gone has arranged the next attempt
         if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._loop.add_reader, ours.fileno(), self._on_readable, ours)
+            self._loop.call_soon_threadsafe(self._attach, ours)
         else:
             threading.Thread(target=self._read_forever, args=(ours,), name="token-reader", daemon=True).start()
 
+    def _spawn(self, theirs: socket.socket) -> subprocess.Popen[bytes]:
+        root = str(Path(tokenbridge.__file__).resolve().parents[1])
+        code = _CHILD.format(root=root, fd=str(theirs.fileno()))
+        # Its own process group: a Ctrl-C in the service's terminal is for the service, which stops it.
+        return subprocess.Popen([sys.executable, "-c", code], pass_fds=[theirs.fileno()],
+                                stdin=subprocess.DEVNULL, process_group=0)
+
+    def _config(self) -> dict[str, Any]:
+        held = self._held if not self._login_running else None
+        return {
+            "module_path": self.module_path,
+            "selector": {"label": self.selector.label, "serial": self.selector.serial, "slot": self.selector.slot},
+            "pin": self._pins.get(held) if held is not None else None, "pin_number": held, "seen": self._seen,
+            "login_failed": self._login_failed, "identity": self._identity,
+            "presence_interval": self._presence_interval, "environment": self._environment,
+            "log_level": self._log_level,
+        }
+
     def _handshake(self, sock: socket.socket, deadline: float) -> None:
         """Read until the process reports its first state (or ``deadline``: a PIN pad may wait for a person)."""
-        while self._sock is sock and (remaining := deadline - time.monotonic()) > 0:
-            seen = self._status
-            readable, _, _ = select.select([sock], [], [], remaining)
-            if readable:
-                self._on_readable(sock)
-            if self._status is not seen and self._status.state is not TokenState.STARTING:
-                return
+        with selectors.DefaultSelector() as sel:
+            sel.register(sock, selectors.EVENT_READ)
+            while self._sock is sock and not self._stopping and (remaining := deadline - time.monotonic()) > 0:
+                seen = self._status
+                if sel.select(min(remaining, 0.5)):
+                    self._on_readable(sock)
+                if self._status is not seen and self._status.state is not TokenState.STARTING:
+                    return
+
+    def _attach(self, sock: socket.socket) -> None:
+        if self._sock is sock and self._loop is not None:
+            self._loop.add_reader(sock.fileno(), self._on_readable, sock)
 
     def _read_forever(self, sock: socket.socket) -> None:
-        while self._sock is sock:
-            try:
-                select.select([sock], [], [])
-            except (OSError, ValueError):
-                return
-            self._on_readable(sock)
+        with selectors.DefaultSelector() as sel:
+            sel.register(sock, selectors.EVENT_READ)
+            while self._sock is sock:
+                sel.select()
+                self._on_readable(sock)
 
     # ------------------------------------------------------------------ read-only views (no message)
 
@@ -251,6 +315,8 @@ class TokenProcess:
         ``mechanism``: ``rsa-pkcs1`` (data is a DigestInfo), ``rsa-x509`` (data is a
         full-size encoded block, e.g. PSS), or ``ecdsa`` (data is a digest; raw r||s back).
         """
+        if self._loop is not None and self._loop_is_current():
+            raise RuntimeError("sign_prepared_blocking would block the event loop that reads its answer")
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
         job_id = self._send_job(future, None, client, "prepared", (key.id, mechanism, None, data))
         try:
@@ -262,11 +328,14 @@ class TokenProcess:
     async def login(self, pin: str | None, accept_new_token: bool = False,
                     allow_final_try: bool = False) -> TokenStatus:
         """An operator's new PIN (or pin pad). Runs through the queue like any job."""
+        number = None
         if pin is not None:
-            self._pin, self._login_failed = pin, None
+            number = next(self._pin_numbers)
+            self._pins[number] = pin  # known here so that a restart can pass it on, once the process holds it
         loop = asyncio.get_running_loop()
         future: asyncio.Future[TokenStatus] = loop.create_future()
-        self._send_job(future, loop, "operator", "login", (pin, accept_new_token, allow_final_try), force=True)
+        self._send_job(future, loop, "operator", "login", (pin, number, accept_new_token, allow_final_try),
+                       force=True)
         status = await future
         return replace(status, queue_depth=len(self._pending))
 
@@ -289,12 +358,12 @@ class TokenProcess:
         if not force and self._status.state is not TokenState.READY:
             raise TokenUnavailable(unavailable_detail(self._status))
         with self._lock:
+            if self._sock is None:  # between a crash and the next process
+                raise TokenUnavailable(unavailable_detail(self._status))
             self._admit(client, force)
             job_id = next(self._ids)
             message = (kind, job_id, time.monotonic() + self._timeout, *([] if kind == "login" else [client]), *args)
-            if self._sock is None:
-                raise TokenUnavailable(unavailable_detail(self._status))
-            self._pending[job_id] = _Pending(future, loop, client, kind)
+            self._pending[job_id] = _Pending(future, loop, client, "sign" if kind == "prepared" else kind)
             self._post(wire.frame(message))
         return job_id
 
@@ -312,20 +381,20 @@ class TokenProcess:
             raise QueueFull(f"{limit.depth} {who} already waiting for the token", retry) from None
 
     def _cancel(self, job_id: int) -> None:
+        """The caller gave up. The job keeps its place in the limits until the process has skipped it."""
         with self._lock:
-            pending = self._pending.pop(job_id, None)
-            if pending is None:
-                return  # answered meanwhile
-            self._limits.release(pending.client)
-            self._post(wire.frame(("cancel", job_id)))
+            if job_id in self._pending:
+                self._post(wire.frame(("cancel", job_id)))
+
+    # ------------------------------------------------------------------ writing
 
     def _post(self, data: bytes) -> None:
-        """Send a message, under the lock. On the event loop, the messages of one loop iteration leave
+        """Queue a message, under the lock. On the event loop, the messages of one loop iteration leave
         together, in one write: under load that is one system call for many requests."""
-        self._outbox.append(data)
-        if self._loop is None or not self._loop_is_current():
-            self._flush_locked()
-        elif len(self._outbox) == 1:
+        self._outbox += data
+        if self._loop is None or not self._loop_is_current() or len(self._pending) <= 1:
+            self._flush_locked()  # alone (one client, or a thread): no one to wait for
+        elif len(self._outbox) == len(data):
             self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
@@ -333,13 +402,38 @@ class TokenProcess:
             self._flush_locked()
 
     def _flush_locked(self) -> None:
-        if not self._outbox:
+        """Write what the socket takes now; on the loop's socket (non-blocking) the rest waits for the loop
+        to say it is writable, so a token process stuck in a module call never blocks the service."""
+        sock = self._sock
+        if sock is None:
+            self._outbox.clear()
             return
-        data = b"".join(self._outbox)
-        self._outbox.clear()
-        if self._sock is not None:
-            with contextlib.suppress(OSError):  # the process is gone: the reader sees it and fails the jobs
-                self._sock.sendall(data)
+        try:
+            while self._outbox:
+                sent = sock.send(self._outbox)
+                del self._outbox[:sent]
+        except BlockingIOError:
+            if not self._writer_armed and self._loop is not None:
+                self._writer_armed = True
+                self._loop.call_soon_threadsafe(self._arm_writer, sock)
+        except OSError as exc:
+            log.error("cannot write to the token process (%s); ending it", exc)
+            self._outbox.clear()
+            if self._proc is not None:
+                self._proc.kill()  # the reader sees the end, fails its jobs and starts a new one
+
+    def _arm_writer(self, sock: socket.socket) -> None:
+        if self._sock is sock and self._loop is not None:
+            self._loop.add_writer(sock.fileno(), self._on_writable, sock)
+
+    def _on_writable(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._flush_locked()
+            if self._outbox and self._sock is sock:
+                return
+            self._writer_armed = False
+        if self._loop is not None:
+            self._loop.remove_writer(sock.fileno())
 
     # ------------------------------------------------------------------ answers
 
@@ -354,36 +448,47 @@ class TokenProcess:
             self._gone(sock)
             return
         self._inbox += data
-        for message in wire.unframe(self._inbox):
-            self._handle(message)
+        try:
+            for message in wire.unframe(self._inbox):
+                self._handle(message)
+        except Exception:
+            # A message we cannot read, or cannot act on: the stream cannot be trusted any more.
+            log.exception("bad message from the token process; ending it")
+            if self._proc is not None:
+                self._proc.kill()
 
     def _handle(self, message: tuple[Any, ...]) -> None:
         kind = message[0]
         if kind == "done":
             self._done(*message[1:])
-        elif kind == "status":
-            self._status, self._identity = message[1], message[2]
-            self._login_running = False  # a C_Login, if one ran, has returned
         elif kind == "keys":
             self._keys = {k.id: k for k in map(wire.decode_key, message[1])}
+        elif kind == "status":
+            self._status, self._identity, self._held, self._seen, self._login_failed = message[1:]
+            # Keep the PIN it holds, and those sent that it has not received yet (a login job on its way).
+            self._pins = {n: p for n, p in self._pins.items() if n == self._held or n > self._seen}
+            self._login_running = False  # a C_Login, if one ran, has returned
         elif kind == "attempt":
             self._login_running = True
         elif kind == "event":
             name, data = message[1], message[2]
-            if name == "login" and data.get("outcome") in ("pin_refused", "pin_locked"):
-                self._pin, self._login_failed = None, "the last PIN failed"
+            if name == "login":
+                self._login_running = False
             self._emit(name, data)
 
-    def _done(self, job_id: int, result: Any, error: tuple[str, str] | None, waited: float, elapsed: float) -> None:
+    def _done(self, job_id: int, result: Any, error: tuple[str, str] | None, ran: bool, waited: float,
+              elapsed: float) -> None:
         with self._lock:
             pending = self._pending.pop(job_id, None)
             if pending is None:
-                return  # cancelled: its caller has gone
+                return
             self._limits.release(pending.client)
-        self._service_time = 0.9 * self._service_time + 0.1 * elapsed
         failure = wire.decode_error(error) if error is not None else None
-        if self._observer is not None:
-            self._observer(pending.client, pending.kind, waited, elapsed, "ok" if failure is None else failure.code)
+        if ran:  # a job skipped (its caller gone, its deadline passed) says nothing of the token's speed
+            self._service_time = 0.9 * self._service_time + 0.1 * elapsed
+            if self._observer is not None:
+                self._observer(pending.client, pending.kind, waited, elapsed,
+                               "ok" if failure is None else failure.code)
         self._settle(pending, result, failure)
 
     def _settle(self, pending: _Pending, result: Any, error: TokenError | None) -> None:
@@ -408,52 +513,62 @@ class TokenProcess:
             self._sock = None
             pending, self._pending = self._pending, {}
             self._limits.clear()
+            self._outbox.clear()
         if self._loop is not None and self._loop_is_current():
             self._loop.remove_reader(sock.fileno())
+            if self._writer_armed:
+                self._loop.remove_writer(sock.fileno())
+        self._writer_armed = False
         sock.close()
-        self._detached.set()
         if self._stopping:
             error = TokenUnavailable("the service is stopping")
         else:
             note = ""
-            if self._login_running:
-                self._pin = None
+            if self._login_running:  # never report a PIN whose C_Login did not come back
+                self._held, self._login_running = None, False
                 self._login_failed = ("the token process died during a login: the PIN may or may not have "
                                       "been accepted, so it is not tried again; an operator must run "
                                       "`tokenbridge login`")
                 note = "; it died during a login"
-            self._status = replace(self._status, state=TokenState.ABSENT, logged_in=False,
-                                   message=f"the token process ended unexpectedly and is being restarted{note}")
-            self._login_running = False
+            self._set_status(replace(self._status, state=TokenState.ABSENT, logged_in=False,
+                                     message=f"the token process ended unexpectedly and is being restarted{note}"))
             error = TokenUnavailable(unavailable_detail(self._status))
-            threading.Thread(target=self._restart, name="token-restart", daemon=True).start()
+            self._restarter = threading.Thread(target=self._restart, name="token-restart", daemon=True)
+            self._restarter.start()
         for job in pending.values():
             self._settle(job, None, error)
 
     def _restart(self) -> None:
+        """Wait for the old process, then start new ones until one runs (backing off while they keep dying)."""
         proc = self._proc
-        code = None
         if proc is not None:
             try:
                 code = proc.wait(10)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 code = proc.wait()
-        how = f"signal {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
-        log.error("the token process ended unexpectedly (%s); starting a new one", how)
-        self._emit("token_process", {"outcome": "restarted", "exit": how})
-        now = time.monotonic()
-        self._exits.append(now)
-        recent = sum(1 for t in self._exits if now - t < 60)
-        time.sleep(min(30.0, 0.25 * 2 ** (recent - 1)))  # 0.25 s, then doubling while it keeps dying
-        if self._stopping:
-            return
-        try:
-            self._launch(self._timeout)
-        except OSError as exc:
-            log.error("cannot start the token process: %s", exc)
-            self._status = replace(self._status, state=TokenState.ERROR,
-                                   message=f"cannot start the token process: {exc}")
+            log.error("the token process ended unexpectedly (%s); starting a new one", _describe(code))
+            self._emit("token_process", {"outcome": "crashed", "exit": _describe(code)})
+        while not self._stopping:
+            now = time.monotonic()
+            self._exits = [t for t in self._exits if now - t < 60] + [now]
+            self._wake.wait(min(30.0, 0.25 * 2 ** (len(self._exits) - 1)))  # 0.25 s, doubling while it dies
+            try:
+                self._launch(self._timeout)
+                return
+            except Exception as exc:
+                self._failed_launch(exc)
+
+    def _failed_launch(self, exc: Exception) -> None:
+        log.error("cannot start the token process: %s", exc)
+        self._set_status(replace(self._status, state=TokenState.ERROR, logged_in=False,
+                                 message=f"cannot start the token process: {exc}"))
+
+    def _set_status(self, status: TokenStatus) -> None:
+        """A state this side decided (the process is gone): audited like the process's own changes."""
+        old, self._status = self._status, status
+        if status.state is not old.state:
+            self._emit("token_state", {"from": str(old.state), "to": str(status.state), "message": status.message})
 
     def _emit(self, event: str, data: dict[str, Any]) -> None:
         if self._on_event is not None:
@@ -461,3 +576,12 @@ class TokenProcess:
                 self._on_event(event, data)
             except Exception:
                 log.exception("event handler failed")
+
+
+def _describe(code: int) -> str:
+    if code >= 0:
+        return f"exit code {code}"
+    try:
+        return f"signal {signal.Signals(-code).name}"
+    except ValueError:
+        return f"signal {-code}"

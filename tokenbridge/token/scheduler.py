@@ -57,9 +57,6 @@ class FairQueue(Generic[T]):
         while (item := self.get()) is not None:
             yield item
 
-    def clients(self) -> dict[str, int]:
-        return {client: len(queue) for client, queue in self._queues.items()}
-
 
 class QueueLimits:
     """How many jobs each client has sent and not had answered; refuses past the limits.
@@ -87,7 +84,9 @@ class QueueLimits:
         self._size += 1
 
     def release(self, client: str) -> None:
-        left = self._counts[client] - 1
+        left = self._counts.get(client, 0) - 1
+        if left < 0:
+            return  # not admitted (or cleared since): nothing to give back
         if left > 0:
             self._counts[client] = left
         else:

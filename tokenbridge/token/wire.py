@@ -1,32 +1,35 @@
 """Messages between the service and its token process (token/process.py, token/child.py).
 
 Both ends are this package, started together over a private socket pair, so a
-message is a pickled tuple behind a 4-byte length. Keys and errors cross as
-plain data: cryptography's key objects do not pickle, and an error is rebuilt
-from its class name so that the service raises the same ``TokenError`` the
-token process raised.
+message is a pickled tuple behind a 4-byte length. Unpickling accepts only the
+few classes below (``_ALLOWED``): the token process runs vendor code that may
+corrupt its memory, and what it sends must not be able to run code in the
+service. Keys and errors cross as plain data: cryptography's key objects do not
+pickle, and an error is rebuilt from its class name so that the service raises
+the same ``TokenError`` the token process raised.
 
 Service -> token process::
 
     ("config", dict)                                   first message, once
     ("sign", id, deadline, client, key_id, scheme, hash_name, digest)
-    ("prepared", id, deadline, client, key_id, mechanism, data)
+    ("prepared", id, deadline, client, key_id, mechanism, None, data)
     ("decrypt", id, deadline, client, key_id, scheme, hash_name, data)
-    ("login", id, deadline, pin, accept_new_token, allow_final_try)
+    ("login", id, deadline, pin, pin_number, accept_new_token, allow_final_try)
     ("cancel", id)                                     the caller gave up: skip it if not started
     ("stop",)
 
 Token process -> service::
 
-    ("status", TokenStatus, identity)                  whenever either changes
-    ("keys", [key tuples])                             after each key discovery
+    ("keys", [key tuples])                             after each key discovery, before the status
+    ("status", TokenStatus, identity, held PIN number, highest PIN number seen, why the PIN failed)
     ("event", name, data)                              audited by the service
     ("attempt",)                                       a C_Login is about to run
-    ("done", id, result, error or None, waited s, token s)
+    ("done", id, result, error or None, ran, waited s, token s)   also for a job skipped (ran False)
 """
 
 from __future__ import annotations
 
+import io
 import pickle
 import struct
 from typing import Any
@@ -61,10 +64,21 @@ def unframe(buffer: bytearray) -> list[tuple[Any, ...]]:
             raise ProtocolError(f"message of {size} bytes")
         if len(buffer) - offset - 4 < size:
             break
-        messages.append(pickle.loads(memoryview(buffer)[offset + 4:offset + 4 + size]))
+        messages.append(_Unpickler(io.BytesIO(buffer[offset + 4:offset + 4 + size])).load())
         offset += 4 + size
     del buffer[:offset]
     return messages
+
+
+_ALLOWED = {("builtins", "frozenset"), ("builtins", "set"), ("tokenbridge.token.model", "TokenStatus"),
+            ("tokenbridge.token.model", "TokenState"), ("tokenbridge.token.model", "PinFlags")}
+
+
+class _Unpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _ALLOWED:
+            raise ProtocolError(f"refused to load {module}.{name}")
+        return super().find_class(module, name)
 
 
 def encode_key(key: KeyInfo) -> tuple[Any, ...]:
