@@ -360,6 +360,9 @@ def phase_profile(demo: DemoInfo, work: Path, seconds: float) -> dict[str, Any]:
     return out
 
 
+_WHERE = re.compile(r'((?:process \d+:"[^"]*";)*)(?:thread \([^)]*\): ([^;]*);?)?(.*)$')
+
+
 def hot_spots(raw: Path, top: int = 12) -> dict[str, Any]:
     """Self and inclusive sample shares from py-spy's collapsed stacks, per thread and overall."""
     self_c: collections.Counter[str] = collections.Counter()
@@ -371,12 +374,12 @@ def hot_spots(raw: Path, top: int = 12) -> dict[str, Any]:
         if not n.isdigit():
             continue
         count = int(n)
-        frames = stack.split(";")
-        # --subprocesses: "process <pid>:<cmdline>" frames (service, then token process), one "thread (...)".
-        where = [f for f in frames if f.startswith(("process ", "thread ("))]
-        frames = frames[len(where):] or ["(idle)"]
-        process = "token process" if any("tokenbridge.token.child" in f for f in where) else "service"
-        thread = next((f.partition(": ")[2] for f in where if f.startswith("thread (")), "?")
+        # --subprocesses: 'process <pid>:"<command line>"' frames (service, then token process; a command
+        # line may hold ';'), then one 'thread (<tid>): <name>' frame, then the Python frames.
+        m = _WHERE.match(stack)
+        processes, thread, rest = (m.group(1), m.group(2) or "?", m.group(3)) if m else ("", "?", stack)
+        frames = rest.split(";") if rest else ["(idle)"]
+        process = "token process" if "tokenbridge.token.child" in processes else "service"
         total += count
         threads[f"{process}: {thread}"] += count
         self_c[_frame(frames[-1])] += count

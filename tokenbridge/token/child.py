@@ -64,8 +64,9 @@ class ChildOwner(TokenOwner):
 
     def _next_job(self, timeout: float | None) -> Job | None:
         self._publish()
-        self._receive(0)  # what already arrived joins the fair queue before the next pick
-        if not self._jobs and not self._stopping:
+        if self._jobs:
+            self._receive(0)  # what arrived meanwhile joins the fair queue before the next pick
+        elif not self._stopping:
             self._receive(timeout)
         return None if self._stopping else self._jobs.get()
 
