@@ -103,6 +103,38 @@ def assert_alive(svc: Service) -> None:
     assert "Traceback" not in out and "unexpected error" not in out, out
 
 
+class Signers:
+    """Clients signing in a loop over one connection each, until ``stop``; every answer is checked."""
+
+    def __init__(self, key: rsa.RSAPublicKey, backoff: float) -> None:
+        self.key = key
+        self.backoff = backoff  # a client waits a little after a 503
+        self.results: list[tuple[float, float, int, str]] = []  # start, end, status, problem code
+        self.wrong: list[str] = []  # a signature that does not verify, or an error without problem+json
+        self.stop = asyncio.Event()
+
+    async def run(self, http: httpx.AsyncClient, n: int) -> None:
+        i = 0
+        while not self.stop.is_set():
+            data = b"signer %d request %d" % (n, i)
+            i += 1
+            t0 = time.monotonic()
+            response = await http.post(SIGN_URL, json=sign_body(data))
+            t1 = time.monotonic()
+            code = ""
+            if response.status_code == 200:
+                try:
+                    verify(self.key, response, data)
+                except InvalidSignature:
+                    self.wrong.append(data.decode())
+            else:
+                if not response.headers.get("content-type", "").startswith(PROBLEM):
+                    self.wrong.append(f"{response.status_code} without problem+json: {response.text}")
+                code = response.json().get("code", "")
+                await asyncio.sleep(self.backoff)
+            self.results.append((t0, t1, response.status_code, code))
+
+
 # ---------------------------------------------------------------------- PIN
 
 
@@ -181,30 +213,7 @@ async def test_removal_under_load_gives_only_503_and_recovers_without_restart(
         key = public_key(sync_client)
     secret = svc.secrets["counter"]
     pid = svc.process.pid
-    results: list[tuple[float, float, int, str]] = []  # start, end, status, problem code
-    wrong: list[str] = []
-    stop = asyncio.Event()
-
-    async def signer(http: httpx.AsyncClient, n: int) -> None:
-        i = 0
-        while not stop.is_set():
-            data = b"signer %d request %d" % (n, i)
-            i += 1
-            t0 = time.monotonic()
-            response = await http.post(SIGN_URL, json=sign_body(data))
-            t1 = time.monotonic()
-            code = ""
-            if response.status_code == 200:
-                try:
-                    verify(key, response, data)
-                except InvalidSignature:
-                    wrong.append(data.decode())
-            else:
-                if not response.headers.get("content-type", "").startswith(PROBLEM):
-                    wrong.append(f"{response.status_code} without problem+json: {response.text}")
-                code = response.json().get("code", "")
-                await asyncio.sleep(0.1)  # a client backs off a little on 503
-            results.append((t0, t1, response.status_code, code))
+    signers = Signers(key, backoff=0.1)
 
     async def state(http: httpx.AsyncClient) -> str:
         return str((await http.get("/v1/health")).json()["token"]["state"])
@@ -219,7 +228,7 @@ async def test_removal_under_load_gives_only_503_and_recovers_without_restart(
     limits = httpx.Limits(max_connections=SIGNERS + 4, max_keepalive_connections=SIGNERS + 4)
     async with httpx.AsyncClient(base_url=svc.url, headers={"Authorization": f"Bearer {secret}"},
                                  timeout=30, limits=limits) as http:
-        tasks = [asyncio.create_task(signer(http, n)) for n in range(SIGNERS)]
+        tasks = [asyncio.create_task(signers.run(http, n)) for n in range(SIGNERS)]
         await asyncio.sleep(1.0)
         faults.set(present=0)
         await wait_for(http, "absent", 2.0)
@@ -231,10 +240,11 @@ async def test_removal_under_load_gives_only_503_and_recovers_without_restart(
         await wait_for(http, "ready", 10.0)
         ready_seen = time.monotonic()
         await asyncio.sleep(1.0)
-        stop.set()
+        signers.stop.set()
         await asyncio.gather(*tasks)
 
-    assert not wrong, wrong[:5]
+    assert not signers.wrong, signers.wrong[:5]
+    results = signers.results
     statuses = {(status, code) for _, _, status, code in results}
     assert statuses <= {(200, ""), (503, "token_unavailable")}, statuses
     during = [status for t0, t1, status, _ in results if t0 > absent_seen and t1 < reinserted]
@@ -383,29 +393,11 @@ async def test_a_crashing_module_takes_down_only_the_token_process(
     with svc.http(svc.add_client("counter", "sign")) as sync_client:
         key = public_key(sync_client)
     secret = svc.secrets["counter"]
-    results: list[tuple[int, str]] = []
-    wrong: list[str] = []
-    stop = asyncio.Event()
-
-    async def signer(http: httpx.AsyncClient, n: int) -> None:
-        i = 0
-        while not stop.is_set():
-            data = b"signer %d request %d" % (n, i)
-            i += 1
-            response = await http.post(SIGN_URL, json=sign_body(data))
-            if response.status_code == 200:
-                try:
-                    verify(key, response, data)
-                except InvalidSignature:
-                    wrong.append(data.decode())
-                results.append((200, ""))
-            else:
-                results.append((response.status_code, response.json().get("code", "")))
-                await asyncio.sleep(0.05)
+    signers = Signers(key, backoff=0.05)
 
     async with httpx.AsyncClient(base_url=svc.url, headers={"Authorization": f"Bearer {secret}"},
                                  timeout=30) as http:
-        tasks = [asyncio.create_task(signer(http, n)) for n in range(16)]
+        tasks = [asyncio.create_task(signers.run(http, n)) for n in range(16)]
         await asyncio.sleep(0.5)
         mark = faults.mark()
         faults.set(crash_once=tmp_path / "crashed")  # the next signature aborts the token process
@@ -420,12 +412,13 @@ async def test_a_crashing_module_takes_down_only_the_token_process(
             await asyncio.sleep(0.01)
         recovered = time.monotonic() - crashed
         await asyncio.sleep(0.5)
-        stop.set()
+        signers.stop.set()
         await asyncio.gather(*tasks)
 
-    assert not wrong, wrong[:5]
+    assert not signers.wrong, signers.wrong[:5]
     # The service itself lived on: the requests in flight got a clear 503, then signing resumed.
-    assert {r for r in results} <= {(200, ""), (503, "token_unavailable")}, set(results)
+    results = [(status, code) for _, _, status, code in sorted(signers.results, key=lambda r: r[1])]
+    assert set(results) <= {(200, ""), (503, "token_unavailable")}, set(results)
     assert (503, "token_unavailable") in results and results[-1] == (200, "")
     assert recovered < 5.0
     assert [note for f, _, note in faults.calls(mark) if note == "crash"] == ["crash"]

@@ -514,11 +514,17 @@ class TokenOwner:
             self._fail_pending(TokenUnavailable(self._unavailable_detail()))
 
     def _emit(self, event: str, data: dict[str, Any]) -> None:
-        if self._on_event is not None:
-            try:
-                self._on_event(event, data)
-            except Exception:
-                log.exception("event handler failed")
+        emit(self._on_event, event, data)
+
+
+def emit(handler: Callable[[str, dict[str, Any]], None] | None, event: str, data: dict[str, Any]) -> None:
+    """Tell ``handler`` (the audit log, in the end); its failure must not stop the token's work."""
+    if handler is None:
+        return
+    try:
+        handler(event, data)
+    except Exception:
+        log.exception("event handler failed")
 
 
 def find_key(keys: dict[str, KeyInfo], ref: str, status: TokenStatus) -> KeyInfo:

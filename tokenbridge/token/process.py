@@ -56,7 +56,7 @@ from tokenbridge.token.model import (
     TokenStatus,
     TokenUnavailable,
 )
-from tokenbridge.token.owner import TokenSelector, find_key, unavailable_detail
+from tokenbridge.token.owner import TokenSelector, emit, find_key, unavailable_detail
 from tokenbridge.token.scheduler import QueueLimit, QueueLimits, RateLimiter
 
 log = logging.getLogger("tokenbridge.token")
@@ -571,11 +571,7 @@ class TokenProcess:
             self._emit("token_state", {"from": str(old.state), "to": str(status.state), "message": status.message})
 
     def _emit(self, event: str, data: dict[str, Any]) -> None:
-        if self._on_event is not None:
-            try:
-                self._on_event(event, data)
-            except Exception:
-                log.exception("event handler failed")
+        emit(self._on_event, event, data)
 
 
 def _describe(code: int) -> str:
