@@ -420,7 +420,7 @@ async def test_a_crashing_module_takes_down_only_the_token_process(
     results = [(status, code) for _, _, status, code in sorted(signers.results, key=lambda r: r[1])]
     assert set(results) <= {(200, ""), (503, "token_unavailable")}, set(results)
     assert (503, "token_unavailable") in results and results[-1] == (200, "")
-    assert recovered < 5.0
+    assert recovered < 10.0  # 0.36–0.42 s here; a new interpreter on a loaded machine may take longer
     assert [note for f, _, note in faults.calls(mark) if note == "crash"] == ["crash"]
     # The new process logged in by itself with the PIN that had worked, once.
     assert [rv for f, rv, _ in faults.calls(after) if f == "C_Login"] == ["CKR_OK"]
@@ -455,11 +455,12 @@ def test_a_crash_during_login_is_never_followed_by_the_same_pin(
 
 async def test_requests_past_their_deadline_cost_no_card_operation_and_free_their_places(
         fresh_service: Any, faults: FaultControl) -> None:
-    # A card at 500 ms per signature, a 1.2 s deadline, six requests at once from one counter:
+    # A card at 1 s per signature, a 2.5 s deadline, six requests at once from one counter allowed six:
     # two are answered, the third times out while the card signs it, three time out in the queue.
-    svc = start(fresh_service, faults, TOKENBRIDGE_TOKEN__OPERATION_TIMEOUT="1.2")
+    svc = start(fresh_service, faults, TOKENBRIDGE_TOKEN__OPERATION_TIMEOUT="2.5",
+                TOKENBRIDGE_TOKEN__CLIENT_QUEUE_SIZE="6")
     secret = svc.add_client("counter", "sign")
-    faults.set(latency_ms=500)
+    faults.set(latency_ms=1000)
     mark = faults.mark()
     async with httpx.AsyncClient(base_url=svc.url, headers={"Authorization": f"Bearer {secret}"},
                                  timeout=30) as http:
@@ -468,14 +469,16 @@ async def test_requests_past_their_deadline_cost_no_card_operation_and_free_thei
     statuses = sorted(r.status_code for r in responses)
     assert statuses == [200, 200, 503, 503, 503, 503], [r.text for r in responses]
     assert {r.json()["code"] for r in responses if r.status_code == 503} == {"deadline_exceeded"}
-    time.sleep(0.6)  # the signature the third caller gave up on ends
+    deadline = time.monotonic() + 5
+    while health(svc)["queue_depth"] != 0:  # the third signature ends, the three queued are skipped
+        assert time.monotonic() < deadline, health(svc)
+        time.sleep(0.05)
     # Only what was started reached the card; the three still queued were dropped unsigned.
     assert faults.count("C_Sign", since=mark) == 3, faults.summary()
-    # Every place in the queue was given back: nothing waits, and the next request goes straight through.
-    assert health(svc)["queue_depth"] == 0
+    # Every place was given back: six more from the same counter fit again (a leak would refuse some).
     faults.set(latency_ms=0)
-    with svc.http(secret) as client:
-        response = client.post(SIGN_URL, json=sign_body(b"afterwards"))
-        assert response.status_code == 200, response.text
-        verify(public_key(client), response, b"afterwards")
+    async with httpx.AsyncClient(base_url=svc.url, headers={"Authorization": f"Bearer {secret}"},
+                                 timeout=30) as http:
+        again = await asyncio.gather(*(http.post(SIGN_URL, json=sign_body(b"again %d" % i)) for i in range(6)))
+    assert [r.status_code for r in again] == [200] * 6, [r.text for r in again if r.status_code != 200]
     assert_alive(svc)

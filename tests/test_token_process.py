@@ -8,10 +8,12 @@ process killed from outside, and a service that leaves no token process behind.
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import json
 import os
 import pickle
 import signal
+import socket
 import struct
 import time
 from pathlib import Path
@@ -26,7 +28,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from tests.conftest import Service
 from tokenbridge.demo import DemoInfo
 from tokenbridge.token import model, wire
-from tokenbridge.token.model import KeyInfo
+from tokenbridge.token.model import KeyInfo, TokenState, TokenStatus
+from tokenbridge.token.owner import TokenSelector
+from tokenbridge.token.process import TokenProcess, _Pending
 
 SIGN_URL = "/v1/keys/auth-ec/sign"
 
@@ -36,7 +40,7 @@ SIGN_URL = "/v1/keys/auth-ec/sign"
 
 def test_messages_cut_anywhere_come_out_whole_and_in_order() -> None:
     messages = [("sign", 1, 12.5, "client:a", "k" * 16, "ecdsa", "sha256", b"\x00" * 32),
-                ("cancel", 1), ("done", 7, b"signature", None, 0.001, 0.0004), ("stop",)]
+                ("cancel", 1), ("done", 7, b"signature", None, True, 0.001, 0.0004), ("stop",)]
     stream = b"".join(wire.frame(m) for m in messages)
     for cut in range(1, len(stream)):  # every way TCP-like reads may split the stream in two
         inbox = bytearray(stream[:cut])
@@ -82,6 +86,87 @@ def test_keys_and_errors_cross_as_the_same_objects(demo: DemoInfo) -> None:
     assert wire.decode_error(wire.encode_error(ValueError("secret detail")) or ("", "")).code == \
         "token_operation_failed"
     assert "secret" not in (wire.encode_error(ValueError("secret detail")) or ("", ""))[1]
+
+
+# ---------------------------------------------------------------------- the service's bookkeeping
+
+
+def bookkeeping(pin: str | None = "1234") -> TokenProcess:
+    """A TokenProcess fed messages by hand, no process started: what it would pass to the next one."""
+    return TokenProcess("/nonexistent/module.so", TokenSelector(), pin)
+
+
+def status(state: TokenState = TokenState.READY) -> TokenStatus:
+    return TokenStatus(state=state, module="/nonexistent/module.so")
+
+
+def dies(tp: TokenProcess) -> None:
+    ours, theirs = socket.socketpair()
+    theirs.close()
+    tp._stopping = True  # no restart: only what the next process would be given is checked
+    tp._sock = ours
+    tp._gone(ours)
+
+
+def test_a_pin_is_passed_on_only_while_it_has_not_failed() -> None:
+    tp = bookkeeping()
+    assert tp._config()["pin"] == "1234"
+    # C_Login refused it: the process says so (held: none) before anything else, then dies.
+    tp._handle(("attempt",))
+    tp._handle(("status", status(TokenState.NEEDS_PIN), None, None, 0, "the last PIN failed"))
+    tp._handle(("event", "login", {"outcome": "pin_refused"}))
+    dies(tp)
+    assert tp._config()["pin"] is None and tp._config()["login_failed"] == "the last PIN failed"
+    # Only a status ends an attempt: an event alone (the process died before its status) does not.
+    tp = bookkeeping()
+    tp._handle(("attempt",))
+    tp._handle(("event", "login", {"outcome": "ok"}))
+    dies(tp)
+    assert tp._config()["pin"] is None
+
+
+def test_a_pin_whose_login_never_came_back_is_not_passed_on() -> None:
+    tp = bookkeeping()
+    tp._handle(("status", status(TokenState.STARTING), None, 0, 0, None))
+    tp._handle(("attempt",))
+    dies(tp)  # inside C_Login
+    config = tp._config()
+    assert config["pin"] is None and "died during a login" in config["login_failed"]
+
+
+def test_a_pin_that_worked_is_passed_on_after_a_crash() -> None:
+    tp = bookkeeping()
+    tp._handle(("attempt",))
+    tp._handle(("status", status(TokenState.STARTING), None, 0, 0, None))  # C_Login returned, PIN kept
+    dies(tp)  # e.g. during key discovery
+    assert tp._config()["pin"] == "1234" and tp._config()["login_failed"] is None
+
+
+def test_an_operators_pin_is_kept_until_the_process_takes_it_up() -> None:
+    tp = bookkeeping(pin=None)
+    tp._pins[1] = "5678"  # what login() records before sending its job
+    tp._handle(("status", status(TokenState.NEEDS_PIN), None, None, 0, None))  # an answer before the login ran
+    assert tp._pins == {1: "5678"}
+    tp._handle(("attempt",))
+    tp._handle(("status", status(), None, 1, 1, None))
+    dies(tp)
+    assert tp._config()["pin"] == "5678" and tp._config()["pin_number"] == 1
+
+
+def test_a_bad_answer_ends_the_process_and_still_answers_its_caller() -> None:
+    tp = bookkeeping()
+    ours, theirs = socket.socketpair()
+    tp._sock = ours
+    future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+    tp._pending[7] = _Pending(future, None, "client:a", "sign")
+    theirs.sendall(wire.frame(("done", 7, b"x", ("only one field",), True, 0.0, 0.0)))
+    tp._on_readable(ours)  # refused (and the process, had there been one, killed) ...
+    assert not future.done() and 7 in tp._pending
+    theirs.close()
+    tp._stopping = True
+    tp._on_readable(ours)  # ... whose end then answers every job it held
+    with pytest.raises(model.TokenUnavailable):
+        future.result(0)
 
 
 # ---------------------------------------------------------------------- the process, from outside

@@ -93,7 +93,12 @@ class ChildOwner(TokenOwner):
         self._sent = (keys, *state)
 
     def _send_event(self, name: str, data: dict[str, Any]) -> None:
+        self._publish()  # the state that goes with it first (e.g. a refused PIN dropped, before "login refused")
         self._send(("event", name, data))
+
+    def _after_login(self) -> None:
+        # C_Login has returned and what it means for the PIN is decided: say so before any other module call.
+        self._publish()
 
     def _send(self, message: tuple[Any, ...]) -> None:
         try:
@@ -133,8 +138,6 @@ class ChildOwner(TokenOwner):
         job_id, deadline = message[1], message[2]
         if kind == "login":
             pin, number, accept, final_try = message[3:]
-            if number is not None:
-                self._pin_seen = max(self._pin_seen, number)
             self._queue(_RemoteJob(self, job_id, lambda: self._login_job(pin, number, accept, final_try),
                                    deadline, "operator"))
             return
@@ -160,8 +163,9 @@ class ChildOwner(TokenOwner):
         self._jobs.put(job.client, job)
 
     def _login_job(self, pin: str | None, number: int | None, accept: bool, final_try: bool) -> Any:
-        if pin is not None:
+        if pin is not None and number is not None:
             self._pin_number = number
+            self._pin_seen = max(self._pin_seen, number)
         return self._operator_login(pin, accept, final_try)
 
     def _key(self, key_id: str) -> KeyInfo:

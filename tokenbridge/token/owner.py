@@ -71,6 +71,8 @@ _GONE = (
     p11e.KeyHandleInvalid,
     p11e.OperationActive,  # a signature left open by a failure: only a new session ends it
 )
+_REMOVED = (p11e.DeviceRemoved, p11e.TokenNotPresent, p11e.SessionHandleInvalid, p11e.SessionClosed,
+            p11e.SlotIDInvalid)
 _PIN_WRONG = (p11e.PinIncorrect, p11e.PinInvalid, p11e.PinLenRange, p11e.PinExpired)
 _MECH = (p11e.MechanismInvalid, p11e.MechanismParamInvalid, p11e.ArgumentsBad, p11e.FunctionNotSupported)
 
@@ -286,27 +288,39 @@ class TokenOwner:
         self._before_login()
         try:
             session = token.open(user_pin=pin)
-            self._emit("login", {"outcome": "ok"})
-            _close_quietly(public_session)
         except p11e.UserAlreadyLoggedIn:
             session = public_session  # login state is per process: still logged in
-        except _PIN_WRONG as exc:
+        except (*_PIN_WRONG, p11e.PinLocked) as exc:
             self._login_failed = "the last PIN failed"
             self._pin = None
+            self._after_login()
+            if isinstance(exc, p11e.PinLocked):
+                self._set_state(TokenState.LOCKED, "the token reports the user PIN locked")
+                self._emit("login", {"outcome": "pin_locked"})
+                return
             self._status = replace(self._status, pin=_pin_flags(self._refresh_flags(token)))
             self._set_state(TokenState.NEEDS_PIN, f"the PIN was refused ({type(exc).__name__}); it will "
                             "not be tried again until an operator supplies one")
             self._emit("login", {"outcome": "pin_refused"})
             return
-        except p11e.PinLocked:
-            self._login_failed = "the last PIN failed"
-            self._pin = None
-            self._set_state(TokenState.LOCKED, "the token reports the user PIN locked")
-            self._emit("login", {"outcome": "pin_locked"})
-            return
-        except p11e.PKCS11Error as exc:
+        except _REMOVED as exc:  # the token went away: its PIN was not judged
+            self._after_login()
             self._set_state(TokenState.ABSENT, f"login failed: {type(exc).__name__}")
             return
+        except p11e.PKCS11Error as exc:
+            # Did the card count a failed try? Unknown, and some tokens report a wrong PIN this way: never
+            # try this PIN again by ourselves.
+            self._login_failed = (f"the login failed ({type(exc).__name__}); the PIN is not tried again "
+                                  "until an operator runs `tokenbridge login`")
+            self._pin = None
+            self._after_login()
+            self._set_state(TokenState.NEEDS_PIN, self._login_failed)
+            self._emit("login", {"outcome": "failed", "error": type(exc).__name__})
+            return
+        self._after_login()
+        if session is not public_session:
+            self._emit("login", {"outcome": "ok"})
+            _close_quietly(public_session)
         try:
             self._discover(session)
         except p11e.PKCS11Error as exc:
@@ -319,6 +333,9 @@ class TokenOwner:
 
     def _before_login(self) -> None:
         """Called just before ``C_Login``: the token process tells the service (see token/process.py)."""
+
+    def _after_login(self) -> None:
+        """Called as soon as ``C_Login`` has returned and the PIN's fate is decided, before any other call."""
 
     def _check_presence(self) -> None:
         """Slot status only (no card operation): is our token still in its slot?"""

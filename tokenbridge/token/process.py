@@ -62,9 +62,10 @@ from tokenbridge.token.scheduler import QueueLimit, QueueLimits, RateLimiter
 log = logging.getLogger("tokenbridge.token")
 
 _AnyFuture = asyncio.Future[Any] | concurrent.futures.Future[Any]
-# The child's command line: our package found after the standard library (not before it, as
-# PYTHONPATH would put it), for services run from a source tree.
-_CHILD = "import sys; sys.path.append({root!r}); from tokenbridge.token.child import main; sys.exit(main([{fd!r}]))"
+# The child's command line (with -P: no working directory on sys.path). It must run the service's own
+# tokenbridge: its directory goes first when it is not on sys.path already (a source tree).
+_CHILD = ("import sys; root = {root!r}; root in sys.path or sys.path.insert(0, root); "
+          "from tokenbridge.token.child import main; sys.exit(main([{fd!r}]))")
 
 
 def settle(future: _AnyFuture, result: Any, error: BaseException | None) -> None:
@@ -161,6 +162,7 @@ class TokenProcess:
             self._launch(wait)
         except Exception as exc:
             self._failed_launch(exc)
+            self._start_restarter(None)
         return self.status()
 
     def stop(self) -> None:
@@ -216,7 +218,7 @@ class TokenProcess:
             try:
                 ours.settimeout(10)
                 ours.sendall(wire.frame(("config", self._config())))
-                ours.setblocking(self._loop is None)  # on the loop: never block it (see _flush_locked)
+                ours.setblocking(False)  # never block the loop, nor the reader thread (see _flush_locked)
             except OSError:
                 ours.close()
                 proc.kill()
@@ -238,7 +240,7 @@ class TokenProcess:
         root = str(Path(tokenbridge.__file__).resolve().parents[1])
         code = _CHILD.format(root=root, fd=str(theirs.fileno()))
         # Its own process group: a Ctrl-C in the service's terminal is for the service, which stops it.
-        return subprocess.Popen([sys.executable, "-c", code], pass_fds=[theirs.fileno()],
+        return subprocess.Popen([sys.executable, "-P", "-c", code], pass_fds=[theirs.fileno()],
                                 stdin=subprocess.DEVNULL, process_group=0)
 
     def _config(self) -> dict[str, Any]:
@@ -268,11 +270,20 @@ class TokenProcess:
             self._loop.add_reader(sock.fileno(), self._on_readable, sock)
 
     def _read_forever(self, sock: socket.socket) -> None:
+        """Without an event loop: read answers, and write what the socket did not take at once."""
         with selectors.DefaultSelector() as sel:
             sel.register(sock, selectors.EVENT_READ)
             while self._sock is sock:
-                sel.select()
-                self._on_readable(sock)
+                try:
+                    sel.modify(sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if self._outbox else 0))
+                    ready = sel.select(0.05)
+                except (OSError, ValueError):  # closed by stop()
+                    return
+                for _, events in ready:
+                    if events & selectors.EVENT_WRITE:
+                        self._flush()
+                    if events & selectors.EVENT_READ:
+                        self._on_readable(sock)
 
     # ------------------------------------------------------------------ read-only views (no message)
 
@@ -331,11 +342,17 @@ class TokenProcess:
         number = None
         if pin is not None:
             number = next(self._pin_numbers)
-            self._pins[number] = pin  # known here so that a restart can pass it on, once the process holds it
+            with self._lock:  # known here so that a restart can pass it on, once the process holds it
+                self._pins[number] = pin
         loop = asyncio.get_running_loop()
         future: asyncio.Future[TokenStatus] = loop.create_future()
-        self._send_job(future, loop, "operator", "login", (pin, number, accept_new_token, allow_final_try),
-                       force=True)
+        try:
+            self._send_job(future, loop, "operator", "login", (pin, number, accept_new_token, allow_final_try),
+                           force=True)
+        except TokenError:
+            with self._lock:
+                self._pins.pop(number or -1, None)
+            raise
         status = await future
         return replace(status, queue_depth=len(self._pending))
 
@@ -357,14 +374,15 @@ class TokenProcess:
                   args: tuple[Any, ...], force: bool = False) -> int:
         if not force and self._status.state is not TokenState.READY:
             raise TokenUnavailable(unavailable_detail(self._status))
+        job_id = next(self._ids)
+        data = wire.frame((kind, job_id, time.monotonic() + self._timeout, *([] if kind == "login" else [client]),
+                           *args))
         with self._lock:
             if self._sock is None:  # between a crash and the next process
                 raise TokenUnavailable(unavailable_detail(self._status))
             self._admit(client, force)
-            job_id = next(self._ids)
-            message = (kind, job_id, time.monotonic() + self._timeout, *([] if kind == "login" else [client]), *args)
             self._pending[job_id] = _Pending(future, loop, client, "sign" if kind == "prepared" else kind)
-            self._post(wire.frame(message))
+            self._post(data)
         return job_id
 
     def _admit(self, client: str, force: bool) -> None:
@@ -412,7 +430,7 @@ class TokenProcess:
             while self._outbox:
                 sent = sock.send(self._outbox)
                 del self._outbox[:sent]
-        except BlockingIOError:
+        except BlockingIOError:  # the rest when the socket is writable: the loop's writer, or the reader thread
             if not self._writer_armed and self._loop is not None:
                 self._writer_armed = True
                 self._loop.call_soon_threadsafe(self._arm_writer, sock)
@@ -464,32 +482,44 @@ class TokenProcess:
         elif kind == "keys":
             self._keys = {k.id: k for k in map(wire.decode_key, message[1])}
         elif kind == "status":
-            self._status, self._identity, self._held, self._seen, self._login_failed = message[1:]
-            # Keep the PIN it holds, and those sent that it has not received yet (a login job on its way).
-            self._pins = {n: p for n, p in self._pins.items() if n == self._held or n > self._seen}
-            self._login_running = False  # a C_Login, if one ran, has returned
+            status, identity, held, seen, login_failed = message[1:]
+            if not (isinstance(status, TokenStatus) and isinstance(status.state, TokenState)
+                    and isinstance(held, int | None) and isinstance(seen, int)
+                    and isinstance(login_failed, str | None)):
+                raise wire.ProtocolError("malformed status")
+            with self._lock:
+                self._status, self._identity, self._held, self._seen = status, identity, held, seen
+                self._login_failed = login_failed
+                # Keep the PIN it holds, and those it has not taken up yet (a login job on its way).
+                self._pins = {n: p for n, p in self._pins.items() if n == held or n > seen}
+            # Only a status ends a login attempt: the process publishes one as soon as C_Login returns,
+            # before anything else (the PIN it holds, or that it dropped a refused one).
+            self._login_running = False
         elif kind == "attempt":
             self._login_running = True
         elif kind == "event":
-            name, data = message[1], message[2]
-            if name == "login":
-                self._login_running = False
-            self._emit(name, data)
+            self._emit(message[1], message[2])
+        else:
+            raise wire.ProtocolError(f"unknown message {kind!r}")
 
     def _done(self, job_id: int, result: Any, error: tuple[str, str] | None, ran: bool, waited: float,
               elapsed: float) -> None:
+        failure = wire.decode_error(error) if error is not None else None  # a bad one: the job stays pending
         with self._lock:
             pending = self._pending.pop(job_id, None)
             if pending is None:
                 return
             self._limits.release(pending.client)
-        failure = wire.decode_error(error) if error is not None else None
-        if ran:  # a job skipped (its caller gone, its deadline passed) says nothing of the token's speed
-            self._service_time = 0.9 * self._service_time + 0.1 * elapsed
-            if self._observer is not None:
-                self._observer(pending.client, pending.kind, waited, elapsed,
-                               "ok" if failure is None else failure.code)
-        self._settle(pending, result, failure)
+        try:
+            if ran:  # a job skipped (its caller gone, its deadline passed) says nothing of the token's speed
+                self._service_time = 0.9 * self._service_time + 0.1 * float(elapsed)
+                if self._observer is not None:
+                    self._observer(pending.client, pending.kind, waited, elapsed,
+                                   "ok" if failure is None else failure.code)
+        except Exception:
+            log.exception("metrics observer failed")
+        finally:
+            self._settle(pending, result, failure)
 
     def _settle(self, pending: _Pending, result: Any, error: TokenError | None) -> None:
         if pending.loop is None or (pending.loop is self._loop and self._loop_is_current()):
@@ -514,33 +544,39 @@ class TokenProcess:
             pending, self._pending = self._pending, {}
             self._limits.clear()
             self._outbox.clear()
-        if self._loop is not None and self._loop_is_current():
-            self._loop.remove_reader(sock.fileno())
-            if self._writer_armed:
-                self._loop.remove_writer(sock.fileno())
-        self._writer_armed = False
-        sock.close()
-        if self._stopping:
-            error = TokenUnavailable("the service is stopping")
-        else:
-            note = ""
-            if self._login_running:  # never report a PIN whose C_Login did not come back
+            if self._login_running:  # never pass on a PIN whose C_Login did not come back
                 self._held, self._login_running = None, False
                 self._login_failed = ("the token process died during a login: the PIN may or may not have "
                                       "been accepted, so it is not tried again; an operator must run "
                                       "`tokenbridge login`")
                 note = "; it died during a login"
-            self._set_status(replace(self._status, state=TokenState.ABSENT, logged_in=False,
-                                     message=f"the token process ended unexpectedly and is being restarted{note}"))
-            error = TokenUnavailable(unavailable_detail(self._status))
-            self._restarter = threading.Thread(target=self._restart, name="token-restart", daemon=True)
-            self._restarter.start()
-        for job in pending.values():
-            self._settle(job, None, error)
+            else:
+                note = ""
+        error = TokenUnavailable("the service is stopping")
+        try:
+            if self._loop is not None and self._loop_is_current():
+                self._loop.remove_reader(sock.fileno())
+                if self._writer_armed:
+                    self._loop.remove_writer(sock.fileno())
+            self._writer_armed = False
+            sock.close()
+            if not self._stopping:
+                self._set_status(replace(self._status, state=TokenState.ABSENT, logged_in=False,
+                                         message=f"the token process ended unexpectedly and is being "
+                                                 f"restarted{note}"))
+                error = TokenUnavailable(unavailable_detail(self._status))
+        finally:
+            for job in pending.values():
+                self._settle(job, None, error)
+            if not self._stopping:
+                self._start_restarter(self._proc)
 
-    def _restart(self) -> None:
+    def _start_restarter(self, proc: subprocess.Popen[bytes] | None) -> None:
+        self._restarter = threading.Thread(target=self._restart, args=(proc,), name="token-restart", daemon=True)
+        self._restarter.start()
+
+    def _restart(self, proc: subprocess.Popen[bytes] | None) -> None:
         """Wait for the old process, then start new ones until one runs (backing off while they keep dying)."""
-        proc = self._proc
         if proc is not None:
             try:
                 code = proc.wait(10)
