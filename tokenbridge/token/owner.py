@@ -431,7 +431,7 @@ class TokenOwner:
         self._handles = handles
         self._keys = keys
 
-    # ------------------------------------------------------------------ operations (owner thread only)
+    # ------------------------------------------------------------------ operations (the token process only)
 
     def _with_session(self, op: Callable[[], bytes]) -> bytes:
         """Run one token call; a vanished token or session moves us to ``absent``."""
