@@ -1,13 +1,13 @@
 """The token process: one ``TokenOwner`` alone in its own interpreter, fed over a socket.
 
-Started by ``TokenProcess`` (token/process.py) as ``python -m tokenbridge.token.child FD``.
+Started by ``TokenProcess`` (token/process.py), which calls ``main([FD])`` in a new interpreter.
 It runs the owner's loop on its only thread: waiting for work is waiting on the
 socket, and each answer is one message back. With no event loop in the same
 process there is no lock (GIL) to hand back and forth around each PKCS#11 call,
 and a module that crashes takes only this process down.
 
-It ignores SIGINT and SIGTERM (a Ctrl-C or ``systemctl stop`` reaches the whole
-process group): it stops when the service says so or closes the socket.
+It ignores SIGINT and SIGTERM (``systemctl stop`` signals every process of the
+unit): it stops when the service says so or closes the socket.
 """
 
 from __future__ import annotations
@@ -22,8 +22,6 @@ from typing import Any
 from tokenbridge.token import wire
 from tokenbridge.token.model import KeyInfo, TokenUnavailable
 from tokenbridge.token.owner import Job, TokenOwner, TokenSelector
-
-log = logging.getLogger("tokenbridge.token")
 
 
 class _RemoteJob(Job):
@@ -194,7 +192,3 @@ def main(argv: list[str]) -> int:
     owner.accept(inbox, messages[1:])
     owner.serve()
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
