@@ -107,14 +107,54 @@ def _admin_socket(path: Path) -> socket.socket:
     return sock
 
 
+class _OneWrite:
+    """A connection's transport that sends a response's head and body together.
+
+    uvicorn writes the status line and headers, then the body, each at once: two system calls, two TCP
+    segments (two TLS records), and a client woken for half an answer. Writes are held until the response
+    is complete (``flush`` from the protocol), the end of the loop iteration, or 64 KiB, whichever is first.
+    """
+
+    _HOLD = 1 << 16
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._held: list[bytes] = []
+        self._size = 0
+
+    def write(self, data: bytes) -> None:
+        if not self._held:
+            self._loop.call_soon(self.flush)  # e.g. a "100 Continue", or a body that streams
+        self._held.append(data)
+        self._size += len(data)
+        if self._size >= self._HOLD:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._held:
+            data = self._held[0] if len(self._held) == 1 else b"".join(self._held)
+            self._held, self._size = [], 0
+            if not self._transport.is_closing():
+                self._transport.write(data)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 def _peer_certificate_protocol(first_request_timeout: float) -> type[asyncio.Protocol]:
     """uvicorn's HTTP protocol, telling the app about the client certificate (ASGI TLS extension),
-    and closing connections that never send a complete first request."""
+    closing connections that never send a complete first request, and writing each response at once."""
     base: Any = import_from_string(HTTP_PROTOCOLS["auto"])
 
     class PeerCertificateProtocol(base):
         def connection_made(self, transport: asyncio.Transport) -> None:
-            super().connection_made(transport)
+            self._writer = _OneWrite(transport, asyncio.get_running_loop())
+            super().connection_made(self._writer)
             ssl_object = transport.get_extra_info("ssl_object")
             if ssl_object is not None:
                 inner: Any = getattr(self, "app")  # noqa: B009 (set by the base class)
@@ -144,6 +184,10 @@ def _peer_certificate_protocol(first_request_timeout: float) -> type[asyncio.Pro
             if between and (self._guard is None or self._guard_for is not cycle):
                 self._arm_guard(self.transport)
             super().data_received(data)
+
+        def on_response_complete(self) -> None:
+            self._writer.flush()
+            super().on_response_complete()
 
         def connection_lost(self, exc: Exception | None) -> None:
             if self._guard is not None:

@@ -39,7 +39,7 @@ class _RemoteJob(Job):
 
 
 class ChildOwner(TokenOwner):
-    def __init__(self, sock: socket.socket, config: dict[str, Any]) -> None:
+    def __init__(self, sock: socket.socket, config: dict[str, Any], inbox: wire.Inbox) -> None:
         super().__init__(
             config["module_path"], TokenSelector(**config["selector"]), config["pin"],
             presence_interval=config["presence_interval"], environment=config["environment"],
@@ -50,7 +50,7 @@ class ChildOwner(TokenOwner):
         self._pin_number: int | None = config["pin_number"]  # which of the service's PINs this is
         self._pin_seen: int = max(config["seen"], -1 if self._pin_number is None else self._pin_number)
         self._sock = sock
-        self._inbox = bytearray()
+        self._inbox = inbox  # what came after the configuration waits there
         self._by_id: dict[int, _RemoteJob] = {}
         self._sent: tuple[Any, ...] = ()  # the state last reported
 
@@ -111,16 +111,15 @@ class ChildOwner(TokenOwner):
                 readable, _, _ = select.select([self._sock], [], [], timeout)
                 if not readable:
                     return
-            data = self._sock.recv(1 << 20, socket.MSG_DONTWAIT)
+            received = self._inbox.read(self._sock, socket.MSG_DONTWAIT)
         except BlockingIOError:
             return
         except OSError:
-            data = b""
-        if not data:
+            received = 0
+        if not received:
             self._stopping = True  # the service closed its end
             return
-        self._inbox += data
-        for message in wire.unframe(self._inbox):
+        for message in self._inbox.messages():
             self._dispatch(message)
 
     def _dispatch(self, message: tuple[Any, ...]) -> None:
@@ -150,9 +149,8 @@ class ChildOwner(TokenOwner):
             raise wire.ProtocolError(f"unknown message {kind!r}")
         self._queue(_RemoteJob(self, job_id, fn, deadline, client))
 
-    def accept(self, inbox: bytearray, messages: list[tuple[Any, ...]]) -> None:
+    def accept(self, messages: list[tuple[Any, ...]]) -> None:
         """What came with the configuration, in the same read."""
-        self._inbox += inbox
         for message in messages:
             self._dispatch(message)
 
@@ -177,18 +175,16 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     sock = socket.socket(fileno=int(argv[0]))
-    inbox = bytearray()
-    while not (messages := wire.unframe(inbox)):
-        data = sock.recv(1 << 16)
-        if not data:
+    inbox = wire.Inbox()
+    while not (messages := inbox.messages()):
+        if not inbox.read(sock):
             return 0
-        inbox += data
     kind, config = messages[0]
     if kind != "config":
         raise wire.ProtocolError(f"expected the configuration, got {kind!r}")
     logging.basicConfig(level=config["log_level"], stream=sys.stderr,
                         format="%(levelname)s:     token process: %(message)s")
-    owner = ChildOwner(sock, config)
-    owner.accept(inbox, messages[1:])
+    owner = ChildOwner(sock, config, inbox)
+    owner.accept(messages[1:])
     owner.serve()
     return 0

@@ -140,7 +140,7 @@ class TokenProcess:
         self._loop: asyncio.AbstractEventLoop | None = None  # where answers are read; None: a reader thread
         self._sock: socket.socket | None = None
         self._proc: subprocess.Popen[bytes] | None = None
-        self._inbox = bytearray()
+        self._inbox = wire.Inbox()
         self._outbox = bytearray()  # bytes not written yet (see _post)
         self._writer_armed = False
         self._launching = threading.Lock()  # one launch at a time; stop() waits for it
@@ -214,7 +214,7 @@ class TokenProcess:
                 raise
             finally:
                 theirs.close()
-            self._proc, self._inbox = proc, bytearray()
+            self._proc, self._inbox = proc, wire.Inbox()
             try:
                 ours.settimeout(10)
                 ours.sendall(wire.frame(("config", self._config())))
@@ -457,17 +457,16 @@ class TokenProcess:
 
     def _on_readable(self, sock: socket.socket) -> None:
         try:
-            data = sock.recv(1 << 20, socket.MSG_DONTWAIT)
+            received = self._inbox.read(sock, socket.MSG_DONTWAIT)
         except BlockingIOError:
             return
         except OSError:
-            data = b""
-        if not data:
+            received = 0
+        if not received:
             self._gone(sock)
             return
-        self._inbox += data
         try:
-            for message in wire.unframe(self._inbox):
+            for message in self._inbox.messages():
                 self._handle(message)
         except Exception:
             # A message we cannot read, or cannot act on: the stream cannot be trusted any more.
