@@ -3,7 +3,7 @@ with 503 ``audit_unavailable`` (and cost no token operation), everything else ke
 problem says why, and the service recovers by itself once the store is writable again.
 
 Two real causes, no mock:
-- a read-only file: ``chattr +i`` on state.db and its WAL/SHM files (the tests run as root, for whom
+- a read-only file: ``chattr +i`` on state.db and its WAL and SHM files (the tests run as root, for whom
   a 0444 mode means nothing; skipped where chattr is not allowed);
 - a full disk: ``prlimit --fsize`` on the service process, so every write past 4 KiB fails with EFBIG
   (CPython ignores SIGXFSZ), which SQLite reports as "database or disk is full" / "disk I/O error".
@@ -27,10 +27,10 @@ DECRYPT_JUNK = {"algorithm": "rsa-oaep-sha256", "ciphertext": base64.b64encode(b
 
 
 def _state_files(svc: Service) -> list[Path]:
-    """The database and its write-ahead log. Not the -shm file: SQLite maps it in memory, and a write
-    to a mapped page of an immutable file is a SIGBUS that kills the service (see docs/reliability.md)."""
+    """The database, its write-ahead log and its WAL index (-shm). SQLite maps the index in memory: a
+    write to a mapped page of an immutable file is a SIGBUS, which the store's guard must prevent."""
     db = svc.data_dir / "state.db"
-    return [p for p in (db, db.with_name("state.db-wal")) if p.exists()]
+    return [p for p in (db, db.with_name("state.db-wal"), db.with_name("state.db-shm")) if p.exists()]
 
 
 @contextmanager
@@ -95,3 +95,18 @@ def test_full_disk_refuses_private_key_operations(fresh_service) -> None:
     secret = svc.add_client("full", "sign,decrypt")
     _check_refused_and_recovers(svc, secret, disk_full(svc.process.pid),
                                 ("full", "disk I/O", "too large"))
+
+
+def test_read_only_store_refuses_what_needs_it_with_a_clear_problem(fresh_service) -> None:
+    """A client the service has not seen yet cannot be looked up in a store it may not touch: a 503
+    that says why, not a crash; one already authenticated keeps its read-only calls."""
+    svc: Service = fresh_service()
+    known, newcomer = svc.add_client("known", "sign"), svc.add_client("newcomer", "sign")
+    assert svc.http(known).get("/v1/keys").status_code == 200
+    with immutable(_state_files(svc)):
+        r = svc.http(newcomer).get("/v1/keys")
+        assert r.status_code == 503, r.text
+        assert r.json()["code"] == "store_unavailable" and "read-only" in r.json()["detail"]
+        assert svc.http(known).get("/v1/keys").status_code == 200
+        assert svc.process.poll() is None
+    assert svc.http(newcomer).get("/v1/keys").status_code == 200

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import sqlite3
 import sys
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -348,7 +349,11 @@ def main() -> None:
     app.add_typer(cli_lan.tls_app, name="tls")
     app.add_typer(cli_lan.workstations_app, name="workstations")
     app.command("relay")(cli_lan.relay)
-    app()
+    try:
+        app()
+    except sqlite3.Error as exc:  # e.g. the state directory's disk went read-only
+        err.print(f"[red]error:[/red] the state store cannot be read or written: {exc}")
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -77,7 +77,13 @@ class ClientRegistry:
 
     def _sync(self) -> None:
         """Called on the event loop only (the caches are not locked)."""
-        revision = self._store.query("SELECT value FROM revisions WHERE name = 'clients'")[0][0]
+        try:
+            revision = self._store.query("SELECT value FROM revisions WHERE name = 'clients'")[0][0]
+        except sqlite3.Error:
+            if self._revision is None:
+                raise
+            return  # unreadable (a read-only disk): a revocation needs a writable store, so the cache holds
+
         if revision != self._revision:
             self._by_secret.clear()
             self._by_certificate.clear()

@@ -3,12 +3,21 @@
 Both the service and the CLI open it; SQLite's own locking makes their writes
 safe, and ``BEGIN IMMEDIATE`` keeps the audit chain's read-then-append atomic
 across processes.
+
+Every access first checks that the WAL index (``-shm``) can still be written
+(``_ShmGuard``): SQLite maps that file in memory and writes to it even to read,
+and a write to a mapped page of a file that became read-only (a file system
+remounted read-only after disk errors, ``chattr +i``) is a SIGBUS that would end
+the service. Refused with an ``sqlite3.OperationalError`` instead, like any
+other unwritable store.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import sqlite3
+import struct
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -51,6 +60,39 @@ TRIGGERS = {
 }
 
 
+_FS_IOC_GETFLAGS = 0x80086601  # linux/fs.h: _IOR('f', 1, long)
+_FS_IMMUTABLE_FL = 0x00000010
+_FS_APPEND_FL = 0x00000020
+
+
+class _ShmGuard:
+    """Whether the WAL index file may still be written: two system calls, no write."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._fd: int | None = None
+
+    def check(self) -> None:
+        if self._fd is None:
+            try:
+                self._fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                return  # SQLite has not made it yet (it does on the first access)
+        if os.fstatvfs(self._fd).f_flag & os.ST_RDONLY:
+            raise sqlite3.OperationalError(f"the file system holding {self._path.name} is read-only")
+        try:
+            flags = struct.unpack_from("=i", fcntl.ioctl(self._fd, _FS_IOC_GETFLAGS, bytes(8)))[0]
+        except OSError:
+            return  # no such flags on this file system: nothing can make the file immutable there
+        if flags & (_FS_IMMUTABLE_FL | _FS_APPEND_FL):
+            raise sqlite3.OperationalError(f"{self._path.name} is read-only (immutable: chattr +i)")
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
 class Store:
     """A thread-safe handle on the state database."""
 
@@ -58,6 +100,8 @@ class Store:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock = threading.RLock()
+        self._shm = _ShmGuard(path.with_name(path.name + "-shm"))
+        self._shm.check()  # a store left unwritable by a previous run (the file exists)
         old_umask = os.umask(0o077)  # the database and its -wal/-shm files: owner only
         try:
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=2.0)
@@ -98,6 +142,7 @@ class Store:
     @contextmanager
     def transaction(self, immediate: bool = False) -> Iterator[sqlite3.Connection]:
         with self._lock:
+            self._shm.check()
             self._db.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
             try:
                 yield self._db
@@ -110,10 +155,12 @@ class Store:
     def execute(self, sql: str, params: tuple[object, ...] = ()) -> None:
         """One statement, committed on its own (autocommit)."""
         with self._lock:
+            self._shm.check()
             self._db.execute(sql, params)
 
     def query(self, sql: str, params: tuple[object, ...] = ()) -> list[sqlite3.Row]:
         with self._lock:
+            self._shm.check()
             cur = self._db.execute(sql, params)
             cur.row_factory = sqlite3.Row
             return cur.fetchall()
@@ -121,3 +168,4 @@ class Store:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            self._shm.close()

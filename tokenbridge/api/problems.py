@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sqlite3
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -85,6 +86,13 @@ def install(app: FastAPI) -> None:
         title = _TITLES.get(exc.status_code, str(exc.detail))
         return problem_response(exc.status_code, code, title, str(exc.detail), request.url.path,
                                 dict(exc.headers or {}))
+
+    @app.exception_handler(sqlite3.Error)
+    async def _store(request: Request, exc: sqlite3.Error) -> JSONResponse:
+        # e.g. the disk went read-only: what needs the store is refused, the rest keeps answering
+        log.error("the state store failed on %s: %s", request.url.path, exc)
+        return problem_response(503, "store_unavailable", "State store unavailable",
+                                f"the state store cannot be read or written: {exc}", request.url.path)
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception) -> JSONResponse:
