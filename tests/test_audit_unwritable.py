@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import shutil
+import sqlite3
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -110,3 +111,93 @@ def test_read_only_store_refuses_what_needs_it_with_a_clear_problem(fresh_servic
         assert svc.http(known).get("/v1/keys").status_code == 200
         assert svc.process.poll() is None
     assert svc.http(newcomer).get("/v1/keys").status_code == 200
+
+
+def _locks_on(path: Path) -> int:
+    inode = path.stat().st_ino
+    return sum(1 for line in Path("/proc/locks").read_text().splitlines() if f":{inode} " in line)
+
+
+def test_two_stores_in_one_process_keep_sqlite_locks(tmp_path: Path) -> None:
+    """The guard's descriptor is shared: closing one store must not drop the locks SQLite holds for
+    another (closing any descriptor of a file releases all of the process's POSIX locks on it)."""
+    from tokenbridge.store import Store
+
+    first, second = Store(tmp_path / "state.db"), Store(tmp_path / "state.db")
+    shm = tmp_path / "state.db-shm"
+    held = _locks_on(shm)
+    assert held >= 1  # SQLite's lock that says "a connection is using this WAL index"
+    second.close()
+    assert _locks_on(shm) == held
+    assert first.query("SELECT COUNT(*) FROM audit")[0][0] == 0
+    first.close()
+
+
+def test_a_store_opened_on_a_read_only_disk_can_still_be_read(tmp_path: Path) -> None:
+    """Only a file SQLite mapped writable can fault; a process that opens the store once it is read-only
+    (``tokenbridge audit verify`` during the incident) maps it read-only and reads as before."""
+    import sys
+
+    from tokenbridge.store import Store
+
+    store = Store(tmp_path / "state.db")  # keeps the -wal and -shm files while the other process reads
+    store.execute("INSERT INTO audit (seq, ts, actor, event, outcome, prev_hash, hash) "
+                  "VALUES (1, 't', 'a', 'e', 'ok', 'p', 'h')")
+    files = [tmp_path / "state.db", tmp_path / "state.db-wal", tmp_path / "state.db-shm"]
+    code = ("import sys; from pathlib import Path; from tokenbridge.store import Store; "
+            "print(Store(Path(sys.argv[1])).query('SELECT COUNT(*) FROM audit')[0][0])")
+    with immutable(files):
+        r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "state.db")], capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode == 0 and r.stdout.strip() == "1", r.stderr
+        with pytest.raises(sqlite3.OperationalError, match="read-only"):
+            store.query("SELECT 1")  # this process mapped it writable: refused, not a SIGBUS
+    store.close()
+
+
+def test_store_errors_are_503_only_when_the_store_is_unusable(tmp_path: Path) -> None:
+    """A locked or unwritable store is 503 ``store_unavailable`` (without SQL or paths); a database error
+    that means a bug stays a 500."""
+    import asyncio
+
+    import httpx
+    from fastapi import FastAPI
+
+    from tokenbridge.api import problems
+    from tokenbridge.store import StoreUnwritable
+
+    app = FastAPI()
+    problems.install(app)
+    db = tmp_path / "x.db"
+
+    @app.get("/locked")
+    def locked() -> None:
+        holder = sqlite3.connect(db, isolation_level=None)
+        holder.execute("BEGIN EXCLUSIVE")
+        try:
+            sqlite3.connect(db, timeout=0).execute("CREATE TABLE secret_table_name (x)")
+        finally:
+            holder.execute("ROLLBACK")
+
+    @app.get("/unwritable")
+    def unwritable() -> None:
+        raise StoreUnwritable("state.db-shm is read-only (immutable: chattr +i)")
+
+    @app.get("/bug")
+    def bug() -> None:
+        sqlite3.connect(":memory:").execute("SELECT * FROM no_such_table")
+
+    def get(path: str) -> httpx.Response:
+        async def call() -> httpx.Response:
+            transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+            async with httpx.AsyncClient(transport=transport, base_url="http://tokenbridge") as client:
+                return await client.get(path)
+        return asyncio.run(call())
+
+    r = get("/locked")
+    assert r.status_code == 503 and r.json()["code"] == "store_unavailable", r.text
+    assert "SQLITE_BUSY" in r.json()["detail"] and "secret_table_name" not in r.text and str(tmp_path) not in r.text
+    r = get("/unwritable")
+    assert r.status_code == 503 and "read-only" in r.json()["detail"]
+    r = get("/bug")
+    assert r.status_code == 500 and r.json()["code"] == "internal_error"

@@ -63,8 +63,11 @@ def test_a_lone_write_leaves_at_the_end_of_the_loop_iteration() -> None:
 def test_large_bodies_are_not_held() -> None:
     writer, transport, loop = _writer()
     writer.write(b"head")
-    writer.write(b"x" * 70_000)
-    assert transport.writes == [b"head" + b"x" * 70_000]
+    writer.write(b"x" * 70_000)  # a large body follows at once, not copied into the head
+    assert transport.writes == [b"head", b"x" * 70_000]
+    writer.write(b"y" * 40_000)
+    writer.write(b"z" * 40_000)  # small writes that add up are not held either
+    assert transport.writes[-1] == b"y" * 40_000 + b"z" * 40_000
     writer.write(b"tail")
     writer.close()  # what is held goes before the close
     assert transport.writes[-1] == b"tail" and transport.closed

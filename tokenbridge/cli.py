@@ -351,7 +351,7 @@ def main() -> None:
     app.command("relay")(cli_lan.relay)
     try:
         app()
-    except sqlite3.Error as exc:  # e.g. the state directory's disk went read-only
+    except sqlite3.OperationalError as exc:  # e.g. the state directory's disk went read-only, or is full
         err.print(f"[red]error:[/red] the state store cannot be read or written: {exc}")
         sys.exit(1)
 

@@ -17,7 +17,7 @@ from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from tokenbridge.store import Store
+from tokenbridge.store import Store, StoreUnwritable
 
 GRANTS = ("sign", "decrypt", "admin", "metrics", "cms-sign", "cms-encrypt", "cms-decrypt", "smime-send",
           "proxy")
@@ -79,10 +79,12 @@ class ClientRegistry:
         """Called on the event loop only (the caches are not locked)."""
         try:
             revision = self._store.query("SELECT value FROM revisions WHERE name = 'clients'")[0][0]
-        except sqlite3.Error:
+        except StoreUnwritable:
             if self._revision is None:
                 raise
-            return  # unreadable (a read-only disk): a revocation needs a writable store, so the cache holds
+            # No process can write the store (its WAL index is read-only), so no revocation is being
+            # committed: what was authenticated before holds. Any other error is raised.
+            return
 
         if revision != self._revision:
             self._by_secret.clear()

@@ -112,7 +112,8 @@ class _OneWrite:
 
     uvicorn writes the status line and headers, then the body, each at once: two system calls, two TCP
     segments (two TLS records), and a client woken for half an answer. Writes are held until the response
-    is complete (``flush`` from the protocol), the end of the loop iteration, or 64 KiB, whichever is first.
+    is complete (``flush`` from the protocol), the end of the loop iteration, or 64 KiB, whichever is first;
+    a write of 64 KiB or more follows what is held at once, without being copied.
     """
 
     _HOLD = 1 << 16
@@ -122,16 +123,25 @@ class _OneWrite:
         self._loop = loop
         self._held: list[bytes] = []
         self._size = 0
+        self._later: asyncio.Handle | None = None
 
     def write(self, data: bytes) -> None:
-        if not self._held:
-            self._loop.call_soon(self.flush)  # e.g. a "100 Continue", or a body that streams
+        if len(data) >= self._HOLD:  # a large body: after what is held, without copying it
+            self.flush()
+            if not self._transport.is_closing():
+                self._transport.write(data)
+            return
+        if self._later is None:
+            self._later = self._loop.call_soon(self.flush)  # e.g. a "100 Continue", or a body that streams
         self._held.append(data)
         self._size += len(data)
         if self._size >= self._HOLD:
             self.flush()
 
     def flush(self) -> None:
+        if self._later is not None:
+            self._later.cancel()
+            self._later = None
         if self._held:
             data = self._held[0] if len(self._held) == 1 else b"".join(self._held)
             self._held, self._size = [], 0

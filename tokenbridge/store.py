@@ -8,8 +8,8 @@ Every access first checks that the WAL index (``-shm``) can still be written
 (``_ShmGuard``): SQLite maps that file in memory and writes to it even to read,
 and a write to a mapped page of a file that became read-only (a file system
 remounted read-only after disk errors, ``chattr +i``) is a SIGBUS that would end
-the service. Refused with an ``sqlite3.OperationalError`` instead, like any
-other unwritable store.
+the service. Refused with ``StoreUnwritable`` (an ``sqlite3.OperationalError``)
+instead, like any other unwritable store.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import ClassVar
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS clients (
@@ -65,32 +66,70 @@ _FS_IMMUTABLE_FL = 0x00000010
 _FS_APPEND_FL = 0x00000020
 
 
+class StoreUnwritable(sqlite3.OperationalError):
+    """The store's files can no longer be written (a read-only file system, an immutable file)."""
+
+
 class _ShmGuard:
-    """Whether the WAL index file may still be written: two system calls, no write."""
+    """Refuses an access once the WAL index that SQLite mapped writable can no longer be written.
+
+    Two system calls per check, no write. One descriptor per file and process, shared by every ``Store``
+    on it and closed with the last: closing any descriptor of a file drops all the POSIX locks the process
+    holds on it, SQLite's included. Likewise SQLite maps the file once per process, read-only if it could
+    not be written then (a store opened on a read-only disk): no write can fault, so nothing to guard.
+    """
+
+    _NOT_YET = -2  # SQLite creates the file on the first access in WAL mode
+    _files: ClassVar[dict[str, list[int]]] = {}  # path -> [descriptor, -1 (none) or _NOT_YET; users; armed]
+    _files_lock = threading.Lock()
 
     def __init__(self, path: Path) -> None:
         self._path = path
-        self._fd: int | None = None
+        with self._files_lock:
+            self._entry = self._files.setdefault(str(path), [self._NOT_YET, 0, 0])
+            self._entry[1] += 1
 
     def check(self) -> None:
-        if self._fd is None:
+        entry = self._entry
+        if entry[0] == self._NOT_YET:
+            self._open(entry)
+        if entry[2] and (why := _why_unwritable(entry[0], self._path)) is not None:
+            raise StoreUnwritable(why)
+
+    def _open(self, entry: list[int]) -> None:
+        with self._files_lock:
+            if entry[0] != self._NOT_YET:
+                return
             try:
-                self._fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
+                entry[0] = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
-                return  # SQLite has not made it yet (it does on the first access)
-        if os.fstatvfs(self._fd).f_flag & os.ST_RDONLY:
-            raise sqlite3.OperationalError(f"the file system holding {self._path.name} is read-only")
-        try:
-            flags = struct.unpack_from("=i", fcntl.ioctl(self._fd, _FS_IOC_GETFLAGS, bytes(8)))[0]
-        except OSError:
-            return  # no such flags on this file system: nothing can make the file immutable there
-        if flags & (_FS_IMMUTABLE_FL | _FS_APPEND_FL):
-            raise sqlite3.OperationalError(f"{self._path.name} is read-only (immutable: chattr +i)")
+                return
+            except OSError:
+                entry[0] = -1  # cannot look at it: unguarded, as before
+                return
+            entry[2] = int(_why_unwritable(entry[0], self._path) is None)
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        with self._files_lock:
+            entry, self._entry = self._entry, [-1, 0, 0]
+            entry[1] -= 1
+            if entry[1] == 0:
+                if self._files.get(str(self._path)) is entry:
+                    del self._files[str(self._path)]
+                if entry[0] >= 0:
+                    os.close(entry[0])
+
+
+def _why_unwritable(fd: int, path: Path) -> str | None:
+    if os.fstatvfs(fd).f_flag & os.ST_RDONLY:
+        return f"the file system holding {path.name} is read-only"
+    try:
+        flags = struct.unpack_from("=i", fcntl.ioctl(fd, _FS_IOC_GETFLAGS, bytes(8)))[0]
+    except OSError:
+        return None  # no such flags on this file system: nothing can make the file immutable there
+    if flags & (_FS_IMMUTABLE_FL | _FS_APPEND_FL):
+        return f"{path.name} is read-only (immutable: chattr +i)"
+    return None
 
 
 class Store:
@@ -100,14 +139,13 @@ class Store:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock = threading.RLock()
-        self._shm = _ShmGuard(path.with_name(path.name + "-shm"))
-        self._shm.check()  # a store left unwritable by a previous run (the file exists)
         old_umask = os.umask(0o077)  # the database and its -wal/-shm files: owner only
         try:
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=2.0)
             self._db.execute("PRAGMA journal_mode=WAL")
         finally:
             os.umask(old_umask)
+        self._shm = _ShmGuard(path.with_name(path.name + "-shm"))
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)

@@ -12,12 +12,17 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tokenbridge.errors import Problem
+from tokenbridge.store import StoreUnwritable
 
 log = logging.getLogger("tokenbridge.api")
 
 MEDIA_TYPE = "application/problem+json"
 _TITLES = {401: "Unauthorized", 404: "Not found", 405: "Method not allowed", 413: "Payload too large"}
 _HTTP_CODES = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+
+
+# SQLite's primary result codes for a store that cannot be used now: BUSY, LOCKED, READONLY, IOERR, FULL, CANTOPEN
+_STORE_UNAVAILABLE = {5, 6, 8, 10, 13, 14}
 
 
 def problem_response(status: int, code: str, title: str, detail: str, instance: str | None = None,
@@ -87,12 +92,17 @@ def install(app: FastAPI) -> None:
         return problem_response(exc.status_code, code, title, str(exc.detail), request.url.path,
                                 dict(exc.headers or {}))
 
-    @app.exception_handler(sqlite3.Error)
-    async def _store(request: Request, exc: sqlite3.Error) -> JSONResponse:
-        # e.g. the disk went read-only: what needs the store is refused, the rest keeps answering
+    @app.exception_handler(sqlite3.OperationalError)
+    async def _store(request: Request, exc: sqlite3.OperationalError) -> JSONResponse:
+        """The disk went read-only or full, the store is locked...: refused, the rest keeps answering.
+        Any other database error is a bug (500, with its traceback in the log)."""
+        code = getattr(exc, "sqlite_errorcode", 0) & 0xFF  # set by SQLite, not on an error made in Python
+        if not isinstance(exc, StoreUnwritable) and code not in _STORE_UNAVAILABLE:
+            raise exc
         log.error("the state store failed on %s: %s", request.url.path, exc)
+        why = str(exc) if isinstance(exc, StoreUnwritable) else getattr(exc, "sqlite_errorname", "")  # no SQL, no path
         return problem_response(503, "store_unavailable", "State store unavailable",
-                                f"the state store cannot be read or written: {exc}", request.url.path)
+                                f"the state store cannot be read or written ({why})", request.url.path)
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception) -> JSONResponse:
