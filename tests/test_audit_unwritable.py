@@ -12,6 +12,7 @@ Two real causes, no mock:
 from __future__ import annotations
 
 import base64
+import os
 import shutil
 import sqlite3
 import subprocess
@@ -36,6 +37,8 @@ def _state_files(svc: Service) -> list[Path]:
 
 @contextmanager
 def immutable(files: list[Path]) -> Iterator[None]:
+    if shutil.which("chattr") is None:
+        pytest.skip("chattr (e2fsprogs) is not installed")
     done: list[Path] = []
     try:
         for f in files:
@@ -114,8 +117,9 @@ def test_read_only_store_refuses_what_needs_it_with_a_clear_problem(fresh_servic
 
 
 def _locks_on(path: Path) -> int:
-    inode = path.stat().st_ino
-    return sum(1 for line in Path("/proc/locks").read_text().splitlines() if f":{inode} " in line)
+    st = path.stat()  # /proc/locks names a file MAJOR:MINOR:INODE, the device numbers in hex
+    where = f" {os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino} "
+    return sum(1 for line in Path("/proc/locks").read_text().splitlines() if where in line)
 
 
 def test_two_stores_in_one_process_keep_sqlite_locks(tmp_path: Path) -> None:
@@ -123,7 +127,8 @@ def test_two_stores_in_one_process_keep_sqlite_locks(tmp_path: Path) -> None:
     another (closing any descriptor of a file releases all of the process's POSIX locks on it)."""
     from tokenbridge.store import Store
 
-    first, second = Store(tmp_path / "state.db"), Store(tmp_path / "state.db")
+    (tmp_path / "sub").mkdir()
+    first, second = Store(tmp_path / "state.db"), Store(tmp_path / "sub" / ".." / "state.db")  # one file
     shm = tmp_path / "state.db-shm"
     held = _locks_on(shm)
     assert held >= 1  # SQLite's lock that says "a connection is using this WAL index"
@@ -201,3 +206,42 @@ def test_store_errors_are_503_only_when_the_store_is_unusable(tmp_path: Path) ->
     assert r.status_code == 503 and "read-only" in r.json()["detail"]
     r = get("/bug")
     assert r.status_code == 500 and r.json()["code"] == "internal_error"
+
+
+def test_cached_authentications_outlive_only_an_unwritable_store(tmp_path: Path, monkeypatch) -> None:
+    """The registry keeps its cache when the store cannot be written (no revocation can be committed
+    then), and only then: a locked or broken store must not keep a revoked secret working."""
+    from tokenbridge.clients import ClientRegistry
+    from tokenbridge.store import Store, StoreUnwritable
+
+    store = Store(tmp_path / "state.db")
+    registry = ClientRegistry(store)
+    _, secret = registry.add("cached", ["sign"])
+    assert registry.authenticate(secret) is not None
+
+    def fails_with(error: sqlite3.Error):  # type: ignore[no-untyped-def]
+        def query(sql: str, params: tuple[object, ...] = ()) -> list[sqlite3.Row]:
+            raise error
+        return query
+
+    monkeypatch.setattr(store, "query", fails_with(StoreUnwritable("state.db-shm is read-only")))
+    assert registry.authenticate(secret) is not None
+    monkeypatch.setattr(store, "query", fails_with(sqlite3.OperationalError("database is locked")))
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        registry.authenticate(secret)
+    store.close()
+
+
+def test_a_store_that_fails_to_open_leaves_no_guard_behind(tmp_path: Path, monkeypatch) -> None:
+    from tokenbridge.store import Store, _ShmGuard
+
+    def broken(self: Store) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    with monkeypatch.context() as m:
+        m.setattr(Store, "_install_triggers", broken)
+        with pytest.raises(sqlite3.OperationalError):
+            Store(tmp_path / "state.db")
+    assert not [k for k in _ShmGuard._files if k.startswith(os.path.realpath(tmp_path))]
+    Store(tmp_path / "state.db").close()
+    assert not [k for k in _ShmGuard._files if k.startswith(os.path.realpath(tmp_path))]

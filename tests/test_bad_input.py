@@ -212,3 +212,39 @@ def test_fast_route_refuses_endpoints_it_cannot_call() -> None:
             router.add_api_route("/k/{key}", endpoint, methods=["POST"])
     with pytest.raises(TypeError, match="only dependency"):  # it would not run: refused
         router.add_api_route("/k/{key}", fine, methods=["POST"], dependencies=[Depends(lambda: None)])
+
+
+def test_a_bug_in_a_key_operation_is_a_500_problem_and_the_service_goes_on(tmp_path, monkeypatch) -> None:
+    """The key operations skip FastAPI's middleware (api/fast_route.py, ``DirectRoutes``): an error nobody
+    handles still gets the 500 problem document, a refused request its own code, and the next request works.
+    The real application in process; the token is software keys whose signing is made to fail."""
+    import asyncio
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fuzz"))
+    import _common
+
+    app = _common.App()
+    headers = [(b"authorization", b"Bearer " + app.secret.encode()), (b"content-type", b"application/json")]
+    body = json.dumps({"algorithm": "ecdsa-sha256", "data": GOOD}).encode()
+
+    async def sign() -> tuple[int, bytes, dict[bytes, bytes]]:
+        return await app.request("POST", "/v1/keys/auth-ec/sign", body=body, headers=headers)
+
+    status, out, _ = asyncio.run(sign())
+    assert status == 200, out
+
+    async def broken(*args: object, **kwargs: object) -> bytes:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(app.owner, "sign", broken)
+    status, out, resp_headers = asyncio.run(sign())
+    assert status == 500 and json.loads(out)["code"] == "internal_error"
+    assert resp_headers[b"content-type"].startswith(b"application/problem+json")
+    monkeypatch.undo()
+    status, out, _ = asyncio.run(app.request("POST", "/v1/keys/auth-ec/sign", body=b"{", headers=headers))
+    assert status == 400 and json.loads(out)["code"] == "invalid_json"
+    status, out, _ = asyncio.run(app.request("POST", "/v1/keys/auth-ec/sign", body=body))
+    assert status == 401 and json.loads(out)["code"] == "unauthorized"
+    assert asyncio.run(sign())[0] == 200

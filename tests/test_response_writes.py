@@ -77,16 +77,33 @@ def test_large_bodies_are_not_held() -> None:
     loop.close()
 
 
-def _read_response(sock: socket.socket) -> tuple[bytes, bytes]:
-    data = b""
-    while b"\r\n\r\n" not in data:
-        data += sock.recv(65536)
-    head, _, body = data.partition(b"\r\n\r\n")
-    fields = dict(line.lower().split(b": ", 1) for line in head.split(b"\r\n")[1:])
-    length = int(fields[b"content-length"])
-    while len(body) < length:
-        body += sock.recv(65536)
-    return head, body
+class _Responses:
+    """HTTP/1.1 responses read off one socket, in order (several may come in one read)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._data = b""
+
+    def _more(self) -> None:
+        chunk = self._sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("the service closed the connection")
+        self._data += chunk
+
+    def next(self) -> tuple[bytes, bytes]:
+        while b"\r\n\r\n" not in self._data:
+            self._more()
+        head, _, rest = self._data.partition(b"\r\n\r\n")
+        if head.startswith(b"HTTP/1.1 100 "):
+            self._data = rest
+            return head, b""
+        fields = dict(line.lower().split(b": ", 1) for line in head.split(b"\r\n")[1:])
+        length = int(fields[b"content-length"])
+        while len(rest) < length:
+            self._more()
+            head, _, rest = self._data.partition(b"\r\n\r\n")
+        self._data = rest[length:]
+        return head, rest[:length]
 
 
 def test_expect_continue_and_pipelined_requests_are_answered(service: Service) -> None:
@@ -97,13 +114,15 @@ def test_expect_continue_and_pipelined_requests_are_answered(service: Service) -
     head = (f"POST /v1/keys/auth-ec/sign HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {secret}\r\n"
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n").encode()
     with socket.create_connection(("127.0.0.1", service.port), timeout=10) as sock:
+        responses = _Responses(sock)
         sock.sendall(head + b"Expect: 100-continue\r\n\r\n")
-        assert sock.recv(65536).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        status, _ = responses.next()
+        assert status.startswith(b"HTTP/1.1 100 Continue")
         sock.sendall(body)
-        status, answer = _read_response(sock)
+        status, answer = responses.next()
         assert status.startswith(b"HTTP/1.1 200") and json.loads(answer)["algorithm"] == "ecdsa-sha256"
 
         sock.sendall((head + b"\r\n" + body) * 2)
         for _ in range(2):
-            status, answer = _read_response(sock)
+            status, answer = responses.next()
             assert status.startswith(b"HTTP/1.1 200") and "signature" in json.loads(answer)

@@ -80,13 +80,16 @@ class _ShmGuard:
     """
 
     _NOT_YET = -2  # SQLite creates the file on the first access in WAL mode
-    _files: ClassVar[dict[str, list[int]]] = {}  # path -> [descriptor, -1 (none) or _NOT_YET; users; armed]
+    _files: ClassVar[dict[str, list[int]]] = {}  # real path -> [descriptor, -1 (none) or _NOT_YET; users; armed]
     _files_lock = threading.Lock()
 
     def __init__(self, path: Path) -> None:
+        """Made before the store's connection, closed after it: an entry lives at least as long as SQLite's
+        mapping of the file in this process, so what it decided about that mapping stays true."""
         self._path = path
+        self._key = os.path.realpath(path)  # one entry per file, however it is named
         with self._files_lock:
-            self._entry = self._files.setdefault(str(path), [self._NOT_YET, 0, 0])
+            self._entry = self._files.setdefault(self._key, [self._NOT_YET, 0, 0])
             self._entry[1] += 1
 
     def check(self) -> None:
@@ -101,21 +104,22 @@ class _ShmGuard:
             if entry[0] != self._NOT_YET:
                 return
             try:
-                entry[0] = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
+                fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
                 return
             except OSError:
                 entry[0] = -1  # cannot look at it: unguarded, as before
                 return
-            entry[2] = int(_why_unwritable(entry[0], self._path) is None)
+            entry[2] = int(_why_unwritable(fd, self._path) is None)  # before the descriptor: checks read it first
+            entry[0] = fd
 
     def close(self) -> None:
         with self._files_lock:
             entry, self._entry = self._entry, [-1, 0, 0]
             entry[1] -= 1
             if entry[1] == 0:
-                if self._files.get(str(self._path)) is entry:
-                    del self._files[str(self._path)]
+                if self._files.get(self._key) is entry:
+                    del self._files[self._key]
                 if entry[0] >= 0:
                     os.close(entry[0])
 
@@ -139,18 +143,25 @@ class Store:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock = threading.RLock()
-        old_umask = os.umask(0o077)  # the database and its -wal/-shm files: owner only
-        try:
-            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=2.0)
-            self._db.execute("PRAGMA journal_mode=WAL")
-        finally:
-            os.umask(old_umask)
         self._shm = _ShmGuard(path.with_name(path.name + "-shm"))
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(SCHEMA)
-        self._migrate()
-        self._install_triggers()
+        try:
+            old_umask = os.umask(0o077)  # the database and its -wal/-shm files: owner only
+            try:
+                self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=2.0)
+                self._db.execute("PRAGMA journal_mode=WAL")
+            finally:
+                os.umask(old_umask)
+            self._shm.check()  # e.g. another store of this process mapped it writable, and it is not any more
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.executescript(SCHEMA)
+            self._migrate()
+            self._install_triggers()
+        except BaseException:
+            if hasattr(self, "_db"):
+                self._db.close()
+            self._shm.close()
+            raise
         for side in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
             with suppress(OSError):
                 side.chmod(0o600)

@@ -3,16 +3,28 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import functools
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.types import ASGIApp
 
 from tokenbridge import __version__
 from tokenbridge.api import admin, cms, problems, proxy, v1
+from tokenbridge.api.fast_route import DirectRoutes
 from tokenbridge.api.limits import BodyLimitMiddleware
 from tokenbridge.services.bridge import Bridge
 from tokenbridge.systemd import notify
+
+
+class _App(FastAPI):
+    """FastAPI, with the key operations ahead of its middleware (api/fast_route.py, ``DirectRoutes``)."""
+
+    body_limit: Callable[[ASGIApp], ASGIApp]
+
+    def build_middleware_stack(self) -> ASGIApp:
+        return DirectRoutes(self, v1.key_operations.routes, super().build_middleware_stack(), self.body_limit)
 
 
 def create_app(bridge: Bridge, manage: bool = True) -> FastAPI:
@@ -32,7 +44,7 @@ def create_app(bridge: Bridge, manage: bool = True) -> FastAPI:
                 notify("STOPPING=1")
                 await asyncio.to_thread(bridge.stop)
 
-    app = FastAPI(
+    app = _App(
         title="tokenbridge",
         version=__version__,
         description="Share one PKCS#11 certificate between workstations: sign and decrypt with the token's "
@@ -49,6 +61,7 @@ def create_app(bridge: Bridge, manage: bool = True) -> FastAPI:
     app.include_router(cms.router)
     app.include_router(admin.router)
     app.include_router(proxy.router)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=bridge.settings.server.max_body_bytes,
-                       max_message_bytes=bridge.settings.server.max_message_bytes)
+    max_bytes, max_message_bytes = bridge.settings.server.max_body_bytes, bridge.settings.server.max_message_bytes
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_bytes, max_message_bytes=max_message_bytes)
+    app.body_limit = functools.partial(BodyLimitMiddleware, max_bytes=max_bytes, max_message_bytes=max_message_bytes)
     return app
