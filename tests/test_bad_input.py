@@ -216,11 +216,14 @@ def test_fast_route_refuses_endpoints_it_cannot_call() -> None:
 
 def test_a_bug_in_a_key_operation_is_a_500_problem_and_the_service_goes_on(tmp_path, monkeypatch) -> None:
     """The key operations skip FastAPI's middleware (api/fast_route.py, ``DirectRoutes``): an error nobody
-    handles still gets the 500 problem document, a refused request its own code, and the next request works.
+    handles still gets the 500 problem document and then goes on up to the server (which logs it and closes
+    the connection), a refused request gets its own code, and the next request works.
     The real application in process; the token is software keys whose signing is made to fail."""
     import asyncio
+    import sqlite3
     import sys
     from pathlib import Path
+    from typing import Any
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fuzz"))
     import _common
@@ -229,22 +232,43 @@ def test_a_bug_in_a_key_operation_is_a_500_problem_and_the_service_goes_on(tmp_p
     headers = [(b"authorization", b"Bearer " + app.secret.encode()), (b"content-type", b"application/json")]
     body = json.dumps({"algorithm": "ecdsa-sha256", "data": GOOD}).encode()
 
-    async def sign() -> tuple[int, bytes, dict[bytes, bytes]]:
-        return await app.request("POST", "/v1/keys/auth-ec/sign", body=body, headers=headers)
+    def call(data: bytes = body, with_headers: bool = True) -> tuple[int, dict[str, Any], BaseException | None]:
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                 "scheme": "http", "path": "/v1/keys/auth-ec/sign", "raw_path": b"/v1/keys/auth-ec/sign",
+                 "query_string": b"", "root_path": "", "headers": headers if with_headers else [],
+                 "client": ("127.0.0.1", 40000), "server": ("127.0.0.1", 8155)}
+        sent: list[dict[str, Any]] = []
 
-    status, out, _ = asyncio.run(sign())
-    assert status == 200, out
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": data, "more_body": False}
 
-    async def broken(*args: object, **kwargs: object) -> bytes:
-        raise RuntimeError("a bug")
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
 
-    monkeypatch.setattr(app.owner, "sign", broken)
-    status, out, resp_headers = asyncio.run(sign())
-    assert status == 500 and json.loads(out)["code"] == "internal_error"
-    assert resp_headers[b"content-type"].startswith(b"application/problem+json")
-    monkeypatch.undo()
-    status, out, _ = asyncio.run(app.request("POST", "/v1/keys/auth-ec/sign", body=b"{", headers=headers))
-    assert status == 400 and json.loads(out)["code"] == "invalid_json"
-    status, out, _ = asyncio.run(app.request("POST", "/v1/keys/auth-ec/sign", body=body))
-    assert status == 401 and json.loads(out)["code"] == "unauthorized"
-    assert asyncio.run(sign())[0] == 200
+        async def run() -> BaseException | None:
+            try:
+                await app.app(scope, receive, send)
+            except Exception as exc:
+                return exc
+            return None
+
+        escaped = asyncio.run(run())
+        start, answer = sent[0], b"".join(m.get("body", b"") for m in sent[1:])
+        assert dict(start["headers"])[b"content-type"].startswith(b"application/problem+json") or start["status"] == 200
+        return start["status"], json.loads(answer), escaped
+
+    assert call()[0] == 200
+    for bug in (RuntimeError("a bug"), sqlite3.OperationalError("no such table: x")):  # the second: re-raised
+        async def broken(*args: object, _bug: Exception = bug, **kwargs: object) -> bytes:  # by its own handler
+            raise _bug
+
+        monkeypatch.setattr(app.owner, "sign", broken)
+        status, problem, escaped = call()
+        assert status == 500 and problem["code"] == "internal_error"
+        assert escaped is bug
+        monkeypatch.undo()
+    status, problem, escaped = call(b"{")
+    assert (status, problem["code"], escaped) == (400, "invalid_json", None)
+    status, problem, escaped = call(with_headers=False)
+    assert (status, problem["code"], escaped) == (401, "unauthorized", None)
+    assert call()[0] == 200

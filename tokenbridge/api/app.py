@@ -55,7 +55,9 @@ def create_app(bridge: Bridge, manage: bool = True) -> FastAPI:
     )
     app.state.bridge = bridge
     problems.install(app)
-    app.include_router(v1.key_operations)  # first: the hot routes
+    # First: the hot routes. Included as they are (no prefix, dependencies or limits added here):
+    # DirectRoutes serves them from the router itself, ahead of the middleware.
+    app.include_router(v1.key_operations)
     app.include_router(v1.router)
     app.include_router(v1.metrics_router)
     app.include_router(cms.router)

@@ -28,6 +28,8 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Match
@@ -107,25 +109,36 @@ class DirectRoutes:
         try:
             response = await handler(request)
         except Exception as exc:
-            response = await self._handled(request, exc)
+            handled = self._handler_for(exc)
+            if handled is not None:
+                try:
+                    response = await _call(handled, request, exc)
+                except Exception as again:  # e.g. a handler that leaves a bug to the 500 handler
+                    await self._last_resort(request, again, send)
+                    raise
+            else:
+                await self._last_resort(request, exc, send)
+                raise
         await response(scope, receive, send)
 
-    async def _handled(self, request: Request, exc: Exception) -> Response:
-        """As Starlette's ExceptionMiddleware, then its ServerErrorMiddleware, would answer it."""
+    def _handler_for(self, exc: Exception) -> Callable[..., Any] | None:
+        """The handler Starlette's ExceptionMiddleware would pick: by status code, then by class."""
         handlers = self._app.exception_handlers
-        for cls in type(exc).__mro__:
-            if cls is not Exception and cls in handlers:
-                try:
-                    return await _call(handlers[cls], request, exc)
-                except Exception as again:  # e.g. a handler that leaves a bug to the 500 handler
-                    exc = again
-                break
-        return await _call(handlers[Exception], request, exc)
+        if isinstance(exc, HTTPException) and exc.status_code in handlers:
+            return handlers[exc.status_code]
+        return next((handlers[c] for c in type(exc).__mro__ if c is not Exception and c in handlers), None)
+
+    async def _last_resort(self, request: Request, exc: Exception, send: Send) -> None:
+        """As ServerErrorMiddleware: the 500 handler's answer, then the error goes on up (the server logs it
+        and closes the connection)."""
+        response = await _call(self._app.exception_handlers[Exception], request, exc)
+        await response(request.scope, request.receive, send)
 
 
 async def _call(handler: Callable[..., Any], request: Request, exc: Exception) -> Response:
-    response = handler(request, exc)
-    if inspect.isawaitable(response):
-        response = await response
+    if inspect.iscoroutinefunction(handler):
+        response = await handler(request, exc)
+    else:
+        response = await run_in_threadpool(handler, request, exc)
     assert isinstance(response, Response)
     return response

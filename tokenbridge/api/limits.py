@@ -31,10 +31,19 @@ class BodyLimitMiddleware:
         limit, setting = self.max_bytes, "max_body_bytes"
         if str(scope.get("path", "")).startswith(MESSAGE_PREFIXES):
             limit, setting = self.max_message_bytes, "max_message_bytes"
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            await self._reject(send, limit, setting)
-            return
+        declared, chunked = None, False
+        for name, value in scope.get("headers") or ():
+            if name == b"content-length":
+                declared = value
+            elif name == b"transfer-encoding":
+                chunked = True
+        if declared is not None and declared.isdigit():
+            if int(declared) > limit:
+                await self._reject(send, limit, setting)
+                return
+            if not chunked:  # the server delivers no more than the declared length: nothing to count
+                await self.app(scope, receive, send)
+                return
         seen = 0
         started = False
 
