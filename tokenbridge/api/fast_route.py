@@ -83,7 +83,12 @@ _Handler = Callable[[Request], Coroutine[Any, Any, Response]]
 
 class DirectRoutes:
     """ASGI, in front of the application's middleware: requests for the ``FastRoute`` routes go straight
-    to their handler, through ``wrap`` (the body limit); every other request goes to ``rest``."""
+    to their handler, through ``wrap`` (the body limit); every other request goes to ``rest``.
+
+    The exception dispatch below is Starlette's (ExceptionMiddleware, then ServerErrorMiddleware) in a
+    few lines: wrapping the handler in those two classes instead was measured 3-8 % slower at 8-64
+    clients (alternated A/B runs, ECDSA).
+    """
 
     def __init__(self, app: FastAPI, routes: Sequence[BaseRoute], rest: ASGIApp,
                  wrap: Callable[[ASGIApp], ASGIApp]) -> None:
