@@ -70,6 +70,17 @@ class StoreUnwritable(sqlite3.OperationalError):
     """The store's files can no longer be written (a read-only file system, an immutable file)."""
 
 
+class _ShmFile:
+    """What this process knows of one WAL index file, shared by the stores open on it."""
+
+    __slots__ = ("armed", "fd", "users")
+
+    def __init__(self) -> None:
+        self.fd = _ShmGuard.NOT_YET  # a read-only descriptor, -1 (none: unguarded) or NOT_YET
+        self.users = 0  # stores open on it
+        self.armed = False  # SQLite mapped it writable: a write fault is possible, so check
+
+
 class _ShmGuard:
     """Refuses an access once the WAL index that SQLite mapped writable can no longer be written.
 
@@ -79,8 +90,8 @@ class _ShmGuard:
     not be written then (a store opened on a read-only disk): no write can fault, so nothing to guard.
     """
 
-    _NOT_YET = -2  # SQLite creates the file on the first access in WAL mode
-    _files: ClassVar[dict[str, list[int]]] = {}  # real path -> [descriptor, -1 (none) or _NOT_YET; users; armed]
+    NOT_YET = -2  # SQLite creates the file on the first access in WAL mode
+    _files: ClassVar[dict[str, _ShmFile]] = {}  # by real path
     _files_lock = threading.Lock()
 
     def __init__(self, path: Path) -> None:
@@ -89,39 +100,40 @@ class _ShmGuard:
         self._path = path
         self._key = os.path.realpath(path)  # one entry per file, however it is named
         with self._files_lock:
-            self._entry = self._files.setdefault(self._key, [self._NOT_YET, 0, 0])
-            self._entry[1] += 1
+            self._file = self._files.setdefault(self._key, _ShmFile())
+            self._file.users += 1
 
     def check(self) -> None:
-        entry = self._entry
-        if entry[0] == self._NOT_YET:
-            self._open(entry)
-        if entry[2] and (why := _why_unwritable(entry[0], self._path)) is not None:
+        file = self._file
+        if file.fd == self.NOT_YET:
+            self._open(file)
+        if file.armed and (why := _why_unwritable(file.fd, self._path)) is not None:
             raise StoreUnwritable(why)
 
-    def _open(self, entry: list[int]) -> None:
+    def _open(self, file: _ShmFile) -> None:
         with self._files_lock:
-            if entry[0] != self._NOT_YET:
+            if file.fd != self.NOT_YET:
                 return
             try:
                 fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
                 return
             except OSError:
-                entry[0] = -1  # cannot look at it: unguarded, as before
+                file.fd = -1  # cannot look at it: unguarded, as before
                 return
-            entry[2] = int(_why_unwritable(fd, self._path) is None)  # before the descriptor: checks read it first
-            entry[0] = fd
+            file.armed = _why_unwritable(fd, self._path) is None  # before the descriptor: checks read it first
+            file.fd = fd
 
     def close(self) -> None:
         with self._files_lock:
-            entry, self._entry = self._entry, [-1, 0, 0]
-            entry[1] -= 1
-            if entry[1] == 0:
-                if self._files.get(self._key) is entry:
+            file, self._file = self._file, _ShmFile()
+            self._file.fd = -1
+            file.users -= 1
+            if file.users == 0:
+                if self._files.get(self._key) is file:
                     del self._files[self._key]
-                if entry[0] >= 0:
-                    os.close(entry[0])
+                if file.fd >= 0:
+                    os.close(file.fd)
 
 
 def _why_unwritable(fd: int, path: Path) -> str | None:
