@@ -180,6 +180,18 @@ def cpu_seconds(pid: int) -> float:
     return total + sum(cpu_seconds(int(c)) for c in children)
 
 
+def token_cpu_seconds(pid: int) -> float:
+    """CPU of the token processes under ``pid`` alone (the wire's encoding and decoding is spent there too)."""
+    try:
+        if b"tokenbridge.token.child" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            return cpu_seconds(pid)
+        children = [c for task in Path(f"/proc/{pid}/task").iterdir()
+                    for c in (task / "children").read_text().split()]
+    except OSError:
+        return 0.0
+    return sum(token_cpu_seconds(int(c)) for c in children)
+
+
 def load_matrix(url_for: dict[str, str], token: str | None, reps: int, seconds: float,
                 algorithms: list[tuple[str, str]], server: Server | None = None) -> list[dict[str, Any]]:
     """``server``: also report the service's CPU time per request (all its processes and threads)."""
@@ -190,9 +202,12 @@ def load_matrix(url_for: dict[str, str], token: str | None, reps: int, seconds: 
             for _ in range(reps):
                 wrk(url_for[key], body_for(algorithm), token, clients, 1.0)  # warm-up
                 before = cpu_seconds(server.proc.pid) if server else 0.0
+                token_before = token_cpu_seconds(server.proc.pid) if server else 0.0
                 run = wrk(url_for[key], body_for(algorithm), token, clients, seconds)
                 if server:
                     run["cpu_us_per_request"] = 1e6 * (cpu_seconds(server.proc.pid) - before) / run["requests"]
+                    run["token_cpu_us_per_request"] = \
+                        1e6 * (token_cpu_seconds(server.proc.pid) - token_before) / run["requests"]
                 runs.append(run)
             row = {"algorithm": algorithm, "clients": clients, "runs": runs,
                    "throughput": summarize([r["throughput"] for r in runs]),
@@ -200,10 +215,12 @@ def load_matrix(url_for: dict[str, str], token: str | None, reps: int, seconds: 
                    "p99_ms": summarize([r["p99_ms"] for r in runs]),
                    "non200": sum(r["non200"] for r in runs),
                    "cpu_us": summarize([r["cpu_us_per_request"] for r in runs]) if server else None,
+                   "token_cpu_us": summarize([r["token_cpu_us_per_request"] for r in runs]) if server else None,
                    "socket_errors": sum(r["socket_errors"] for r in runs)}
             log(f"  {algorithm:22s} c={clients:<3d} {row['throughput']['median']:8.0f} req/s  "
                 f"p50 {row['p50_ms']['median']:.2f} ms  p99 {row['p99_ms']['median']:.2f} ms  "
-                f"non200 {row['non200']}" + (f"  cpu {row['cpu_us']['median']:.0f} us/req" if server else ""))
+                f"non200 {row['non200']}" + (f"  cpu {row['cpu_us']['median']:.0f} us/req"
+                                             f" (token process {row['token_cpu_us']['median']:.0f})" if server else ""))
             rows.append(row)
     return rows
 

@@ -66,7 +66,13 @@ def test_wrong_pin_is_tried_exactly_once(fresh_service, tmp_path: Path) -> None:
     for _ in range(5):
         r = client.post("/v1/keys/sign-rsa/sign", json={"algorithm": "rsa-pkcs1v15-sha256", "data": "AA=="})
         assert r.status_code == 503 and r.json()["code"] == "token_unavailable"  # and no new login
+        assert r.json()["state"] == "needs_pin"
         time.sleep(0.2)
+    # Listing keys is not "no keys": the counter is told the token cannot serve, and why.
+    r = client.get("/v1/keys")
+    assert r.status_code == 503 and r.headers["content-type"] == "application/problem+json", r.text
+    assert r.json()["code"] == "token_unavailable" and r.json()["state"] == "needs_pin"
+    assert "tokenbridge login" in r.json()["detail"]
     health = svc.http().get("/v1/health").json()
     assert health["token"]["state"] == "needs_pin"
     assert "not be tried again" in health["token"]["message"]
@@ -79,3 +85,4 @@ def test_wrong_pin_is_tried_exactly_once(fresh_service, tmp_path: Path) -> None:
     assert calls(log.read_text()).count("C_Login") == 2
     r = client.post("/v1/keys/sign-rsa/sign", json={"algorithm": "rsa-pkcs1v15-sha256", "data": "AA=="})
     assert r.status_code == 200, r.text
+    assert {k["label"] for k in client.get("/v1/keys").json()} == {"sign-rsa", "encrypt-rsa", "auth-ec"}

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import msgpack
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -57,14 +58,65 @@ def test_a_broken_stream_is_refused_not_allocated() -> None:
 
 class _RunsCode:
     def __reduce__(self) -> tuple[Any, ...]:
-        return (os.system, ("true",))
+        return (os.system, ("touch /tmp/tokenbridge-pwned",))
+
+
+def framed(body: bytes) -> bytearray:
+    return bytearray(struct.pack(">I", len(body)) + body)
 
 
 def test_a_message_cannot_make_the_service_run_code() -> None:
     # The token process runs vendor code; a corrupted process must not be able to reach the service's.
-    body = pickle.dumps(("done", 1, _RunsCode(), None, True, 0.0, 0.0))
-    with pytest.raises(wire.ProtocolError, match="system"):
-        wire.unframe(bytearray(struct.pack(">I", len(body)) + body))
+    with pytest.raises(wire.ProtocolError, match="unreadable"):
+        wire.unframe(framed(pickle.dumps(("done", 1, _RunsCode(), None, True, 0.0, 0.0))))
+    assert not Path("/tmp/tokenbridge-pwned").exists()
+    # MessagePack's extension types are how a decoder could be asked to build objects: refused.
+    with pytest.raises(wire.ProtocolError, match="extension type 7"):
+        wire.unframe(framed(msgpack.packb(("done", 1, msgpack.ExtType(7, b"x"), None, True, 0.0, 0.0))))
+
+
+@pytest.mark.parametrize(("message", "error"), [
+    (("sing", 1), "unknown message kind 'sing'"),
+    (("cancel",), "'cancel' has 0 fields, expected 1"),
+    (("cancel", 1, 2), "'cancel' has 2 fields, expected 1"),
+    (("cancel", "1"), "'cancel': field 'id' is string, expected int"),
+    (("done", 1, b"sig", None, 1, 0.0, 0.0), "field 'ran' is int, expected bool"),
+    (("login", 1, 2.0, None, None, 1, False), "field 'accept_new_token' is int, expected bool"),
+    (("sign", 1, 2.0, "c", "k", "ecdsa", "sha256", "not bytes"), "field 'digest' is string, expected binary"),
+    ({"kind": "stop"}, "must be an array"),
+    ((), "must be an array"),
+])
+def test_unknown_kinds_fields_and_types_are_refused_with_what_is_wrong(message: Any, error: str) -> None:
+    with pytest.raises(wire.ProtocolError) as refused:
+        wire.unframe(framed(msgpack.packb(message)))
+    assert error in str(refused.value)
+
+
+def test_states_cross_by_value() -> None:
+    sent = TokenStatus(state=TokenState.LOCKED, module="/m.so", label="ORG", serial="42", slot=3, logged_in=False,
+                       pin=model.PinFlags(final_try=True, locked=True), mechanisms=frozenset({"ECDSA", "RSA_PKCS"}),
+                       message="locked")
+    (message,) = wire.unframe(bytearray(wire.frame(("status", wire.encode_status(sent),
+                                                     wire.encode_identity(("42", frozenset({"ab", "cd"}))),
+                                                     1, 2, None))))
+    assert wire.decode_status(message[1]) == sent
+    assert wire.decode_identity(message[2]) == ("42", frozenset({"ab", "cd"}))
+    bad = list(wire.encode_status(sent))
+    bad[0] = "exploded"
+    with pytest.raises(wire.ProtocolError, match="unknown token state 'exploded'"):
+        wire.decode_status(tuple(bad))
+
+
+def test_a_token_process_of_another_version_refuses_to_serve() -> None:
+    config = {"module_path": "/m.so", "selector": {}, "pin": None, "pin_number": None, "seen": -1,
+              "login_failed": None, "identity": None, "presence_interval": 1.0, "environment": {},
+              "log_level": "INFO"}
+    (message,) = wire.unframe(bytearray(wire.frame(wire.encode_config(config))))
+    assert wire.decode_config(message) == config
+    with pytest.raises(wire.ProtocolError, match="version 99"):
+        wire.decode_config(("config", 99, message[2]))
+    with pytest.raises(wire.ProtocolError, match="pin_count"):
+        wire.decode_config(("config", wire.VERSION, {**message[2], "pin_count": 1}))
 
 
 def test_keys_and_errors_cross_as_the_same_objects(demo: DemoInfo) -> None:
@@ -86,6 +138,8 @@ def test_keys_and_errors_cross_as_the_same_objects(demo: DemoInfo) -> None:
     assert wire.decode_error(wire.encode_error(ValueError("secret detail")) or ("", "")).code == \
         "token_operation_failed"
     assert "secret" not in (wire.encode_error(ValueError("secret detail")) or ("", ""))[1]
+    with pytest.raises(wire.ProtocolError, match="unknown error 'SystemExit'"):
+        wire.decode_error(("SystemExit", "x"))
 
 
 # ---------------------------------------------------------------------- the service's bookkeeping
@@ -98,6 +152,11 @@ def bookkeeping(pin: str | None = "1234") -> TokenProcess:
 
 def status(state: TokenState = TokenState.READY) -> TokenStatus:
     return TokenStatus(state=state, module="/nonexistent/module.so")
+
+
+def reported(state: TokenState = TokenState.READY) -> tuple[Any, ...]:
+    """A status as the token process sends it."""
+    return wire.encode_status(status(state))
 
 
 def dies(tp: TokenProcess) -> None:
@@ -113,7 +172,7 @@ def test_a_pin_is_passed_on_only_while_it_has_not_failed() -> None:
     assert tp._config()["pin"] == "1234"
     # C_Login refused it: the process says so (held: none) before anything else, then dies.
     tp._handle(("attempt",))
-    tp._handle(("status", status(TokenState.NEEDS_PIN), None, None, 0, "the last PIN failed"))
+    tp._handle(("status", reported(TokenState.NEEDS_PIN), None, None, 0, "the last PIN failed"))
     tp._handle(("event", "login", {"outcome": "pin_refused"}))
     dies(tp)
     assert tp._config()["pin"] is None and tp._config()["login_failed"] == "the last PIN failed"
@@ -127,7 +186,7 @@ def test_a_pin_is_passed_on_only_while_it_has_not_failed() -> None:
 
 def test_a_pin_whose_login_never_came_back_is_not_passed_on() -> None:
     tp = bookkeeping()
-    tp._handle(("status", status(TokenState.STARTING), None, 0, 0, None))
+    tp._handle(("status", reported(TokenState.STARTING), None, 0, 0, None))
     tp._handle(("attempt",))
     dies(tp)  # inside C_Login
     config = tp._config()
@@ -137,7 +196,7 @@ def test_a_pin_whose_login_never_came_back_is_not_passed_on() -> None:
 def test_a_pin_that_worked_is_passed_on_after_a_crash() -> None:
     tp = bookkeeping()
     tp._handle(("attempt",))
-    tp._handle(("status", status(TokenState.STARTING), None, 0, 0, None))  # C_Login returned, PIN kept
+    tp._handle(("status", reported(TokenState.STARTING), None, 0, 0, None))  # C_Login returned, PIN kept
     dies(tp)  # e.g. during key discovery
     assert tp._config()["pin"] == "1234" and tp._config()["login_failed"] is None
 
@@ -145,10 +204,10 @@ def test_a_pin_that_worked_is_passed_on_after_a_crash() -> None:
 def test_an_operators_pin_is_kept_until_the_process_takes_it_up() -> None:
     tp = bookkeeping(pin=None)
     tp._pins[1] = "5678"  # what login() records before sending its job
-    tp._handle(("status", status(TokenState.NEEDS_PIN), None, None, 0, None))  # an answer before the login ran
+    tp._handle(("status", reported(TokenState.NEEDS_PIN), None, None, 0, None))  # an answer before the login ran
     assert tp._pins == {1: "5678"}
     tp._handle(("attempt",))
-    tp._handle(("status", status(), None, 1, 1, None))
+    tp._handle(("status", reported(), None, 1, 1, None))
     dies(tp)
     assert tp._config()["pin"] == "5678" and tp._config()["pin_number"] == 1
 
@@ -242,7 +301,13 @@ def test_a_killed_token_process_is_replaced_and_logs_in_again(fresh_service: Any
 def test_stopping_the_service_ends_its_token_process(fresh_service: Any) -> None:
     svc: Service = fresh_service()
     child = token_process(svc)
+    client = svc.http(svc.add_client("counter", "sign"))
+    verify(client, sign(client, b"x"), b"x")  # and the connection kept alive
     svc.stop()
-    assert "Application shutdown complete" in svc.output()  # SIGTERM: a graceful stop
+    output = svc.output()
+    assert "Application shutdown complete" in output  # SIGTERM: a graceful stop
+    assert "ERROR" not in output and "graceful shutdown exceeded" not in output, output
+    for line in ("Started server process", "Shutting down", "Finished server process"):
+        assert output.count(line) == 1, output  # the admin socket's server does not print them again
     assert not _is_token_process(child), "the token process outlived the service"
     assert "ended unexpectedly" not in svc.output()  # told to stop, not found dead

@@ -312,8 +312,9 @@ def softhsm_init(directory: Annotated[Path | None, typer.Argument(help="Data dir
     except (RuntimeError, OSError, ValueError) as exc:
         _fail(str(exc))
     state = "created" if info.created else "already present"
-    console.print(f"demo token {state} in {info.dir}")
-    console.print(f"start it with: tokenbridge serve --config {info.config_file}")
+    # soft_wrap: a long path is not cut across lines; the command is meant to be copied whole.
+    console.print(f"demo token {state} in {info.dir}", soft_wrap=True)
+    console.print(f"start it with: tokenbridge serve --config {info.config_file}", soft_wrap=True, highlight=False)
 
 
 @app.command()

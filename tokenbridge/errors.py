@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class Problem(Exception):
     """An error a client can act on. ``code`` never changes once published."""
@@ -11,9 +13,11 @@ class Problem(Exception):
     title = "Request failed"
 
     def __init__(self, detail: str, *, code: str | None = None, status: int | None = None,
-                 title: str | None = None, headers: dict[str, str] | None = None) -> None:
+                 title: str | None = None, headers: dict[str, str] | None = None,
+                 extra: dict[str, Any] | None = None) -> None:
         super().__init__(detail)
         self.detail = detail
+        self.extra = extra or {}  # more members of the problem document (RFC 9457 extensions)
         if code is not None:
             self.code = code
         if status is not None:

@@ -264,6 +264,7 @@ def _run_worker(settings: Settings, prompted_pin: str | None, tcp: socket.socket
     listeners = start_listeners(bridge, settings, tcp.getsockname()[1], common) if admin is not None else []
     servers.extend(listeners)  # mTLS proxy listeners (docs/tls-proxy.md): worker 0 only
     main = _MainServer(api, servers)
+    _log_lifecycle_once()
     _settle_heap()
 
     async def run() -> None:
@@ -274,6 +275,30 @@ def _run_worker(settings: Settings, prompted_pin: str | None, tcp: socket.socket
         await asyncio.gather(*tasks)
 
     asyncio_run(run(), loop_factory=api.get_loop_factory())
+
+
+class _Once(logging.Filter):
+    """Lets each of uvicorn's start and stop lines through once per process: the API, the admin socket
+    and each TLS proxy listener are uvicorn servers of their own, and each would print them."""
+
+    LINES = frozenset({"Started server process [%d]", "Shutting down", "Finished server process [%d]"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg not in self.LINES:
+            return True
+        first = record.msg not in self.seen
+        self.seen.add(str(record.msg))
+        return first
+
+
+def _log_lifecycle_once() -> None:
+    logger = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, _Once) for f in logger.filters):
+        logger.addFilter(_Once())
 
 
 def _settle_heap() -> None:

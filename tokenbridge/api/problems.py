@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tokenbridge.errors import Problem
 from tokenbridge.store import StoreUnwritable
+from tokenbridge.token.model import TokenUnavailable
 
 log = logging.getLogger("tokenbridge.api")
 
@@ -38,7 +39,8 @@ def problem_response(status: int, code: str, title: str, detail: str, instance: 
 PROBLEM_SCHEMA: dict[str, Any] = {
     "type": "object", "required": ["type", "title", "status", "detail", "code"],
     "properties": {"type": {"type": "string"}, "title": {"type": "string"}, "status": {"type": "integer"},
-                   "detail": {"type": "string"}, "code": {"type": "string"}, "instance": {"type": "string"}},
+                   "detail": {"type": "string"}, "code": {"type": "string"}, "instance": {"type": "string"},
+                   "state": {"type": "string", "description": "with token_unavailable: the token's state"}},
 }
 
 
@@ -72,7 +74,14 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(Problem)
     async def _problem(request: Request, exc: Problem) -> JSONResponse:
-        return problem_response(exc.status, exc.code, exc.title, exc.detail, request.url.path, exc.headers)
+        extra = exc.extra
+        if isinstance(exc, TokenUnavailable) and "state" not in extra:
+            # Which state (absent, needs_pin, locked...), for a client to tell waiting from calling someone.
+            bridge = getattr(request.app.state, "bridge", None)
+            if bridge is not None:
+                extra = {**extra, "state": bridge.owner.status().state.value}
+        return problem_response(exc.status, exc.code, exc.title, exc.detail, request.url.path, exc.headers,
+                                **extra)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -17,7 +17,7 @@ from tokenbridge.formats import x509 as x509h
 from tokenbridge.services.bridge import Bridge
 from tokenbridge.services.keys import key_view, require_certificate
 from tokenbridge.services.principal import Principal
-from tokenbridge.token.model import KeyInfo, TokenState, TokenStatus
+from tokenbridge.token.model import KeyInfo, TokenState, TokenStatus, TokenUnavailable, unavailable_detail
 
 router = APIRouter(prefix="/v1")
 # The private-key operations: the hot routes, on a lean route class (api/fast_route.py), matched first.
@@ -123,7 +123,11 @@ async def tokens(request: Request, caller: Caller) -> list[dict[str, Any]]:
 
 @router.get("/keys", summary="Keys on the token that the caller may use")
 async def keys(request: Request, caller: Caller) -> list[dict[str, Any]]:
+    """503 ``token_unavailable`` while the token is not ready: an empty list would read as "no keys"."""
     bridge = bridge_of(request)
+    status = bridge.owner.status()
+    if status.state is not TokenState.READY:
+        raise TokenUnavailable(unavailable_detail(status), extra={"state": status.state.value})
     return [_view(bridge, k) for k in bridge.owner.list_keys() if caller.may_use(k)]
 
 

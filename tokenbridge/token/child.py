@@ -20,7 +20,7 @@ import sys
 from typing import Any
 
 from tokenbridge.token import wire
-from tokenbridge.token.model import KeyInfo, TokenUnavailable
+from tokenbridge.token.model import KeyInfo, TokenStatus, TokenUnavailable
 from tokenbridge.token.owner import Job, TokenOwner, TokenSelector
 
 
@@ -77,6 +77,8 @@ class ChildOwner(TokenOwner):
     def answer(self, job: _RemoteJob, result: Any, error: BaseException | None) -> None:
         self._publish()  # the new state first: a login's answer must find it there
         self._by_id.pop(job.id, None)
+        if isinstance(result, TokenStatus):  # a login's answer
+            result = wire.encode_status(result)
         self._send(("done", job.id, result, wire.encode_error(error), job.ran, job.waited, job.elapsed))
 
     def _publish(self) -> None:
@@ -87,7 +89,8 @@ class ChildOwner(TokenOwner):
         if not self._sent or keys is not self._sent[0]:
             self._send(("keys", [wire.encode_key(k) for k in keys.values()]))
         if not self._sent or any(a is not b and a != b for a, b in zip(state, self._sent[1:], strict=True)):
-            self._send(("status", *state))
+            self._send(("status", wire.encode_status(self._status), wire.encode_identity(self._identity),
+                        held, self._pin_seen, self._login_failed))
         self._sent = (keys, *state)
 
     def _send_event(self, name: str, data: dict[str, Any]) -> None:
@@ -179,9 +182,11 @@ def main(argv: list[str]) -> int:
     while not (messages := inbox.messages()):
         if not inbox.read(sock):
             return 0
-    kind, config = messages[0]
-    if kind != "config":
-        raise wire.ProtocolError(f"expected the configuration, got {kind!r}")
+    try:
+        config = wire.decode_config(messages[0])
+    except wire.ProtocolError as exc:
+        print(f"token process: cannot start: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=config["log_level"], stream=sys.stderr,
                         format="%(levelname)s:     token process: %(message)s")
     owner = ChildOwner(sock, config, inbox)

@@ -136,3 +136,20 @@ class LoginFailed(TokenError):
     code = "login_failed"
     status = 409
     title = "Login failed"
+
+
+def unavailable_detail(status: TokenStatus) -> str:
+    """What an operator reads in a 503: why the token cannot serve, and what to do."""
+    reasons = {
+        TokenState.STARTING: "the token is still being opened",
+        TokenState.ABSENT: "the token is absent (removed or not responding); it is reopened "
+                           "automatically when it comes back",
+        TokenState.NEEDS_PIN: "the token is not logged in: an operator must run `tokenbridge login`",
+        TokenState.LOCKED: "the token's user PIN is locked or at its final try; the service will "
+                           "not try it",
+        TokenState.FOREIGN: "a different token was inserted; an operator must accept it with "
+                            "`tokenbridge login --accept-new-token`",
+        TokenState.ERROR: "the PKCS#11 module or token cannot be used",
+    }
+    base = reasons.get(status.state, f"token state is {status.state}")
+    return base + (f": {status.message}" if status.message else "")

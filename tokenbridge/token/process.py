@@ -55,8 +55,9 @@ from tokenbridge.token.model import (
     TokenState,
     TokenStatus,
     TokenUnavailable,
+    unavailable_detail,
 )
-from tokenbridge.token.owner import TokenSelector, emit, find_key, unavailable_detail
+from tokenbridge.token.owner import TokenSelector, emit, find_key
 from tokenbridge.token.scheduler import QueueLimit, QueueLimits, RateLimiter
 
 log = logging.getLogger("tokenbridge.token")
@@ -217,7 +218,7 @@ class TokenProcess:
             self._proc, self._inbox = proc, wire.Inbox()
             try:
                 ours.settimeout(10)
-                ours.sendall(wire.frame(("config", self._config())))
+                ours.sendall(wire.frame(wire.encode_config(self._config())))
                 ours.setblocking(False)  # never block the loop, nor the reader thread (see _flush_locked)
             except OSError:
                 ours.close()
@@ -481,11 +482,8 @@ class TokenProcess:
         elif kind == "keys":
             self._keys = {k.id: k for k in map(wire.decode_key, message[1])}
         elif kind == "status":
-            status, identity, held, seen, login_failed = message[1:]
-            if not (isinstance(status, TokenStatus) and isinstance(status.state, TokenState)
-                    and isinstance(held, int | None) and isinstance(seen, int)
-                    and isinstance(login_failed, str | None)):
-                raise wire.ProtocolError("malformed status")
+            status, identity = wire.decode_status(message[1]), wire.decode_identity(message[2])
+            held, seen, login_failed = message[3:]  # types checked by wire.check
             with self._lock:
                 self._status, self._identity, self._held, self._seen = status, identity, held, seen
                 self._login_failed = login_failed
@@ -505,9 +503,12 @@ class TokenProcess:
               elapsed: float) -> None:
         failure = wire.decode_error(error) if error is not None else None  # a bad one: the job stays pending
         with self._lock:
-            pending = self._pending.pop(job_id, None)
+            pending = self._pending.get(job_id)
             if pending is None:
                 return
+            if failure is None:
+                result = _result(pending.kind, result)
+            del self._pending[job_id]
             self._limits.release(pending.client)
         try:
             if ran:  # a job skipped (its caller gone, its deadline passed) says nothing of the token's speed
@@ -607,6 +608,17 @@ class TokenProcess:
 
     def _emit(self, event: str, data: dict[str, Any]) -> None:
         emit(self._on_event, event, data)
+
+
+def _result(kind: str, result: Any) -> Any:
+    """A job's answer as its caller expects it: a login's new status, else bytes."""
+    if kind == "login":
+        if not isinstance(result, tuple):
+            raise wire.ProtocolError("a login's answer is not a status")
+        return wire.decode_status(result)
+    if not isinstance(result, bytes):
+        raise wire.ProtocolError(f"a {kind} job's answer is not bytes")
+    return result
 
 
 def _describe(code: int) -> str:
