@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 
 import pytest
+from asn1crypto import cms as asn1_cms
+from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.padding import PKCS1v15
 
 from tests.cms_tools import (
@@ -72,12 +74,21 @@ async def test_signed_data_verifies_with_openssl_nss_and_us(pki: Pki, nss: NssDb
 async def test_signed_attributes_for_mail_clients(pki: Pki, tmp_path: Path) -> None:
     der = await sign(_signer(pki, "rsa-pkcs1v15"), sha256(DATA))
     (tmp_path / "s.der").write_bytes(der)
-    text = openssl("cms", "-cmsout", "-print", "-inform", "DER", "-in", str(tmp_path / "s.der")).stdout.decode()
-    for attr in ("contentType", "signingTime", "messageDigest", "S/MIME Capabilities",
-                 "id-smime-aa-signingCertificateV2", "id-smime-aa-encrypKeyPref", "1.3.6.1.4.1.311.16.4"):
-        assert attr in text, attr
-    certs = openssl("pkcs7", "-inform", "DER", "-in", str(tmp_path / "s.der"), "-print_certs").stdout.decode()
-    assert "CN = Signer RSA" in certs and "CN = Test Inter" in certs and "CN = Encryption" in certs
+    # What OpenSSL reads in it: the structure it parsed, written back as DER, read here by OID.
+    reread = openssl("cms", "-cmsout", "-inform", "DER", "-in", str(tmp_path / "s.der"), "-outform", "DER").stdout
+    signer_info, = asn1_cms.ContentInfo.load(reread)["content"]["signer_infos"]
+    attrs = {a["type"].dotted: a["values"] for a in signer_info["signed_attrs"]}
+    for name, oid in (("contentType", "1.2.840.113549.1.9.3"), ("signingTime", "1.2.840.113549.1.9.5"),
+                      ("messageDigest", "1.2.840.113549.1.9.4"), ("S/MIME Capabilities", "1.2.840.113549.1.9.15"),
+                      ("id-smime-aa-signingCertificateV2", "1.2.840.113549.1.9.16.2.47"),
+                      ("id-smime-aa-encrypKeyPref", "1.2.840.113549.1.9.16.2.11"),
+                      ("Microsoft encryption key preference", "1.3.6.1.4.1.311.16.4")):
+        assert oid in attrs and len(attrs[oid]) == 1, (name, sorted(attrs))
+    assert attrs["1.2.840.113549.1.9.4"][0].native == sha256(DATA)
+    # The certificates OpenSSL finds in it (-print_certs writes each as PEM): signer, intermediate, encryption.
+    certs = openssl("pkcs7", "-inform", "DER", "-in", str(tmp_path / "s.der"), "-print_certs").stdout
+    found = x509.load_pem_x509_certificates(certs)
+    assert set(found) == {pki.sign_rsa[0], pki.inter, pki.enc[0]}, [c.subject.rfc4514_string() for c in found]
 
 
 async def test_openssl_and_nss_signatures_verify(pki: Pki, nss: NssDb, tmp_path: Path) -> None:

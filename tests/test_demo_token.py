@@ -275,7 +275,8 @@ def test_chain_verifies_with_openssl(demo_dir: demo.DemoInfo, name: str, purpose
         text=True,
         check=False,
     )
-    assert proc.returncode == 0 and proc.stdout.strip().endswith(": OK"), proc.stdout + proc.stderr
+    # openssl verify exits 0 only when every certificate verified (2 otherwise); its "file: OK" line is for humans.
+    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def _ext(cert: x509.Certificate, cls: type[Any]) -> Any:

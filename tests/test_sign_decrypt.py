@@ -65,9 +65,23 @@ def test_rsa_signatures_verify_with_cryptography_and_openssl(
     (tmp_path / "data").write_bytes(DATA)
     (tmp_path / "sig").write_bytes(signature)
     opts = ["-sigopt", "rsa_padding_mode:pss", "-sigopt", "rsa_pss_saltlen:-1"] if scheme == "rsa-pss" else []
-    out = subprocess.run(["openssl", "dgst", f"-{hash_name}", *opts, "-verify", tmp_path / "pub.pem",
-                          "-signature", tmp_path / "sig", tmp_path / "data"], capture_output=True, text=True)
-    assert out.returncode == 0 and "Verified OK" in out.stdout, out.stdout + out.stderr
+    assert_openssl_verifies(hash_name, opts, tmp_path)
+
+
+def assert_openssl_verifies(hash_name: str, opts: list[str], tmp_path: Path) -> None:
+    """``openssl dgst -verify`` accepts tmp_path/sig over tmp_path/data with tmp_path/pub.pem (exit status 0).
+
+    The same signature over other data must fail (status 1), so that the status is known to mean something."""
+
+    def run(data: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["openssl", "dgst", f"-{hash_name}", *opts, "-verify", tmp_path / "pub.pem",
+                               "-signature", tmp_path / "sig", data], capture_output=True, text=True)
+
+    (tmp_path / "other-data").write_bytes((tmp_path / "data").read_bytes() + b".")
+    tampered = run(tmp_path / "other-data")
+    assert tampered.returncode == 1, tampered.stdout + tampered.stderr
+    out = run(tmp_path / "data")
+    assert out.returncode == 0, out.stdout + out.stderr
 
 
 @pytest.mark.parametrize("hash_name", ["sha256", "sha384", "sha512"])
@@ -90,9 +104,7 @@ def test_ecdsa_signatures_der_and_raw(workstation: httpx.Client, tmp_path: Path,
                     tmp_path / "pub.pem"], check=True)
     (tmp_path / "data").write_bytes(DATA)
     (tmp_path / "sig").write_bytes(der)
-    out = subprocess.run(["openssl", "dgst", f"-{hash_name}", "-verify", tmp_path / "pub.pem", "-signature",
-                          tmp_path / "sig", tmp_path / "data"], capture_output=True, text=True)
-    assert "Verified OK" in out.stdout, out.stdout + out.stderr
+    assert_openssl_verifies(hash_name, [], tmp_path)
 
 
 def test_sign_a_precomputed_digest(workstation: httpx.Client) -> None:

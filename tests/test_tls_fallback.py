@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from tests.faulty import FaultControl, build_module
 from tests.test_tls_proxy import other_ca, s_server, upstream
 from tests.test_token_faults import wait_state
+from tests.tls_wire import RSA_PKCS1, RSA_PSS, Relay, certificate_request_schemes, certificate_verify_scheme
 from tokenbridge.demo import DemoInfo
 from tokenbridge.tls.keysource import ClientIdentity, ContextOptions, Mechanism
 from tokenbridge.tls.openssl_keymethod import OpenSSLKeyMethodSource
@@ -85,6 +86,7 @@ def test_rsa_key_without_raw_rsa_is_limited_to_tls12_pkcs1(tmp_path: Path, serve
                    .sign(ca_key, hashes.SHA256()))  # type: ignore[arg-type]
     # The server certificate was issued by "Some Other CA" (ca); it also trusts client certs from it.
     server = s_server(tmp_path, cert_path, key_path, ca, server_version)
+    relay = Relay(server.port)  # records the handshake as the server received it
     used: list[str] = []
     try:
         source = OpenSSLKeyMethodSource()
@@ -93,7 +95,7 @@ def test_rsa_key_without_raw_rsa_is_limited_to_tls12_pkcs1(tmp_path: Path, serve
             ClientIdentity(client_cert, client_key.public_key(), rsa_raw=False),
             ContextOptions(cafile=str(ca)), _software_rsa_signer(client_key, used))
         assert info.maximum_version is ssl.TLSVersion.TLSv1_2 and info.limited_reason
-        with socket.create_connection(("127.0.0.1", server.port)) as raw:
+        with socket.create_connection(("127.0.0.1", relay.port)) as raw:
             if server_version == "1.3":
                 with pytest.raises(ssl.SSLError):
                     context.wrap_socket(raw, server_hostname="localhost")
@@ -105,8 +107,18 @@ def test_rsa_key_without_raw_rsa_is_limited_to_tls12_pkcs1(tmp_path: Path, serve
                 page = b""
                 while chunk := tls.recv(65536):
                     page += chunk
-        assert b"Peer signature type: RSA\n" in page or b"Peer signature type: RSA\r\n" in page, page[-2000:]
+        relay.wait()
+        # The server accepted the handshake and saw this client certificate (s_server -www prints it as PEM).
+        assert page.split(b"\r\n", 1)[0].split()[1] == b"200", page[:200]
+        assert x509.load_pem_x509_certificates(page) == [client_cert], page[-2000:]
+        # The server offered RSA-PSS, yet the CertificateVerify it received is RSA PKCS#1 v1.5.
+        conversation, = relay.conversations
+        offered = certificate_request_schemes(bytes(conversation.server))
+        assert set(offered) & set(RSA_PSS), [hex(s) for s in offered]
+        scheme = certificate_verify_scheme(bytes(conversation.client))
+        assert scheme in RSA_PKCS1, hex(scheme)
         assert used == ["rsa-pkcs1"]
     finally:
+        relay.close()
         server.process.kill()
         server.process.wait()
