@@ -8,8 +8,10 @@ never on the event loop, because the card may take a second to sign.
 
 A card signature is expensive, so connections are kept alive and pooled, and a
 new connection offers the last TLS session of its upstream for resumption
-(no client signature when the server accepts it). Nothing is retried: a failed
-request is reported, never repeated on a new connection behind the caller's back.
+(no client signature when the server accepts it); a server's bare close does
+not spoil that session (``keep_sessions_resumable``). Nothing is retried: a
+failed request is reported, never repeated on a new connection behind the
+caller's back.
 """
 
 from __future__ import annotations
@@ -152,6 +154,32 @@ class UpstreamCounters:
 
 # ---------------------------------------------------------------------------------------------- network
 
+def keep_sessions_resumable(context: ssl.SSLContext) -> None:
+    """Take a server's close without close_notify for a clean end, so that it leaves the TLS session resumable.
+
+    Many servers close after ``Connection: close`` without a close_notify alert. OpenSSL 3.x takes the
+    bare EOF for a fatal error (UNEXPECTED_EOF_WHILE_READING), and a fatal error marks the connection's
+    SSL_SESSION not resumable. ``SSLSocket.session`` hands out that very SSL_SESSION, not a copy, so the
+    session saved for the next connection is spoilt with it, and OpenSSL's ClientHello then skips a
+    session that fails ``SSL_SESSION_is_resumable``: a full handshake, one card signature. Whether the
+    EOF is read is a race (``_Stream._read_more`` reads on while data is there, and reads the EOF if the
+    FIN has arrived), hence 14-81 signatures per 100 calls measured instead of 1 (1 with ``_read_more``
+    kept from reading ahead; but a body delimited by the close has to be read up to the EOF anyway).
+
+    Python's own session setter used to hide this: CPython 3.11 and 3.13.0 set a copy re-created from
+    the session's DER (i2d/d2i), which drops the flag; later CPython dropped that copy (Debian 13's
+    3.13.5 imports no i2d/d2i_SSL_SESSION) and sets the saved session itself. Measured with OpenSSL 3.0
+    and 3.5 alike: after the bare EOF ``SSL_SESSION_is_resumable`` of the saved session is 0; with this
+    option it stays 1. It is not a matter of tickets arriving late: the session has its ticket by then.
+
+    Nothing is lost: with ``suppress_ragged_eofs`` (the default, used here) Python already reported such
+    an EOF as a clean one (so a body delimited by the close could not be checked before either), and a
+    cut-short body with Content-Length or chunked framing is still caught by h11. A bare close during
+    the handshake is still an error (SSLZeroReturnError instead of SSLEOFError, same problem reported).
+    """
+    context.options |= ssl.OP_IGNORE_UNEXPECTED_EOF
+
+
 def _readable(sock: socket.socket) -> bool:
     """Readable while idle means the server closed (or sent something unasked): do not reuse."""
     try:
@@ -287,6 +315,8 @@ class _Stream(httpcore.NetworkStream):
         return stream
 
     def _save_session(self) -> None:
+        """Keep this connection's session for the next one. It is the live SSL_SESSION, not a copy: what
+        happens later on this connection can spoil it (see ``keep_sessions_resumable``)."""
         sock = self._sock
         assert isinstance(sock, ssl.SSLSocket)
         session = sock.session
@@ -473,7 +503,9 @@ class ProxyService:
                                      maximum_version=_VERSIONS[s.max_tls])
             identity = ClientIdentity(certificate=key.certificate, public_key=key.public_key, chain=chain,
                                       rsa_raw=self.bridge.owner.has_mechanism("RSA_X_509"))
-            return self.key_source.make_context(identity, options, self._signer(up, key))
+            context, info = self.key_source.make_context(identity, options, self._signer(up, key))
+            keep_sessions_resumable(context)
+            return context, info
         except (OSError, ValueError, ssl.SSLError, KeySourceError) as exc:
             raise UpstreamError(up.name, "upstream_misconfigured", 500, "Upstream misconfigured",
                                 f"cannot build the TLS context: {exc}") from None
