@@ -41,8 +41,8 @@ from typing import Any
 
 import httpx
 
-from tokenbridge.demo import DemoInfo, init_demo
 from tokenbridge.drivers import resolve_module
+from tokenbridge.tools.demo import DemoInfo, init_demo
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent

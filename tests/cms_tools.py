@@ -14,8 +14,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from tokenbridge.demo import _cert_pem, _issue, _key_pem, _key_usage, _name
 from tokenbridge.formats import cms_envelope, cms_sign
+from tokenbridge.tools.demo import _cert_pem, _issue, _key_pem, _key_usage, _name
 
 EMAIL = "guichet@hlm-test.example"
 Key = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey

@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tokenbridge.demo import DemoInfo, init_demo
+from tokenbridge.tools.demo import DemoInfo, init_demo
 
 REPO = Path(__file__).resolve().parents[1]
 TB = [sys.executable, "-m", "tokenbridge"]

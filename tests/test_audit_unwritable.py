@@ -125,7 +125,7 @@ def _locks_on(path: Path) -> int:
 def test_two_stores_in_one_process_keep_sqlite_locks(tmp_path: Path) -> None:
     """The guard's descriptor is shared: closing one store must not drop the locks SQLite holds for
     another (closing any descriptor of a file releases all of the process's POSIX locks on it)."""
-    from tokenbridge.store import Store
+    from tokenbridge.state.store import Store
 
     (tmp_path / "sub").mkdir()
     first, second = Store(tmp_path / "state.db"), Store(tmp_path / "sub" / ".." / "state.db")  # one file
@@ -143,13 +143,13 @@ def test_a_store_opened_on_a_read_only_disk_can_still_be_read(tmp_path: Path) ->
     (``tokenbridge audit verify`` during the incident) maps it read-only and reads as before."""
     import sys
 
-    from tokenbridge.store import Store
+    from tokenbridge.state.store import Store
 
     store = Store(tmp_path / "state.db")  # keeps the -wal and -shm files while the other process reads
     store.execute("INSERT INTO audit (seq, ts, actor, event, outcome, prev_hash, hash) "
                   "VALUES (1, 't', 'a', 'e', 'ok', 'p', 'h')")
     files = [tmp_path / "state.db", tmp_path / "state.db-wal", tmp_path / "state.db-shm"]
-    code = ("import sys; from pathlib import Path; from tokenbridge.store import Store; "
+    code = ("import sys; from pathlib import Path; from tokenbridge.state.store import Store; "
             "print(Store(Path(sys.argv[1])).query('SELECT COUNT(*) FROM audit')[0][0])")
     with immutable(files):
         r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "state.db")], capture_output=True, text=True,
@@ -169,7 +169,7 @@ def test_store_errors_are_503_only_when_the_store_is_unusable(tmp_path: Path) ->
     from fastapi import FastAPI
 
     from tokenbridge.api import problems
-    from tokenbridge.store import StoreUnwritable
+    from tokenbridge.state.store import StoreUnwritable
 
     app = FastAPI()
     problems.install(app)
@@ -211,8 +211,8 @@ def test_store_errors_are_503_only_when_the_store_is_unusable(tmp_path: Path) ->
 def test_cached_authentications_outlive_only_an_unwritable_store(tmp_path: Path, monkeypatch) -> None:
     """The registry keeps its cache when the store cannot be written (no revocation can be committed
     then), and only then: a locked or broken store must not keep a revoked secret working."""
-    from tokenbridge.clients import ClientRegistry
-    from tokenbridge.store import Store, StoreUnwritable
+    from tokenbridge.state.clients import ClientRegistry
+    from tokenbridge.state.store import Store, StoreUnwritable
 
     store = Store(tmp_path / "state.db")
     registry = ClientRegistry(store)
@@ -233,7 +233,7 @@ def test_cached_authentications_outlive_only_an_unwritable_store(tmp_path: Path,
 
 
 def test_a_store_that_fails_to_open_leaves_no_guard_behind(tmp_path: Path, monkeypatch) -> None:
-    from tokenbridge.store import Store, _ShmGuard
+    from tokenbridge.state.store import Store, _ShmGuard
 
     def broken(self: Store) -> None:
         raise sqlite3.OperationalError("disk I/O error")

@@ -171,8 +171,8 @@ def test_audit_chain_stays_whole_with_several_writers(tmp_path) -> None:
     """Workers and the CLI append to one chain, each from its own connection."""
     import threading
 
-    from tokenbridge.audit import AuditLog
-    from tokenbridge.store import Store
+    from tokenbridge.state.audit import AuditLog
+    from tokenbridge.state.store import Store
 
     logs = [AuditLog(Store(tmp_path / "state.db")) for _ in range(3)]
 
@@ -190,8 +190,8 @@ def test_audit_chain_stays_whole_with_several_writers(tmp_path) -> None:
 
 
 def test_revocation_by_another_process_applies_to_cached_secrets(tmp_path) -> None:
-    from tokenbridge.clients import ClientRegistry
-    from tokenbridge.store import Store
+    from tokenbridge.state.clients import ClientRegistry
+    from tokenbridge.state.store import Store
 
     service, cli = ClientRegistry(Store(tmp_path / "s.db")), ClientRegistry(Store(tmp_path / "s.db"))
     _, secret = cli.add("counter-1", ["sign"])
@@ -206,8 +206,8 @@ def test_revocation_by_another_process_applies_to_cached_secrets(tmp_path) -> No
 
 
 def test_renewal_keeps_the_certificate_in_use_until_the_new_one_and_revocation_stops_both(tmp_path) -> None:
-    from tokenbridge.clients import ClientRegistry
-    from tokenbridge.store import Store
+    from tokenbridge.state.clients import ClientRegistry
+    from tokenbridge.state.store import Store
 
     service, cli = ClientRegistry(Store(tmp_path / "s.db")), ClientRegistry(Store(tmp_path / "s.db"))
     cli.add("guichet", ["sign"], kind="workstation", cert_sha256="a" * 64)

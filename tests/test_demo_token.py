@@ -22,8 +22,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from tokenbridge import demo
 from tokenbridge.config import load_settings
+from tokenbridge.tools import demo
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -366,7 +366,7 @@ def test_second_call_is_a_no_op(demo_dir: demo.DemoInfo) -> None:
     assert (demo_dir.pki_dir / "sign-rsa.pem").read_bytes() == cert
 
     proc = subprocess.run(
-        [sys.executable, "-m", "tokenbridge.demo", str(demo_dir.dir)],
+        [sys.executable, "-m", "tokenbridge.tools.demo", str(demo_dir.dir)],
         capture_output=True,
         text=True,
         cwd=REPO,

@@ -12,9 +12,9 @@ import textwrap
 
 from pkcs11 import exceptions as p11e
 
-from tokenbridge.demo import DemoInfo
 from tokenbridge.drivers import resolve_module
 from tokenbridge.token.direct import error_for
+from tokenbridge.tools.demo import DemoInfo
 
 SCRIPT = textwrap.dedent("""
     import ctypes, hashlib, sys

@@ -8,7 +8,7 @@ import json
 import socket
 
 from tests.conftest import Service
-from tokenbridge.server import _OneWrite
+from tokenbridge.api.server import _OneWrite
 
 
 class _Recorder:

@@ -17,8 +17,8 @@ import pytest
 from aiosmtpd.controller import Controller
 
 from tests.conftest import TB, Service, free_port
-from tokenbridge.demo import NATIONAL_EMAIL, ORG_EMAIL, DemoInfo
-from tokenbridge.registry_sim import RegistrySimulator
+from tokenbridge.tools.demo import NATIONAL_EMAIL, ORG_EMAIL, DemoInfo
+from tokenbridge.tools.registry_sim import RegistrySimulator
 
 
 class Inbox:

@@ -21,9 +21,9 @@ from tests.faulty import FaultControl, build_module
 from tests.test_tls_proxy import other_ca, s_server, upstream
 from tests.test_token_faults import wait_state
 from tests.tls_wire import RSA_PKCS1, RSA_PSS, Relay, certificate_request_schemes, certificate_verify_scheme
-from tokenbridge.demo import DemoInfo
 from tokenbridge.tls.keysource import ClientIdentity, ContextOptions, Mechanism
 from tokenbridge.tls.openssl_keymethod import OpenSSLKeyMethodSource
+from tokenbridge.tools.demo import DemoInfo
 
 
 def test_token_absent_gives_503_then_recovers_without_restart(fresh_service: Any, demo: DemoInfo,

@@ -33,7 +33,7 @@ from cryptography.x509.oid import NameOID
 
 from tests.conftest import Service, free_port, start_service
 from tests.test_pkcs11_calls import calls, spy_env
-from tokenbridge.demo import DemoInfo
+from tokenbridge.tools.demo import DemoInfo
 
 PROBLEM = "application/problem+json"
 BIG = 20 * 1024 * 1024

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from tests.conftest import Service
 from tests.faulty import FaultControl, build_module
-from tokenbridge.demo import DemoInfo
+from tokenbridge.tools.demo import DemoInfo
 
 SIGNERS = 64  # concurrent clients during the removal test (the figure of issue 6)
 SIGN_URL = "/v1/keys/sign-rsa/sign"

@@ -27,11 +27,11 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from tests.conftest import Service
-from tokenbridge.demo import DemoInfo
 from tokenbridge.token import model, wire
 from tokenbridge.token.model import KeyInfo, TokenState, TokenStatus
 from tokenbridge.token.owner import TokenSelector
 from tokenbridge.token.process import TokenProcess, _Pending
+from tokenbridge.tools.demo import DemoInfo
 
 SIGN_URL = "/v1/keys/auth-ec/sign"
 

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from tests.conftest import Service
-from tokenbridge.demo import TOKEN_LABEL
+from tokenbridge.tools.demo import TOKEN_LABEL
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -170,7 +170,7 @@ def test_certificate_expiry_warning_and_usage_words() -> None:
 
 def test_actors_and_operations_today(tmp_path: Path) -> None:
     from tokenbridge.api.admin import _DayCounts, _first_seq_at_or_after, who
-    from tokenbridge.store import Store
+    from tokenbridge.state.store import Store
 
     assert who("client:accueil-1") == {"kind": "client", "name": "accueil-1", "via": None}
     assert who("workstation:guichet-2") == {"kind": "workstation", "name": "guichet-2", "via": None}

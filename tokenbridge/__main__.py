@@ -1,3 +1,3 @@
-from tokenbridge.cli import main
+from tokenbridge.cli.main import main
 
 main()

@@ -23,11 +23,11 @@ from starlette.datastructures import State
 from tokenbridge import __version__
 from tokenbridge.api.auth import Caller, bridge_of
 from tokenbridge.api.v1 import token_view
-from tokenbridge.audit import AuditEntry
 from tokenbridge.errors import Problem
 from tokenbridge.formats import x509 as x509h
 from tokenbridge.services.bridge import Bridge
-from tokenbridge.store import Store
+from tokenbridge.state.audit import AuditEntry
+from tokenbridge.state.store import Store
 from tokenbridge.token.model import KeyInfo, TokenState, TokenStatus
 
 router = APIRouter()

@@ -14,8 +14,8 @@ from tokenbridge import __version__
 from tokenbridge.api import admin, cms, problems, proxy, v1
 from tokenbridge.api.fast_route import DirectRoutes
 from tokenbridge.api.limits import BodyLimitMiddleware
+from tokenbridge.api.systemd import notify
 from tokenbridge.services.bridge import Bridge
-from tokenbridge.systemd import notify
 
 
 class _App(FastAPI):

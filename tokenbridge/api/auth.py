@@ -9,11 +9,11 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPBearer
 
-from tokenbridge.audit import AuditUnavailable
-from tokenbridge.clients import Client
 from tokenbridge.errors import Problem
 from tokenbridge.services.bridge import Bridge
 from tokenbridge.services.principal import OPERATOR, Principal
+from tokenbridge.state.audit import AuditUnavailable
+from tokenbridge.state.clients import Client
 
 
 def via_admin_socket(request: Request) -> bool:

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tokenbridge.errors import Problem
-from tokenbridge.store import StoreUnwritable
+from tokenbridge.state.store import StoreUnwritable
 from tokenbridge.token.model import TokenUnavailable
 
 log = logging.getLogger("tokenbridge.api")

@@ -162,7 +162,7 @@ class ListenerServer(uvicorn.Server):
 def start_listeners(bridge: Any, settings: Settings, api_port: int,
                     common: dict[str, Any]) -> list[ListenerServer]:
     """Bind every listener and make its server; ``common`` are uvicorn options shared with the API."""
-    from tokenbridge.server import ServeError  # here: tokenbridge.server imports this package
+    from tokenbridge.api.server import ServeError  # here: tokenbridge.api.server imports this package
 
     try:
         listeners = bind_listeners(settings, api_port)

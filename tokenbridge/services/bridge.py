@@ -11,14 +11,14 @@ import logging
 import os
 from pathlib import Path
 
-from tokenbridge.audit import AuditLog, AuditUnavailable
-from tokenbridge.clients import ClientRegistry
 from tokenbridge.config import Settings, TokenSettings
 from tokenbridge.drivers import resolve_module
-from tokenbridge.metrics import Metrics
 from tokenbridge.services.keys import load_ca_pool
+from tokenbridge.services.metrics import Metrics
 from tokenbridge.services.operations import Operations
-from tokenbridge.store import Store
+from tokenbridge.state.audit import AuditLog, AuditUnavailable
+from tokenbridge.state.clients import ClientRegistry
+from tokenbridge.state.store import Store
 from tokenbridge.token.owner import PINPAD, TokenSelector
 from tokenbridge.token.process import TokenProcess
 

@@ -18,7 +18,6 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from pyhanko_certvalidator import CertificateValidator, ValidationContext
 from pyhanko_certvalidator.errors import PathBuildingError, PathError, ValidationError
 
-from tokenbridge.audit import AuditLog, AuditUnavailable
 from tokenbridge.config import Settings
 from tokenbridge.errors import Problem
 from tokenbridge.formats import cms_envelope, cms_sign, cms_verify
@@ -27,6 +26,7 @@ from tokenbridge.formats.cms_asn1 import Buffer, CmsError, asn1_cert
 from tokenbridge.services.keys import load_ca_pool, may_decrypt, may_sign
 from tokenbridge.services.operations import Operations
 from tokenbridge.services.principal import Principal
+from tokenbridge.state.audit import AuditLog, AuditUnavailable
 from tokenbridge.token.model import DecryptionFailed, KeyInfo
 from tokenbridge.token.process import TokenProcess
 

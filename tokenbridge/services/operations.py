@@ -17,13 +17,13 @@ from typing import TypeVar
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from tokenbridge.algorithms import DECRYPT_ALGORITHMS, SIGN_ALGORITHMS, SignAlgorithm
-from tokenbridge.audit import AuditLog, AuditUnavailable
 from tokenbridge.config import Settings
 from tokenbridge.errors import Problem
 from tokenbridge.formats.padding import DIGEST_SIZE
-from tokenbridge.metrics import Metrics
 from tokenbridge.services.keys import may_decrypt, may_sign, require_usage
+from tokenbridge.services.metrics import Metrics
 from tokenbridge.services.principal import Principal
+from tokenbridge.state.audit import AuditLog, AuditUnavailable
 from tokenbridge.token.model import DecryptionFailed, KeyInfo, TokenError
 from tokenbridge.token.process import TokenProcess
 

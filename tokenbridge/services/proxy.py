@@ -36,10 +36,10 @@ from urllib.parse import urlsplit
 import httpcore
 from cryptography import x509
 
-from tokenbridge.audit import AuditUnavailable
 from tokenbridge.config import UpstreamSettings
 from tokenbridge.errors import Problem
 from tokenbridge.services.principal import Principal
+from tokenbridge.state.audit import AuditUnavailable
 from tokenbridge.tls.keysource import (
     ClientIdentity,
     ContextInfo,

@@ -20,7 +20,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from tokenbridge.cli_smime import app as smime_app
+from tokenbridge.cli.smime import app as smime_app
 from tokenbridge.client import Client, TokenbridgeError
 from tokenbridge.config import Settings, default_data_dir, load_settings
 
@@ -83,9 +83,9 @@ def serve(config: ConfigOpt = None,
           port: Annotated[int | None, typer.Option(help="Listen port (default from config).")] = None,
           log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info") -> None:
     """Run the service on the configured token."""
+    from tokenbridge.api.server import ServeError
+    from tokenbridge.api.server import serve as run
     from tokenbridge.drivers import DriverNotFound
-    from tokenbridge.server import ServeError
-    from tokenbridge.server import serve as run
     from tokenbridge.services.bridge import PinUnavailable
 
     settings = _settings(config)
@@ -166,8 +166,8 @@ def clients_add(name: str,
                 config: ConfigOpt = None,
                 as_json: Annotated[bool, typer.Option("--json", help="Print {name, secret}.")] = False) -> None:
     """Create a client; its secret is shown once."""
-    from tokenbridge.clients import ClientError
     from tokenbridge.services.bridge import open_state
+    from tokenbridge.state.clients import ClientError
 
     _, audit, registry = open_state(_settings(config))
     try:
@@ -184,8 +184,8 @@ def clients_add(name: str,
 def clients_rotate(name: str, config: ConfigOpt = None,
                    as_json: Annotated[bool, typer.Option("--json", help="Print {name, secret}.")] = False) -> None:
     """Give a client a new secret; the old one stops working at once."""
-    from tokenbridge.clients import ClientError
     from tokenbridge.services.bridge import open_state
+    from tokenbridge.state.clients import ClientError
 
     _, audit, registry = open_state(_settings(config))
     try:
@@ -228,8 +228,8 @@ def clients_list(config: ConfigOpt = None,
 @clients_app.command("revoke")
 def clients_revoke(name: str, config: ConfigOpt = None) -> None:
     """Revoke a client; its secret stops working at once."""
-    from tokenbridge.clients import ClientError
     from tokenbridge.services.bridge import open_state
+    from tokenbridge.state.clients import ClientError
 
     _, audit, registry = open_state(_settings(config))
     try:
@@ -304,7 +304,7 @@ def softhsm_init(directory: Annotated[Path | None, typer.Argument(help="Data dir
                  force: Annotated[bool, typer.Option(help="Delete and re-create the token and PKI.")] = False
                  ) -> None:
     """Create a SoftHSM2 token with a demo PKI in DIRECTORY (idempotent)."""
-    from tokenbridge.demo import init_demo
+    from tokenbridge.tools.demo import init_demo
 
     target = (directory or default_data_dir()).expanduser().resolve()
     try:
@@ -339,13 +339,13 @@ def drivers(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")]
 @app.command()
 def doctor(config: ConfigOpt = None) -> None:
     """Check the module, the token, the PIN (one attempt) and the certificates."""
-    from tokenbridge.doctor import run_doctor
+    from tokenbridge.cli.doctor import run_doctor
 
     raise typer.Exit(run_doctor(_settings(config), console))
 
 
 def main() -> None:
-    from tokenbridge import cli_lan
+    from tokenbridge.cli import lan as cli_lan
 
     app.add_typer(cli_lan.tls_app, name="tls")
     app.add_typer(cli_lan.workstations_app, name="workstations")

@@ -1,4 +1,4 @@
-"""The demo/test token: ``tokenbridge softhsm init DIR`` (also ``python -m tokenbridge.demo DIR``).
+"""The demo/test token: ``tokenbridge softhsm init DIR`` (also ``python -m tokenbridge.tools.demo DIR``).
 
 Builds, inside DIR and nowhere else, a SoftHSM token with keys generated on it, a software test
 PKI modelled on the French one that certifies them, and a ``tokenbridge.toml`` with which
@@ -486,10 +486,10 @@ def issue_token_certificate(
 def _run_token_worker(job: dict[str, str]) -> dict[str, str]:
     """Run _token_worker in a fresh interpreter (the job, PIN included, goes through stdin)."""
     env = {**os.environ, "SOFTHSM2_CONF": job["softhsm_conf"]}
-    package_root = str(Path(__file__).resolve().parents[1])  # works without installing the package
+    package_root = str(Path(__file__).resolve().parents[2])  # works without installing the package
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
     proc = subprocess.run(
-        [sys.executable, "-m", "tokenbridge.demo", "--token-worker"],
+        [sys.executable, "-m", "tokenbridge.tools.demo", "--token-worker"],
         input=json.dumps(job),
         capture_output=True,
         text=True,
@@ -535,13 +535,13 @@ def _token_worker(job: dict[str, str]) -> dict[str, str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m tokenbridge.demo DIR [--force]``."""
+    """``python -m tokenbridge.tools.demo DIR [--force]``."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args == ["--token-worker"]:
         job: dict[str, Any] = json.loads(sys.stdin.read())
         print(json.dumps(_token_worker(job)))
         return 0
-    parser = argparse.ArgumentParser(prog="python -m tokenbridge.demo", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tokenbridge.tools.demo", description=__doc__.split("\n")[0])
     parser.add_argument("directory", type=Path, help="demo directory (created, mode 0700)")
     parser.add_argument("--force", action="store_true", help="delete and re-create the demo token and PKI")
     ns = parser.parse_args(args)

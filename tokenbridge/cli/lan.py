@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from tokenbridge.cli import ConfigOpt, _fail, _settings, console
+from tokenbridge.cli.main import ConfigOpt, _fail, _settings, console
 from tokenbridge.config import Settings
 
 tls_app = typer.Typer(help="The TLS listener's certificate (from the bridge's own CA).", no_args_is_help=True)
@@ -59,8 +59,8 @@ def _issue(settings: Settings, name: str, output: Path | None,
            register: Callable[[str], object]) -> tuple[Path, str, str]:
     """A new certificate for ``name``: recorded by ``register(fingerprint)``, then written as PKCS#12.
     Returns the file, its password and the certificate's SHA-256."""
-    from tokenbridge.clients import ClientError
     from tokenbridge.services.bridge_ca import fingerprint, issue_workstation
+    from tokenbridge.state.clients import ClientError
 
     p12, password, cert = issue_workstation(settings.data_dir, name)
     sha256 = fingerprint(cert)
@@ -136,8 +136,8 @@ def workstations_list(config: ConfigOpt = None,
 @workstations_app.command("revoke")
 def workstations_revoke(name: str, config: ConfigOpt = None) -> None:
     """Revoke a workstation: its certificate stops working at its next request, open connections included."""
-    from tokenbridge.clients import ClientError
     from tokenbridge.services.bridge import open_state
+    from tokenbridge.state.clients import ClientError
 
     _, audit, registry = open_state(_settings(config))
     client = registry.get(name)
@@ -162,7 +162,7 @@ def relay(hub: Annotated[str, typer.Option(help="The hub's URL, e.g. https://hub
           password_file: Annotated[Path | None, typer.Option(help="File holding the credential's password "
                                                                   "(e.g. a systemd credential).")] = None) -> None:
     """Serve the /v1 API on this machine, forwarding to the hub over mutual TLS."""
-    from tokenbridge.relay import RelayError, run_relay
+    from tokenbridge.relay.app import RelayError, run_relay
 
     if password_file is not None:
         password: str | None = password_file.read_text(encoding="utf-8-sig").strip()

@@ -4,7 +4,7 @@ It receives an application mail, decrypts it with the national key of the demo
 PKI, verifies the signature and chain, checks the zip, and replies by SMTP
 with a message signed by the national system and encrypted to the sender's
 encryption certificate (its S/MIME encryption-key preference), carrying a
-registration number. Run: ``python -m tokenbridge.registry_sim DEMO_DIR``.
+registration number. Run: ``python -m tokenbridge.tools.registry_sim DEMO_DIR``.
 
 It uses tokenbridge's own format layer with software keys: what it checks is
 what OpenSSL checks too (the tests make sure of that separately).
@@ -173,7 +173,8 @@ class RegistrySimulator:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tokenbridge.registry_sim", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tokenbridge.tools.registry_sim",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("directory", type=Path, help="demo directory (made by `tokenbridge softhsm init`)")
     parser.add_argument("--port", type=int, default=2525, help="SMTP port to listen on (loopback)")
     parser.add_argument("--reply-host", default="127.0.0.1", help="SMTP server replies are sent through")

@@ -138,7 +138,7 @@ def run_relay(hub: str, credential: Path, password: str, listen: str, expected_f
             raise RelayError(f"the hub's certificate fingerprint is {seen}, not the pinned "
                              f"{expected_fingerprint}: refusing to relay")
     host, _, port = listen.rpartition(":")
-    from tokenbridge.server import is_loopback
+    from tokenbridge.api.server import is_loopback
 
     if not is_loopback(host):
         raise RelayError("the relay listens on loopback only: local software reaches it at 127.0.0.1")

@@ -18,7 +18,7 @@ from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from tokenbridge.store import Store
+from tokenbridge.state.store import Store
 
 GENESIS = "0" * 64
 FIELDS = ("seq", "ts", "actor", "event", "key", "algorithm", "input_sha256", "outcome", "detail")

@@ -17,7 +17,7 @@ from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from tokenbridge.store import Store, StoreUnwritable
+from tokenbridge.state.store import Store, StoreUnwritable
 
 GRANTS = ("sign", "decrypt", "admin", "metrics", "cms-sign", "cms-encrypt", "cms-decrypt", "smime-send",
           "proxy")
