@@ -8,6 +8,7 @@ Every setting is documented in ``docs/configuration.md``.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -54,6 +55,16 @@ class TokenSettings(BaseModel):
     )
     operation_timeout: float = Field(30.0, gt=0, description="Seconds a request may wait in all.")
     presence_interval: float = Field(1.0, gt=0, description="Seconds between checks while absent.")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a listen address is this machine only (plain HTTP is allowed there, and nowhere else)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class ServerSettings(BaseModel):

@@ -5,6 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 
+class ServeError(Exception):
+    """The service cannot start: a port taken, a certificate missing, a listener misconfigured."""
+
+
 class Problem(Exception):
     """An error a client can act on. ``code`` never changes once published."""
 

@@ -23,7 +23,7 @@ from fastapi.responses import Response, StreamingResponse
 from tokenbridge.api import problems
 from tokenbridge.api.auth import Caller, bridge_of
 from tokenbridge.config import Settings
-from tokenbridge.errors import Problem
+from tokenbridge.errors import Problem, ServeError
 from tokenbridge.services.principal import Principal
 from tokenbridge.services.proxy import ProxyResponse, proxy_service
 
@@ -162,8 +162,6 @@ class ListenerServer(uvicorn.Server):
 def start_listeners(bridge: Any, settings: Settings, api_port: int,
                     common: dict[str, Any]) -> list[ListenerServer]:
     """Bind every listener and make its server; ``common`` are uvicorn options shared with the API."""
-    from tokenbridge.api.server import ServeError  # here: tokenbridge.api.server imports this package
-
     try:
         listeners = bind_listeners(settings, api_port)
     except ValueError as exc:

@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import functools
 import gc
-import ipaddress
 import logging
 import os
 import signal
@@ -33,23 +32,11 @@ from uvicorn.importer import import_from_string
 
 from tokenbridge.api.app import create_app
 from tokenbridge.api.proxy import start_listeners
-from tokenbridge.config import Settings
+from tokenbridge.config import Settings, is_loopback
+from tokenbridge.errors import ServeError
 from tokenbridge.services.bridge import Bridge, read_pin
 
 log = logging.getLogger("tokenbridge")
-
-
-class ServeError(Exception):
-    pass
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def wants_tls(host: str, settings: Settings) -> bool:

@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from tokenbridge.cli.main import ConfigOpt, _fail, _settings, console
+from tokenbridge.cli.common import ConfigOpt, console, fail, load
 from tokenbridge.config import Settings
 
 tls_app = typer.Typer(help="The TLS listener's certificate (from the bridge's own CA).", no_args_is_help=True)
@@ -26,7 +26,7 @@ def tls_init(hostname: Annotated[list[str], typer.Option("--hostname", help="DNS
     """Create the bridge CA (once) and a server certificate; print its fingerprint for pinning."""
     from tokenbridge.services.bridge_ca import issue_server_certificate
 
-    settings = _settings(config)
+    settings = load(config)
     issued = issue_server_certificate(settings.data_dir, hostname)
     console.print(f"server certificate {issued.cert} for {', '.join(hostname)}")
     console.print("SHA-256 fingerprint (give it to relays as --hub-fingerprint):")
@@ -45,7 +45,7 @@ def enroll(name: str,
     """Issue a workstation certificate (PKCS#12 with a one-time password); it authenticates by mutual TLS."""
     from tokenbridge.services.bridge import open_state
 
-    settings = _settings(config)
+    settings = load(config)
     _, audit, registry = open_state(settings)
     target, password, sha256 = _issue(settings, name, output, lambda sha256: registry.add(
         name, [g.strip() for g in grant.split(",") if g.strip()],
@@ -67,7 +67,7 @@ def _issue(settings: Settings, name: str, output: Path | None,
     try:
         register(sha256)
     except ClientError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     return _write_credential(output or settings.data_dir / "workstations" / f"{name}.p12", p12), password, sha256
 
 
@@ -98,11 +98,11 @@ def renew(name: str,
     until the workstation first connects with the new one: for a lost or stolen credential, revoke instead."""
     from tokenbridge.services.bridge import open_state
 
-    settings = _settings(config)
+    settings = load(config)
     _, audit, registry = open_state(settings)
     current = registry.get(name)
     if current is None or current.kind != "workstation" or current.revoked:
-        _fail(f"no active workstation named {name!r}")
+        fail(f"no active workstation named {name!r}")
     target, password, sha256 = _issue(settings, name, output,
                                       lambda sha256: registry.renew_certificate(name, sha256))
     audit.record("operator", "workstation_renewed", "ok", detail=f"name={name}, cert_sha256={sha256}, "
@@ -116,7 +116,7 @@ def workstations_list(config: ConfigOpt = None,
     """Enrolled workstations."""
     from tokenbridge.services.bridge import open_state
 
-    _, _, registry = open_state(_settings(config))
+    _, _, registry = open_state(load(config))
     items = [c for c in registry.list() if c.kind == "workstation"]
     if as_json:
         print(json.dumps([{"name": c.name, "grants": sorted(c.grants), "keys": sorted(c.keys),
@@ -139,14 +139,14 @@ def workstations_revoke(name: str, config: ConfigOpt = None) -> None:
     from tokenbridge.services.bridge import open_state
     from tokenbridge.state.clients import ClientError
 
-    _, audit, registry = open_state(_settings(config))
+    _, audit, registry = open_state(load(config))
     client = registry.get(name)
     if client is None or client.kind != "workstation":
-        _fail(f"no workstation named {name!r}")
+        fail(f"no workstation named {name!r}")
     try:
         registry.revoke(name)
     except ClientError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     audit.record("operator", "workstation_revoked", "ok", detail=f"name={name}")
     console.print(f"revoked workstation {name}")
 
@@ -173,12 +173,12 @@ def relay(hub: Annotated[str, typer.Option(help="The hub's URL, e.g. https://hub
         import sys
 
         if not sys.stdin.isatty():
-            _fail("give --password-file or set TOKENBRIDGE_CREDENTIAL_PASSWORD (no terminal to ask the "
+            fail("give --password-file or set TOKENBRIDGE_CREDENTIAL_PASSWORD (no terminal to ask the "
                   "credential's password on)")
         password = getpass.getpass("Credential password: ")
     if local_auth not in ("pass-through", "none"):
-        _fail("--local-auth is pass-through or none")
+        fail("--local-auth is pass-through or none")
     try:
         run_relay(hub, credential, password, listen, hub_fingerprint, local_auth)
     except RelayError as exc:
-        _fail(str(exc))
+        fail(str(exc))

@@ -27,6 +27,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from tokenbridge.config import is_loopback
 from tokenbridge.services.bridge_ca import load_credential
 
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
@@ -138,8 +139,6 @@ def run_relay(hub: str, credential: Path, password: str, listen: str, expected_f
             raise RelayError(f"the hub's certificate fingerprint is {seen}, not the pinned "
                              f"{expected_fingerprint}: refusing to relay")
     host, _, port = listen.rpartition(":")
-    from tokenbridge.api.server import is_loopback
-
     if not is_loopback(host):
         raise RelayError("the relay listens on loopback only: local software reaches it at 127.0.0.1")
     uvicorn.run(create_relay_app(hub, ctx, local_auth), host=host, port=int(port), log_level="info",

@@ -47,8 +47,8 @@ from tokenbridge.tls.keysource import (
     KeySource,
     KeySourceError,
     Mechanism,
-    default_key_source,
 )
+from tokenbridge.tls.openssl_keymethod import OpenSSLKeyMethodSource
 from tokenbridge.token.model import DeadlineExceeded, KeyInfo, QueueFull, TokenUnavailable
 
 log = logging.getLogger("tokenbridge.proxy")
@@ -419,7 +419,8 @@ class ProxyService:
 
     def __init__(self, bridge: Any, key_source: KeySource | None = None) -> None:
         self.bridge = bridge
-        self.key_source = key_source or default_key_source()
+        # OpenSSL's key method, the one implementation (docs/tls-proxy.md says why); tests pass others.
+        self.key_source = key_source or OpenSSLKeyMethodSource()
         self.upstreams: dict[str, Upstream] = {}
         self.config_errors: dict[str, str] = {}
         for name, settings in bridge.settings.upstreams.items():

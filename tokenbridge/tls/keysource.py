@@ -70,10 +70,3 @@ class KeySource(Protocol):
         """A client context presenting ``identity``; OpenSSL's sign requests call ``sign``
         on the thread doing the handshake."""
         ...
-
-
-def default_key_source() -> KeySource:
-    """The implementation in use (see docs/tls-proxy.md for why)."""
-    from tokenbridge.tls.openssl_keymethod import OpenSSLKeyMethodSource
-
-    return OpenSSLKeyMethodSource()

@@ -1,0 +1,93 @@
+"""Commands for the running service's token, over the admin socket: its state, keys, certificates, a new PIN."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from tokenbridge.cli.common import ConfigOpt, admin, call, console, err, fail, load
+
+cert_app = typer.Typer(help="Certificates on the token.", no_args_is_help=True)
+
+
+def tokens(config: ConfigOpt = None,
+           as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """The token the running service owns, its state and PIN flags."""
+    with admin(load(config)) as c:
+        items = call(c.tokens)
+    if as_json:
+        console.print_json(json.dumps(items))
+        return
+    for t in items:
+        table = Table(show_header=False, title=f"token {t['label']}")
+        for name in ("state", "logged_in", "serial", "manufacturer", "model", "slot", "module", "message"):
+            table.add_row(name, str(t.get(name)))
+        pin = t["pin"]
+        table.add_row("pin", ", ".join(k for k, v in pin.items() if v) or "ok")
+        table.add_row("queue_depth", str(t["queue_depth"]))
+        console.print(table)
+
+
+def keys(config: ConfigOpt = None,
+         as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """Keys on the token with their certificates."""
+    with admin(load(config)) as c:
+        items = call(c.keys)
+    if as_json:
+        console.print_json(json.dumps(items))
+        return
+    table = Table(title="keys")
+    for col in ("label", "id", "type", "operations", "key usage", "days left"):
+        table.add_column(col, no_wrap=col in ("label", "id", "type"))
+    for k in items:
+        cert = k.get("certificate") or {}
+        table.add_row(k["label"], k["id"], f"{k['type']}-{k['curve'] or k['size']}", ",".join(k["operations"]),
+                      ", ".join(cert.get("key_usage", [])), str(cert.get("days_left", "-")))
+    console.print(table)
+
+
+@cert_app.command("export")
+def cert_export(key: str,
+                config: ConfigOpt = None,
+                format: Annotated[str, typer.Option("--format", "-f", help="pem or der.")] = "pem",
+                output: Annotated[Path | None, typer.Option("-o", "--output", help="File (default: stdout).")]
+                = None) -> None:
+    """Export a key's certificate (PEM or DER)."""
+    if format not in ("pem", "der"):
+        fail("--format is pem or der")
+    with admin(load(config)) as c:
+        data = call(c.certificate, key, format)
+    if output:
+        output.write_bytes(data)
+        err.print(f"wrote {output}")
+    else:
+        sys.stdout.buffer.write(data)
+
+
+def login(config: ConfigOpt = None,
+          pin_file: Annotated[Path | None, typer.Option(help="Read the new PIN from this file.")] = None,
+          pinpad: Annotated[bool, typer.Option(help="Use the reader's PIN pad.")] = False,
+          accept_new_token: Annotated[bool, typer.Option(help="Accept a different token in place of the "
+                                                              "one first opened.")] = False,
+          final_try: Annotated[bool, typer.Option("--final-try", help="Try even though the token says this is "
+                                                                      "the PIN's last try.")] = False) -> None:
+    """Give the running service a new PIN (after a failed login), or accept a replaced token."""
+    settings = load(config)
+    if pinpad:
+        pin = "<pinpad>"
+    elif pin_file:
+        pin = pin_file.read_text().strip()
+    elif sys.stdin.isatty():
+        pin = getpass.getpass("User PIN: ")
+    else:
+        pin = sys.stdin.readline().strip()
+    with admin(settings) as c:
+        status = call(c.login, pin or None, accept_new_token=accept_new_token, final_try=final_try)
+    console.print(f"token {status['label']}: {status['state']}")
+
