@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from tokenbridge.formats import cms_envelope, cms_sign
-from tokenbridge.tools.demo import _cert_pem, _issue, _key_pem, _key_usage, _name
+from tokenbridge.tools.demo_pki import cert_pem, issue, key_pem, make_key_usage, subject_name
 
 EMAIL = "guichet@hlm-test.example"
 Key = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
@@ -39,33 +39,34 @@ class Pki:
 def make_pki(directory: Path) -> Pki:
     """Root -> intermediate -> signing (RSA, EC) and encryption certificates; plus an unrelated root."""
     directory.mkdir(parents=True, exist_ok=True)
-    ca = _key_usage(key_cert_sign=True, crl_sign=True)
+    ca = make_key_usage(key_cert_sign=True, crl_sign=True)
     rk = ec.generate_private_key(ec.SECP256R1())
-    root = _issue(_name("Test", "Test Root"), rk.public_key(), None, rk, days=30, key_usage=ca, ca_path_length=1)
+    root = issue(subject_name("Test", "Test Root"), rk.public_key(), None, rk, days=30, key_usage=ca, ca_path_length=1)
     ik = ec.generate_private_key(ec.SECP256R1())
-    inter = _issue(_name("Test", "Test Inter"), ik.public_key(), root, rk, days=30, key_usage=ca,
+    inter = issue(subject_name("Test", "Test Inter"), ik.public_key(), root, rk, days=30, key_usage=ca,
                    ca_path_length=0)
     san = [x509.RFC822Name(EMAIL)]
     eku = [ExtendedKeyUsageOID.EMAIL_PROTECTION]
     sk = rsa.generate_private_key(65537, 2048)
-    sc = _issue(_name("Test", "Signer RSA"), sk.public_key(), inter, ik, days=10,
-                key_usage=_key_usage(digital_signature=True, content_commitment=True), eku=eku, san=san)
+    sc = issue(subject_name("Test", "Signer RSA"), sk.public_key(), inter, ik, days=10,
+                key_usage=make_key_usage(digital_signature=True, content_commitment=True), eku=eku, san=san)
     ek_ = ec.generate_private_key(ec.SECP256R1())
-    ecc = _issue(_name("Test", "Signer EC"), ek_.public_key(), inter, ik, days=10,
-                 key_usage=_key_usage(digital_signature=True), eku=eku, san=san)
+    ecc = issue(subject_name("Test", "Signer EC"), ek_.public_key(), inter, ik, days=10,
+                 key_usage=make_key_usage(digital_signature=True), eku=eku, san=san)
     nk = rsa.generate_private_key(65537, 2048)
-    nc = _issue(_name("Test", "Encryption"), nk.public_key(), inter, ik, days=10,
-                key_usage=_key_usage(key_encipherment=True), eku=eku, san=san)
+    nc = issue(subject_name("Test", "Encryption"), nk.public_key(), inter, ik, days=10,
+                key_usage=make_key_usage(key_encipherment=True), eku=eku, san=san)
     ok = ec.generate_private_key(ec.SECP256R1())
-    other = _issue(_name("Other", "Other Root"), ok.public_key(), None, ok, days=30, key_usage=ca, ca_path_length=1)
+    other = issue(subject_name("Other", "Other Root"), ok.public_key(), None, ok, days=30, key_usage=ca,
+                  ca_path_length=1)
     xk = rsa.generate_private_key(65537, 2048)
-    xc = _issue(_name("Other", "Stranger"), xk.public_key(), other, ok, days=10,
-                key_usage=_key_usage(digital_signature=True, key_encipherment=True), eku=eku, san=san)
+    xc = issue(subject_name("Other", "Stranger"), xk.public_key(), other, ok, days=10,
+                key_usage=make_key_usage(digital_signature=True, key_encipherment=True), eku=eku, san=san)
     pki = Pki(directory, root, inter, (sc, sk), (ecc, ek_), (nc, nk), other, (xc, xk))
     for name, cert, key in (("root", root, rk), ("inter", inter, ik), ("sign", sc, sk), ("sign-ec", ecc, ek_),
                             ("enc", nc, nk), ("other-root", other, ok), ("stranger", xc, xk)):
-        (directory / f"{name}.pem").write_bytes(_cert_pem(cert))
-        (directory / f"{name}.key").write_bytes(_key_pem(key))
+        (directory / f"{name}.pem").write_bytes(cert_pem(cert))
+        (directory / f"{name}.key").write_bytes(key_pem(key))
     return pki
 
 
@@ -133,7 +134,7 @@ class NssDb:
 
     def add_cert(self, nick: str, cert: x509.Certificate, trust: str = ",,") -> None:
         path = self.dir / f"{nick}.pem"
-        path.write_bytes(_cert_pem(cert))
+        path.write_bytes(cert_pem(cert))
         run("certutil", "-A", "-d", self.db, "-n", nick, "-t", trust, "-a", "-i", str(path))
 
     def add_key(self, nick: str, cert: x509.Certificate, key: rsa.RSAPrivateKey,

@@ -12,7 +12,8 @@ from cryptography import x509
 
 from tests.cms_tools import NssDb, openssl, replace_encrypted_key
 from tests.conftest import Service
-from tokenbridge.tools.demo import NATIONAL_EMAIL, ORG_EMAIL, DemoInfo
+from tokenbridge.tools.demo import DemoInfo
+from tokenbridge.tools.demo_pki import NATIONAL_EMAIL, ORG_EMAIL
 
 DATA = os.urandom(3000) + b"\r\nfin\r\n"
 GRANTS = "cms-sign,cms-encrypt,cms-decrypt,smime-send"

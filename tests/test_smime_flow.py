@@ -17,7 +17,8 @@ import pytest
 from aiosmtpd.controller import Controller
 
 from tests.conftest import TB, Service, free_port
-from tokenbridge.tools.demo import NATIONAL_EMAIL, ORG_EMAIL, DemoInfo
+from tokenbridge.tools.demo import DemoInfo
+from tokenbridge.tools.demo_pki import NATIONAL_EMAIL, ORG_EMAIL
 from tokenbridge.tools.registry_sim import RegistrySimulator
 
 

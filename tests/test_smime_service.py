@@ -14,7 +14,8 @@ from cryptography import x509
 
 from tests.cms_tools import NssDb, openssl
 from tests.conftest import Service
-from tokenbridge.tools.demo import NATIONAL_EMAIL, ORG_EMAIL, DemoInfo
+from tokenbridge.tools.demo import DemoInfo
+from tokenbridge.tools.demo_pki import NATIONAL_EMAIL, ORG_EMAIL
 
 GRANTS = "cms-sign,cms-encrypt,cms-decrypt,smime-send"
 ZIP = b"PK\x05\x06" + b"\x00" * 18  # an empty zip archive

@@ -21,8 +21,6 @@ with its own configuration, for serving.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import ipaddress
 import json
 import os
 import secrets
@@ -36,15 +34,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.hazmat.primitives.asymmetric.types import (
-    CertificateIssuerPrivateKeyTypes,
-    CertificatePublicKeyTypes,
-)
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from tokenbridge.config import DEFAULT_PORT, Settings, load_settings
+from tokenbridge.tools.demo_pki import (
+    DEMO_KEYS,
+    cert_pem,
+    issue_token_certificate,
+    key_pem,
+    write_file,
+    write_software_pki,
+)
 
 TOKEN_LABEL = "tokenbridge-demo"
 SOFTHSM_MODULES = (  # Debian/Ubuntu first; the others as in drivers/softhsm2.toml
@@ -73,35 +74,7 @@ log.level = ERROR
 slots.removable = false
 """
 
-ORG_EMAIL = "enregistrement@hlm-demo.example"
-NATIONAL_EMAIL = "sne@national.example"
-ORG_NAME = x509.Name(
-    [
-        x509.NameAttribute(NameOID.COUNTRY_NAME, "FR"),
-        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "HLM Demo Habitat"),
-        x509.NameAttribute(NameOID.ORGANIZATION_IDENTIFIER, "NTRFR-123456789"),
-        x509.NameAttribute(NameOID.COMMON_NAME, "HLM Demo Habitat - Service enregistrement"),
-    ]
-)
 _PIN_ALPHABET = string.ascii_letters + string.digits  # no '-' first: softhsm2-util takes it as an option
-
-
-@dataclass(frozen=True)
-class DemoKey:
-    """One key pair on the demo token, with its certificate stored beside it."""
-
-    label: str
-    key_id: bytes
-    kind: Literal["rsa", "ec"]
-    sign: bool
-    decrypt: bool
-
-
-DEMO_KEYS: tuple[DemoKey, ...] = (
-    DemoKey("sign-rsa", b"\x01", "rsa", sign=True, decrypt=False),
-    DemoKey("encrypt-rsa", b"\x02", "rsa", sign=False, decrypt=True),
-    DemoKey("auth-ec", b"\x03", "ec", sign=True, decrypt=False),
-)
 
 
 class DemoError(Exception):
@@ -220,16 +193,6 @@ def init_demo(directory: Path, force: bool = False) -> DemoInfo:
     return _info(directory, created=True)
 
 
-def _write(path: Path, data: str | bytes, mode: int = 0o644) -> None:
-    raw = data.encode() if isinstance(data, str) else data
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
-    try:
-        os.fchmod(fd, mode)  # also when the file existed, and whatever the umask
-        os.write(fd, raw)
-    finally:
-        os.close(fd)
-
-
 def _new_pin(length: int = 16) -> str:
     return "".join(secrets.choice(_PIN_ALPHABET) for _ in range(length))
 
@@ -238,11 +201,11 @@ def _create(directory: Path, softhsm_util: str, module: Path) -> None:
     info = _info(directory, created=True)
     tokens = info.token_dir
     tokens.mkdir(mode=0o700)
-    _write(info.softhsm_conf, _SOFTHSM_CONF_TEMPLATE.format(marker=_CONF_MARKER, tokendir=tokens))
+    write_file(info.softhsm_conf, _SOFTHSM_CONF_TEMPLATE.format(marker=_CONF_MARKER, tokendir=tokens))
 
     pin, so_pin = _new_pin(), _new_pin()
-    _write(info.pin_file, pin, 0o600)
-    _write(info.so_pin_file, so_pin, 0o600)
+    write_file(info.pin_file, pin, 0o600)
+    write_file(info.so_pin_file, so_pin, 0o600)
     env = {**os.environ, "SOFTHSM2_CONF": str(info.softhsm_conf)}
     cmd = [softhsm_util, "--init-token", "--free", "--label", TOKEN_LABEL, "--so-pin", so_pin, "--pin", pin]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60, check=False)
@@ -252,19 +215,19 @@ def _create(directory: Path, softhsm_util: str, module: Path) -> None:
     pki = info.pki_dir
     pki.mkdir(mode=0o700)
     pki.chmod(0o700)
-    issuer_cert, issuer_key = _write_software_pki(pki)
+    issuer_cert, issuer_key = write_software_pki(pki)
     job = {
         "softhsm_conf": str(info.softhsm_conf),
         "module": str(module),
         "token_label": TOKEN_LABEL,
         "pin": pin,
         "issuer_cert": issuer_cert.public_bytes(serialization.Encoding.PEM).decode(),
-        "issuer_key": _key_pem(issuer_key).decode(),
+        "issuer_key": key_pem(issuer_key).decode(),
     }
-    for label, cert_pem in _run_token_worker(job).items():
-        _write(pki / f"{label}.pem", cert_pem)
+    for label, pem in _run_token_worker(job).items():
+        write_file(pki / f"{label}.pem", pem)
 
-    _write(info.config_file, _config_toml(info.softhsm_conf))
+    write_file(info.config_file, _config_toml(info.softhsm_conf))
     try:
         settings = load_settings(info.config_file)
     except Exception as exc:
@@ -305,179 +268,6 @@ host = "127.0.0.1"
 port = {DEFAULT_PORT}
 
 {recipients}"""
-
-
-# --- software PKI (cryptography only) ---------------------------------------------------------
-
-
-def _name(organisation: str, common_name: str) -> x509.Name:
-    return x509.Name(
-        [
-            x509.NameAttribute(NameOID.COUNTRY_NAME, "FR"),
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, organisation),
-            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
-        ]
-    )
-
-
-ROOT_NAME = _name("Tokenbridge Demo", "Tokenbridge Demo Root CA")
-ISSUING_NAME = _name("Tokenbridge Demo", "Tokenbridge Demo Issuing CA")
-NATIONAL_NAME = _name("Systeme National d'Enregistrement (demo)", "SNE Demo")
-NATIONAL_TLS_NAME = _name("Systeme National d'Enregistrement (demo)", "localhost")
-
-
-def _key_usage(**flags: bool) -> x509.KeyUsage:
-    names = (
-        "digital_signature",
-        "content_commitment",
-        "key_encipherment",
-        "data_encipherment",
-        "key_agreement",
-        "key_cert_sign",
-        "crl_sign",
-        "encipher_only",
-        "decipher_only",
-    )
-    unknown = set(flags) - set(names)
-    if unknown:
-        raise ValueError(f"unknown key usages: {unknown}")
-    return x509.KeyUsage(**{name: flags.get(name, False) for name in names})
-
-
-def _issue(
-    subject: x509.Name,
-    public_key: CertificatePublicKeyTypes,
-    issuer: x509.Certificate | None,
-    issuer_key: CertificateIssuerPrivateKeyTypes,
-    *,
-    days: int,
-    key_usage: x509.KeyUsage,
-    ca_path_length: int | Literal[False] | None = False,
-    eku: Sequence[x509.ObjectIdentifier] = (),
-    san: Sequence[x509.GeneralName] = (),
-) -> x509.Certificate:
-    """Issue a certificate (self-signed when ``issuer`` is None). ``ca_path_length=False``: not a CA."""
-    now = dt.datetime.now(dt.UTC)
-    not_after = now + dt.timedelta(days=days)
-    if issuer is not None:
-        not_after = min(not_after, issuer.not_valid_after_utc)
-    is_ca = ca_path_length is not False
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer.subject if issuer is not None else subject)
-        .public_key(public_key)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(hours=1))
-        .not_valid_after(not_after)
-        .add_extension(
-            x509.BasicConstraints(ca=is_ca, path_length=ca_path_length if is_ca else None), critical=True
-        )
-        .add_extension(key_usage, critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-    )
-    if issuer is not None:
-        ski = issuer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-        aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
-    else:
-        aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key())
-    builder = builder.add_extension(aki, critical=False)
-    if eku:
-        builder = builder.add_extension(x509.ExtendedKeyUsage(list(eku)), critical=False)
-    if san:
-        builder = builder.add_extension(x509.SubjectAlternativeName(list(san)), critical=False)
-    return builder.sign(issuer_key, hashes.SHA256())
-
-
-def _key_pem(key: CertificateIssuerPrivateKeyTypes) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-
-
-def _cert_pem(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(serialization.Encoding.PEM)
-
-
-def _write_software_pki(pki: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    """Root CA, issuing CA and the national system's certificates; return the issuing CA."""
-    ca_usage = _key_usage(key_cert_sign=True, crl_sign=True)
-    root_key = ec.generate_private_key(ec.SECP256R1())
-    root = _issue(
-        ROOT_NAME, root_key.public_key(), None, root_key, days=3652, key_usage=ca_usage, ca_path_length=1
-    )
-    issuing_key = ec.generate_private_key(ec.SECP256R1())
-    issuing = _issue(
-        ISSUING_NAME,
-        issuing_key.public_key(),
-        root,
-        root_key,
-        days=3652,
-        key_usage=ca_usage,
-        ca_path_length=0,
-    )
-
-    national_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    national = _issue(
-        NATIONAL_NAME,
-        national_key.public_key(),
-        issuing,
-        issuing_key,
-        days=730,
-        key_usage=_key_usage(digital_signature=True, key_encipherment=True),
-        eku=[ExtendedKeyUsageOID.EMAIL_PROTECTION],
-        san=[x509.RFC822Name(NATIONAL_EMAIL)],
-    )
-    tls_key = ec.generate_private_key(ec.SECP256R1())
-    tls = _issue(
-        NATIONAL_TLS_NAME,
-        tls_key.public_key(),
-        issuing,
-        issuing_key,
-        days=730,
-        key_usage=_key_usage(digital_signature=True),
-        eku=[ExtendedKeyUsageOID.SERVER_AUTH],
-        san=[x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
-    )
-
-    _write(pki / "root-ca.pem", _cert_pem(root))
-    _write(pki / "root-ca.key", _key_pem(root_key), 0o600)
-    _write(pki / "intermediate-ca.pem", _cert_pem(issuing))
-    _write(pki / "intermediate-ca.key", _key_pem(issuing_key), 0o600)
-    _write(pki / "ca-chain.pem", _cert_pem(issuing) + _cert_pem(root))
-    _write(pki / "national.pem", _cert_pem(national))
-    _write(pki / "national.key", _key_pem(national_key), 0o600)
-    _write(pki / "national-tls.pem", _cert_pem(tls))
-    _write(pki / "national-tls.key", _key_pem(tls_key), 0o600)
-    return issuing, issuing_key
-
-
-def issue_token_certificate(
-    key: DemoKey,
-    public_key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey,
-    issuer: x509.Certificate,
-    issuer_key: CertificateIssuerPrivateKeyTypes,
-) -> x509.Certificate:
-    """The organisation's certificate for one token key (2 years), profile chosen by label."""
-    profiles: dict[str, tuple[x509.KeyUsage, list[x509.ObjectIdentifier]]] = {
-        "sign-rsa": (
-            _key_usage(digital_signature=True, content_commitment=True),
-            [ExtendedKeyUsageOID.EMAIL_PROTECTION, ExtendedKeyUsageOID.CLIENT_AUTH],
-        ),
-        "encrypt-rsa": (_key_usage(key_encipherment=True), [ExtendedKeyUsageOID.EMAIL_PROTECTION]),
-        "auth-ec": (_key_usage(digital_signature=True), [ExtendedKeyUsageOID.CLIENT_AUTH]),
-    }
-    usage, eku = profiles[key.label]
-    return _issue(
-        ORG_NAME,
-        public_key,
-        issuer,
-        issuer_key,
-        days=730,
-        key_usage=usage,
-        eku=eku,
-        san=[x509.RFC822Name(ORG_EMAIL)],
-    )
 
 
 # --- the child process that loads the PKCS#11 module -----------------------------------------
@@ -530,7 +320,7 @@ def _token_worker(job: dict[str, str]) -> dict[str, str]:
             provision.store_certificate(
                 session, key.label, key.key_id, cert.public_bytes(serialization.Encoding.DER)
             )
-            certificates[key.label] = _cert_pem(cert).decode()
+            certificates[key.label] = cert_pem(cert).decode()
     return certificates
 
 
