@@ -23,6 +23,7 @@ from tokenbridge.formats import smime as fmt
 from tokenbridge.formats import x509 as x509h
 from tokenbridge.formats.cms_asn1 import to_pem
 from tokenbridge.formats.cms_envelope import CONTENT_CIPHERS, KEY_TRANSPORTS
+from tokenbridge.formats.mime_stream import Parts
 from tokenbridge.services.cms import CmsService
 from tokenbridge.services.smime import ComposeRequest, SmimeService
 
@@ -182,7 +183,7 @@ async def cms_verify(request: Request, caller: Caller,
 _STREAM_THRESHOLD = 256 * 1024
 
 
-def _mime_response(message: fmt.Parts | bytes, headers: dict[str, str] | None = None) -> Response:
+def _mime_response(message: Parts | bytes, headers: dict[str, str] | None = None) -> Response:
     """message/rfc822; a large message made of parts is streamed as it is produced (e.g. encrypted),
     with its exact Content-Length, instead of being joined into one more copy."""
     if isinstance(message, bytes):

@@ -15,13 +15,14 @@ import email.policy
 import hashlib
 import re
 import secrets
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from email.message import EmailMessage, Message
 from email.utils import format_datetime, getaddresses, make_msgid, parseaddr
-from typing import Any, BinaryIO, Protocol
+from typing import Any, BinaryIO
 
 from tokenbridge.formats.cms_asn1 import Buffer, CmsError, preallocated_io
+from tokenbridge.formats.mime_stream import B64_BLOCK, Base64Lines, Parts, Stream, b64_block, b64_lines, b64_lines_size
 
 MICALG = {"sha256": "sha-256", "sha384": "sha-384", "sha512": "sha-512", "sha1": "sha1"}
 CONTENT_HEADERS = ("content-type", "content-transfer-encoding", "content-disposition", "content-id",
@@ -147,120 +148,6 @@ def join_message_parts(outer: Sequence[bytes], entity: Buffer | Stream) -> Parts
     return Parts(b"".join(f + b"\r\n" for f in outer) + b"MIME-Version: 1.0\r\n", entity)
 
 
-# --- streams: messages whose size is known and whose bytes are produced while they are sent --------
-
-
-class Stream(Protocol):
-    """Bytes of a known ``size``, produced by ``chunks()`` (which may only work once)."""
-
-    @property
-    def size(self) -> int: ...
-
-    def chunks(self) -> Iterator[Buffer]: ...
-
-
-class Parts:
-    """The concatenation of bytes-like values and streams, never joined unless asked (``to_bytes``)."""
-
-    def __init__(self, *items: Buffer | Stream) -> None:
-        self.items: list[Buffer | Stream] = []
-        for i in items:
-            self.items.extend(i.items if isinstance(i, Parts) else [i])
-
-    @property
-    def size(self) -> int:
-        return sum(len(memoryview(i)) if isinstance(i, BUFFERS) else i.size for i in self.items)
-
-    @property
-    def is_static(self) -> bool:
-        """Only bytes-like items: ``chunks()`` can be read any number of times."""
-        return all(isinstance(i, BUFFERS) for i in self.items)
-
-    def chunks(self) -> Iterator[Buffer]:
-        for item in self.items:
-            if isinstance(item, BUFFERS):
-                if len(item):
-                    yield item
-            else:
-                yield from item.chunks()
-
-    def buffers(self) -> list[Buffer]:
-        """The items, which must all be bytes-like (e.g. an entity to hash, then to encrypt)."""
-        if not self.is_static:
-            raise TypeError("a stream can only be read once")
-        return [i for i in self.items if isinstance(i, BUFFERS)]
-
-    def contains(self, needle: bytes) -> bool:
-        """Whether ``needle`` occurs in the concatenation (also across two items)."""
-        search = re.compile(re.escape(needle)).search  # memoryviews have no find(); `in` would iterate
-        keep = len(needle) - 1
-        tail = b""
-        for item in self.buffers():
-            view = memoryview(item)
-            if search(view) or (tail and search(tail + bytes(view[:keep]))):
-                return True
-            tail = (tail + bytes(view))[-keep:] if len(view) < keep else bytes(view[len(view) - keep:])
-        return False
-
-    def to_bytes(self) -> bytes:
-        """One bytes object, written once into a buffer of the exact size (handed over without a copy)."""
-        if len(self.items) == 1 and isinstance(self.items[0], bytes):
-            return self.items[0]
-        size = self.size
-        out = preallocated_io(size)
-        for chunk in self.chunks():
-            out.write(chunk)
-        out.truncate(out.tell())
-        data = out.getvalue()
-        assert len(data) == size
-        return data
-
-
-BUFFERS = (bytes, bytearray, memoryview)
-_B64_BLOCK = 57 * 4096  # input bytes per base64 block: whole 76-character lines, about 300 KB out
-
-
-def b64_lines_size(n: int) -> int:
-    chars = 4 * ((n + 2) // 3)
-    return chars + 2 * ((chars + 75) // 76)
-
-
-class Base64Lines:
-    """Base64 of a stream in 76-character CRLF lines (MIME), encoded block by block as it is read."""
-
-    def __init__(self, source: Stream) -> None:
-        self.source = source
-        self.size = b64_lines_size(source.size)
-
-    def chunks(self) -> Iterator[bytes]:
-        carry = bytearray()
-        for chunk in self.source.chunks():
-            view = memoryview(chunk)
-            if carry:
-                take = _B64_BLOCK - len(carry)
-                carry += view[:take]
-                view = view[take:]
-                if len(carry) < _B64_BLOCK:
-                    continue
-                yield _b64_block(carry)
-                carry = bytearray()
-            full = len(view) - len(view) % _B64_BLOCK
-            for off in range(0, full, _B64_BLOCK):
-                yield _b64_block(view[off:off + _B64_BLOCK])
-            carry += view[full:]
-        if carry:
-            yield _b64_block(carry)
-
-
-def _b64_block(data: Buffer) -> bytes:
-    b64 = binascii.b2a_base64(data, newline=False)
-    return b"\r\n".join([b64[i:i + 76] for i in range(0, len(b64), 76)]) + b"\r\n"
-
-
-def _b64_lines(der: Buffer) -> bytes:
-    return _b64_block(der) if len(der) else b""
-
-
 def signed_multipart(entity: bytes, signature_der: bytes, hash_name: str) -> bytes:
     """multipart/signed around ``entity``, which is spliced in byte for byte."""
     parts = Parts(entity)
@@ -290,7 +177,7 @@ def signed_multipart_tail(boundary: bytes, signature_der: bytes) -> bytes:
             + b"Content-Transfer-Encoding: base64\r\n"
             + b'Content-Disposition: attachment; filename="smime.p7s"\r\n'
             + b"Content-Description: S/MIME Cryptographic Signature\r\n\r\n"
-            + _b64_lines(signature_der) + b"\r\n--" + boundary + b"--\r\n")
+            + b64_lines(signature_der) + b"\r\n--" + boundary + b"--\r\n")
 
 
 def signed_multipart_parts(entity: Parts, signature_der: bytes, hash_name: str, boundary: bytes) -> Parts:
@@ -307,7 +194,7 @@ def _pkcs7_head(smime_type: str) -> bytes:
 
 def pkcs7_mime(der: bytes, smime_type: str) -> bytes:
     """application/pkcs7-mime entity (enveloped-data, authEnveloped-data or signed-data)."""
-    return _pkcs7_head(smime_type) + _b64_lines(der)
+    return _pkcs7_head(smime_type) + b64_lines(der)
 
 
 def pkcs7_mime_stream(der: Stream, smime_type: str) -> Parts:
@@ -384,8 +271,8 @@ def compose_entity_parts(text: str, attachments: Sequence[Attachment | EncodedAt
             if not maintype or not subtype:
                 maintype, subtype = "application", "octet-stream"
             marker = secrets.token_bytes(45)  # one 60-character base64 line, unique in the message
-            lines = a.lines if isinstance(a, EncodedAttachment) else _b64_lines(a.data)
-            markers.append((_b64_lines(marker), lines))
+            lines = a.lines if isinstance(a, EncodedAttachment) else b64_lines(a.data)
+            markers.append((b64_lines(marker), lines))
             body.add_attachment(marker, maintype=maintype, subtype=subtype, filename=a.filename)
     del body["MIME-Version"]
     for part in body.walk():
@@ -407,12 +294,12 @@ def mime_base64(value: str) -> bytes:
     """
     n = len(value)
     if n % 4 or value.find("=", 0, max(0, n - 2)) >= 0:  # invalid, or padding inside: let the full decoder say
-        return _b64_lines(base64.b64decode(value, validate=True))
+        return b64_lines(base64.b64decode(value, validate=True))
     size = n // 4 * 3 - (value.endswith("==") + value.endswith("="))
     out = preallocated_io(b64_lines_size(size))
-    step = _B64_BLOCK // 3 * 4  # whole 76-character lines per block
+    step = B64_BLOCK // 3 * 4  # whole 76-character lines per block
     for off in range(0, n, step):
-        out.write(_b64_block(base64.b64decode(value[off:off + step], validate=True)))
+        out.write(b64_block(base64.b64decode(value[off:off + step], validate=True)))
     return out.getvalue()
 
 

@@ -26,6 +26,7 @@ from tokenbridge.errors import Problem
 from tokenbridge.formats import smime as fmt
 from tokenbridge.formats import x509 as x509h
 from tokenbridge.formats.cms_asn1 import CmsError
+from tokenbridge.formats.mime_stream import Parts
 from tokenbridge.services.cms import CmsService, problem
 from tokenbridge.services.principal import Principal
 from tokenbridge.token.model import KeyInfo
@@ -69,7 +70,7 @@ class ComposeRequest(BaseModel):
 
 @dataclass(frozen=True)
 class Composed:
-    body: fmt.Parts  # the message as parts (a stream when encrypted: read it once)
+    body: Parts  # the message as parts (a stream when encrypted: read it once)
     message_id: str
     sender: str
     recipients: list[str]
@@ -97,13 +98,13 @@ class SmimeService:
 
     async def sign_entity(self, principal: Principal, entity: bytes, key_ref: str | None, algorithm: str | None,
                           opaque: bool = False) -> bytes:
-        signed, _ = await self.sign_parts(principal, fmt.Parts(fmt.canonicalize(entity)), key_ref, algorithm,
+        signed, _ = await self.sign_parts(principal, Parts(fmt.canonicalize(entity)), key_ref, algorithm,
                                           opaque=opaque)
         return signed.to_bytes()
 
-    async def sign_parts(self, principal: Principal, entity: fmt.Parts, key_ref: str | None,
+    async def sign_parts(self, principal: Principal, entity: Parts, key_ref: str | None,
                          algorithm: str | None, opaque: bool = False, audit_hash: bool = False
-                         ) -> tuple[fmt.Parts, str | None]:
+                         ) -> tuple[Parts, str | None]:
         """Sign a canonical entity held as parts; the signed entity refers to them (no copy).
 
         Only the digest goes to the token. ``audit_hash``: also return the SHA-256 of the signed entity,
@@ -117,7 +118,7 @@ class SmimeService:
             digest = await _digest(hash_name, content)
             der = await self.cms.sign(principal, key, alg, digest, content)
             del content
-            return fmt.Parts(fmt.pkcs7_mime(der, "signed-data")), None
+            return Parts(fmt.pkcs7_mime(der, "signed-data")), None
         boundary = fmt.new_boundary(entity)
         head = fmt.signed_multipart_head(boundary, hash_name)
         hasher = hashlib.new(hash_name)
@@ -131,16 +132,16 @@ class SmimeService:
         tail = fmt.signed_multipart_tail(boundary, der)
         if whole is not None:
             whole.update(tail)
-        return fmt.Parts(head, entity, tail), whole.hexdigest() if whole is not None else None
+        return Parts(head, entity, tail), whole.hexdigest() if whole is not None else None
 
     async def encrypt_entity(self, principal: Principal, entity: bytes, to: Sequence[str], key_transport: str,
                              cipher: str) -> bytes:
-        encrypted = await self.encrypt_parts(principal, fmt.Parts(fmt.canonicalize(entity)), to, key_transport,
+        encrypted = await self.encrypt_parts(principal, Parts(fmt.canonicalize(entity)), to, key_transport,
                                              cipher)
         return encrypted.to_bytes()
 
-    async def encrypt_parts(self, principal: Principal, entity: fmt.Parts, to: Sequence[str], key_transport: str,
-                            cipher: str, content_sha256: str | None = None) -> fmt.Parts:
+    async def encrypt_parts(self, principal: Principal, entity: Parts, to: Sequence[str], key_transport: str,
+                            cipher: str, content_sha256: str | None = None) -> Parts:
         """application/pkcs7-mime of a canonical entity; the ciphertext is made while the result is read."""
         principal.require("cms-encrypt")
         envelope = await self.cms.encrypt_parts(principal, entity.buffers(), to, key_transport=key_transport,
@@ -148,7 +149,7 @@ class SmimeService:
         return fmt.pkcs7_mime_stream(envelope, "authEnveloped-data" if cipher.endswith("gcm") else "enveloped-data")
 
     async def sign_message(self, principal: Principal, raw: bytes, key_ref: str | None, algorithm: str | None,
-                           opaque: bool = False, canonical: bool = False) -> fmt.Parts:
+                           opaque: bool = False, canonical: bool = False) -> Parts:
         """The message signed, as parts referring to ``raw`` (canonical input is not copied).
 
         ``canonical``: ``raw`` is known to have CRLF line endings (the API canonicalizes while reading).
@@ -158,14 +159,14 @@ class SmimeService:
         return fmt.join_message_parts(outer, signed)
 
     async def encrypt_message(self, principal: Principal, raw: bytes, to: Sequence[str], key_transport: str,
-                              cipher: str, canonical: bool = False) -> fmt.Parts:
+                              cipher: str, canonical: bool = False) -> Parts:
         """The message encrypted, as a stream: read it once (e.g. as the response body)."""
         outer, entity = fmt.split_entity_parts(raw, canonical)
         return fmt.join_message_parts(outer, await self.encrypt_parts(principal, entity, to, key_transport, cipher))
 
     async def sign_and_encrypt_message(self, principal: Principal, raw: bytes, to: Sequence[str],
                                        key_ref: str | None, algorithm: str | None, key_transport: str,
-                                       cipher: str, canonical: bool = False) -> fmt.Parts:
+                                       cipher: str, canonical: bool = False) -> Parts:
         """Sign, then encrypt: the same bytes as ``encrypt_message(sign_message(raw))``, in one pass."""
         outer, entity = fmt.split_entity_parts(raw, canonical)
         signed, sha256 = await self.sign_parts(principal, entity, key_ref, algorithm, audit_hash=True)
