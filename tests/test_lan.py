@@ -113,6 +113,45 @@ def test_secrets_still_work_on_the_tls_listener_and_tls_is_modern(hub: Service) 
         httpx.get(f"http://127.0.0.1:{hub.port}/v1/health", timeout=5)
 
 
+def test_a_secret_through_a_workstation_never_gets_more_keys_than_both_allow(hub: Service, tmp_path: Path) -> None:
+    """Key lists name keys by id or by label: they are compared as keys, and an empty overlap allows none."""
+    ca = hub.data_dir / "tls" / "ca.pem"
+    admin = json.loads(cli(hub.data_dir, hub.config, "clients", "add", "lister", "--grant", "sign", "--json").stdout)
+    with hub.http(admin["secret"]) as c:
+        ids = {k["label"]: k["id"] for k in c.get("/v1/keys").json()}
+    ec_sign = {"algorithm": "ecdsa-sha256", "data": DATA}
+
+    def secret(name: str, keys: str) -> str:
+        return str(json.loads(cli(hub.data_dir, hub.config, "clients", "add", name, "--grant", "sign", "--keys", keys,
+                                  "--json").stdout)["secret"])
+
+    def workstation(name: str, keys: str) -> Workstation:
+        out = json.loads(cli(hub.data_dir, hub.config, "workstations", "enroll", name, "--grant", "sign", "--keys",
+                             keys, "--json").stdout)
+        return Workstation(tmp_path, name, Path(out["credential"]), out["password"])
+
+    # The same key named by id on one side and by label on the other: that key, and only that one.
+    ws4, signer = workstation("guichet-ids", ids["sign-rsa"]), secret("signer", "sign-rsa")
+    with httpx.Client(base_url=hub.url, verify=ws4.context(ca), headers={"Authorization": f"Bearer {signer}"}) as c:
+        assert [k["label"] for k in c.get("/v1/keys").json()] == ["sign-rsa"]
+        assert c.post("/v1/keys/sign-rsa/sign", json=SIGN).status_code == 200
+        r = c.post("/v1/keys/auth-ec/sign", json=ec_sign)
+        assert r.status_code == 403 and r.json()["code"] == "key_not_granted", r.text
+    # No key in common: no key at all (it used to mean every key).
+    ws5, other = workstation("guichet-ec", "auth-ec"), secret("rsa-only", ids["sign-rsa"])
+    with httpx.Client(base_url=hub.url, verify=ws5.context(ca), headers={"Authorization": f"Bearer {other}"}) as c:
+        assert c.get("/v1/keys").json() == []
+        for label, body in (("sign-rsa", SIGN), ("auth-ec", ec_sign), ("encrypt-rsa", SIGN)):
+            r = c.post(f"/v1/keys/{label}/sign", json=body)
+            assert r.status_code == 403 and r.json()["code"] == "key_not_granted", (label, r.text)
+    # Each alone keeps its own list; a list naming no key allows none.
+    with httpx.Client(base_url=hub.url, verify=ws5.context(ca)) as c:
+        assert [k["label"] for k in c.get("/v1/keys").json()] == ["auth-ec"]
+    with hub.http(secret("typo", "sign-rsa-old")) as c:
+        assert c.get("/v1/keys").json() == []
+        assert c.post("/v1/keys/sign-rsa/sign", json=SIGN).status_code == 403
+
+
 def test_foreign_workstation_certificate_is_refused(hub: Service, demo, tmp_path: Path) -> None:
     ca = hub.data_dir / "tls" / "ca.pem"
     other = tmp_path / "other-hub"

@@ -11,7 +11,7 @@ from fastapi.security import HTTPBearer
 
 from tokenbridge.errors import Problem
 from tokenbridge.services.bridge import Bridge
-from tokenbridge.services.principal import OPERATOR, Principal
+from tokenbridge.services.principal import OPERATOR, Principal, resolve_keys, restrict
 from tokenbridge.state.audit import AuditUnavailable
 from tokenbridge.state.clients import Client
 
@@ -79,15 +79,19 @@ async def principal(request: Request) -> Principal:
         raise _unauthorized("this service needs a workstation certificate (see `tokenbridge workstations enroll`)")
     if client is None and workstation is None:
         raise _unauthorized("send 'Authorization: Bearer <secret>' (create one with `tokenbridge clients add`)")
+    # Key lists name keys by id or label: resolved to ids before they are combined (an empty overlap allows
+    # no key; only a list left empty by the operator means every key).
+    token_keys = bridge.owner.list_keys()
     if client is not None and workstation is not None:
         # Through a workstation, a client can do no more than the workstation itself may.
-        keys = client.keys & workstation.keys if client.keys and workstation.keys else client.keys | workstation.keys
-        return Principal(name=client.name, grants=client.grants & workstation.grants, keys=frozenset(keys),
+        keys = restrict(resolve_keys(client.keys, token_keys), resolve_keys(workstation.keys, token_keys))
+        return Principal(name=client.name, grants=client.grants & workstation.grants, keys=keys,
                          via=workstation.name)
     if client is not None:
-        return Principal(name=client.name, grants=client.grants, keys=client.keys)
+        return Principal(name=client.name, grants=client.grants, keys=resolve_keys(client.keys, token_keys))
     assert workstation is not None
-    return Principal(name=workstation.name, grants=workstation.grants, keys=workstation.keys, kind="workstation")
+    return Principal(name=workstation.name, grants=workstation.grants,
+                     keys=resolve_keys(workstation.keys, token_keys), kind="workstation")
 
 
 async def operator(request: Request) -> Principal:

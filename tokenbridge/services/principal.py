@@ -2,17 +2,40 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from tokenbridge.errors import Problem
 from tokenbridge.token.model import KeyInfo
+
+ANY_KEY = None  # a principal's ``keys``: no restriction. Never an empty set, which means "no key at all".
+
+
+def resolve_keys(refs: frozenset[str], keys: Iterable[KeyInfo]) -> frozenset[str] | None:
+    """A stored key list (ids or labels, as an operator typed them) as the ids of the keys it names.
+
+    An empty stored list is "every key" (``ANY_KEY``). A list whose names match no key resolves to the
+    empty set, which allows no key: a name can never widen what a caller may use.
+    """
+    if not refs:
+        return ANY_KEY
+    return frozenset(k.id for k in keys if k.id in refs or k.label in refs)
+
+
+def restrict(a: frozenset[str] | None, b: frozenset[str] | None) -> frozenset[str] | None:
+    """What two restrictions allow together: the keys both allow (``ANY_KEY`` restricts nothing)."""
+    if a is ANY_KEY:
+        return b
+    if b is ANY_KEY:
+        return a
+    return a & b
 
 
 @dataclass(frozen=True)
 class Principal:
     name: str
     grants: frozenset[str]
-    keys: frozenset[str] = frozenset()  # empty: every key
+    keys: frozenset[str] | None = ANY_KEY  # key ids; ANY_KEY (None): every key; empty: none
     operator: bool = False
     kind: str = "client"  # or "workstation"
     via: str | None = None  # the workstation a client's request came through
@@ -29,7 +52,7 @@ class Principal:
                           title="Forbidden")
 
     def may_use(self, key: KeyInfo) -> bool:
-        return self.operator or not self.keys or key.id in self.keys or key.label in self.keys
+        return self.operator or self.keys is ANY_KEY or key.id in self.keys
 
     def require_key(self, key: KeyInfo) -> None:
         if not self.may_use(key):

@@ -33,16 +33,13 @@ class Client:
     client_id: str
     name: str
     grants: frozenset[str]
-    keys: frozenset[str]  # empty: every key
+    keys: frozenset[str]  # ids or labels as the operator typed them; empty: every key (services/principal.py)
     created: str
     revoked: str | None
     last_seen: str | None
     kind: str = "client"  # or "workstation": authenticated by its certificate
     cert_sha256: str | None = None
     prev_cert_sha256: str | None = None  # renewed: the old certificate, accepted until the new one is used
-
-    def may_use(self, key_id: str, key_label: str) -> bool:
-        return not self.keys or key_id in self.keys or key_label in self.keys
 
 
 def _now() -> str:
