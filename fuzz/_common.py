@@ -287,7 +287,9 @@ class App:
         query = urllib.parse.quote_from_bytes(query, safe="/%:@!$&'()*+,;=-._~?").encode("ascii")
         scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
                  "scheme": "http", "path": urllib.parse.unquote(raw_path.decode("ascii")), "raw_path": raw_path,
-                 "query_string": query, "root_path": "", "headers": headers or [],
+                 "query_string": query, "root_path": "",
+                 # A client on this machine, addressing the service by its name (tokenbridge/loopback.py).
+                 "headers": [(b"host", b"127.0.0.1:8155"), *(headers or [])],
                  "client": ("127.0.0.1", 40000), "server": ("127.0.0.1", 8155)}
         sent = False
 

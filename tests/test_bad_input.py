@@ -72,7 +72,12 @@ def test_key_operations_check_the_caller_before_the_body(workstation: httpx.Clie
     assert r.status_code == 401 and r.json()["code"] == "unauthorized"  # nothing about the body is revealed
     r = workstation.post("/v1/keys/sign-rsa/sign", content=json.dumps({"algorithm": "rsa-pkcs1v15-sha256",
                                                                        "data": GOOD}),
-                         headers={"content-type": "text/plain"})
+                         headers={"content-type": "text/plain"})  # what a web page can send unasked
+    assert r.status_code == 415 and r.json()["code"] == "unsupported_media_type"
+    assert "application/json" in r.json()["detail"]
+    r = workstation.post("/v1/keys/sign-rsa/sign", content=json.dumps({"algorithm": "rsa-pkcs1v15-sha256",
+                                                                       "data": GOOD}),
+                         headers={"content-type": "application/xml"})
     assert r.status_code == 422 and r.json()["code"] == "invalid_request"
     assert "application/json" in r.json()["detail"]
     r = workstation.post("/v1/keys/sign-rsa/sign", content=json.dumps({"algorithm": "rsa-pkcs1v15-sha256",
@@ -174,7 +179,7 @@ def test_slow_second_request_is_closed_too(fresh_service) -> None:
 
     svc: Service = fresh_service({"TOKENBRIDGE_SERVER__FIRST_REQUEST_TIMEOUT": "1"})
     s = socket.create_connection(("127.0.0.1", svc.port))
-    s.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+    s.sendall(f"GET /v1/health HTTP/1.1\r\nHost: 127.0.0.1:{svc.port}\r\n\r\n".encode())
     s.settimeout(5)
     assert b"200 OK" in s.recv(4096)
     s.sendall(b"GET /v1/health HTTP/1.1\r\n")  # a second request that never completes
@@ -229,13 +234,14 @@ def test_a_bug_in_a_key_operation_is_a_500_problem_and_the_service_goes_on(tmp_p
     import _common
 
     app = _common.App()
-    headers = [(b"authorization", b"Bearer " + app.secret.encode()), (b"content-type", b"application/json")]
+    headers = [(b"host", b"127.0.0.1:8155"), (b"authorization", b"Bearer " + app.secret.encode()),
+               (b"content-type", b"application/json")]
     body = json.dumps({"algorithm": "ecdsa-sha256", "data": GOOD}).encode()
 
     def call(data: bytes = body, with_headers: bool = True) -> tuple[int, dict[str, Any], BaseException | None]:
         scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
                  "scheme": "http", "path": "/v1/keys/auth-ec/sign", "raw_path": b"/v1/keys/auth-ec/sign",
-                 "query_string": b"", "root_path": "", "headers": headers if with_headers else [],
+                 "query_string": b"", "root_path": "", "headers": headers if with_headers else headers[:1],
                  "client": ("127.0.0.1", 40000), "server": ("127.0.0.1", 8155)}
         sent: list[dict[str, Any]] = []
 

@@ -251,6 +251,30 @@ def test_relay_without_local_secret_uses_the_workstation_identity(hub: Service, 
         relay.wait(10)
 
 
+def test_a_web_page_on_the_counter_cannot_use_the_relay(hub: Service, tmp_path: Path) -> None:
+    """With ``--local-auth none`` anything on the counter may sign: a web page in its browser may not."""
+    ws = enroll(hub, tmp_path, "guichet-web", "sign,cms-sign")
+    relay, port = start_relay(hub, ws, None, "--local-auth", "none")
+    local = f"http://127.0.0.1:{port}"
+    try:
+        wait_up(f"{local}/v1/health", relay)
+        # What a page can send without asking first: refused before it reaches the hub.
+        r = httpx.post(f"{local}/v1/cms/sign", content=b"demande", headers={"Content-Type": "text/plain"})
+        assert r.status_code == 415 and r.json()["code"] == "unsupported_media_type", r.text
+        r = httpx.post(f"{local}/v1/keys/auth-ec/sign", json={"algorithm": "ecdsa-sha256", "data": DATA},
+                       headers={"Origin": "https://evil.example"})
+        assert r.status_code == 403 and r.json()["code"] == "origin_refused", r.text
+        r = httpx.get(f"{local}/v1/health", headers={"Host": f"evil.example:{port}"})  # DNS rebinding
+        assert r.status_code == 403 and r.json()["code"] == "host_refused", r.text
+        # The registration software on the counter is unaffected.
+        r = httpx.post(f"{local}/v1/cms/sign", content=b"demande", headers={"Content-Type": "application/octet-stream"},
+                       timeout=30)
+        assert r.status_code == 200, r.text
+    finally:
+        relay.terminate()
+        relay.wait(10)
+
+
 def test_certificate_mode_cannot_be_bypassed(demo, tmp_path: Path) -> None:
     data = tmp_path / "strict-hub"
     data.mkdir()

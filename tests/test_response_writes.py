@@ -111,8 +111,9 @@ def test_expect_continue_and_pipelined_requests_are_answered(service: Service) -
     back to back on one connection get two whole answers, in order."""
     secret = service.add_client("one-write", "sign")
     body = json.dumps({"algorithm": "ecdsa-sha256", "data": base64.b64encode(b"x").decode()}).encode()
-    head = (f"POST /v1/keys/auth-ec/sign HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {secret}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n").encode()
+    head = (f"POST /v1/keys/auth-ec/sign HTTP/1.1\r\nHost: 127.0.0.1:{service.port}\r\n"
+            f"Authorization: Bearer {secret}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n").encode()
     with socket.create_connection(("127.0.0.1", service.port), timeout=10) as sock:
         responses = _Responses(sock)
         sock.sendall(head + b"Expect: 100-continue\r\n\r\n")

@@ -397,6 +397,22 @@ def test_nginx_both_ways_in_with_large_streamed_bodies(proxied: Service, peers: 
     direct.close()
 
 
+def test_a_web_page_cannot_call_the_national_service_through_the_listener(proxied: Service) -> None:
+    """The listener is for the registration software: a page in a browser on the same PC is refused before
+    anything reaches the upstream with the organisation's certificate (and cannot read answers by DNS rebinding)."""
+    port = proxied.secrets["listen_port"]
+    listener = f"http://127.0.0.1:{port}"
+    before = counters(proxied, "nginx")["requests"]
+    for origin in ("https://evil.example", f"http://127.0.0.1:{port}", "null"):  # no browser use: any Origin
+        form = {"Origin": origin, "Content-Type": "application/x-www-form-urlencoded"}
+        r = httpx.post(f"{listener}/submit", content=b"a=1", headers=form)
+        assert r.status_code == 403 and r.json()["code"] == "origin_refused", r.text
+    r = httpx.get(f"{listener}/", headers={"Host": f"rebound.example:{port}"})
+    assert r.status_code == 403 and r.json()["code"] == "host_refused", r.text
+    assert counters(proxied, "nginx")["requests"] == before
+    assert httpx.get(f"{listener}/", timeout=30).status_code == 200  # the software itself is unaffected
+
+
 def test_listener_acts_as_its_client_and_never_forwards_a_bridge_secret(proxied: Service) -> None:
     listener = f"http://127.0.0.1:{proxied.secrets['fresh_listen_port']}"
     secret = proxied.secrets["app"]

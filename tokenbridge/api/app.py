@@ -15,6 +15,7 @@ from tokenbridge.api import admin, cms, problems, proxy, v1
 from tokenbridge.api.fast_route import DirectRoutes
 from tokenbridge.api.limits import BodyLimitMiddleware
 from tokenbridge.api.systemd import notify
+from tokenbridge.loopback import LoopbackGuard
 from tokenbridge.services.bridge import Bridge
 
 
@@ -24,7 +25,9 @@ class _App(FastAPI):
     body_limit: Callable[[ASGIApp], ASGIApp]
 
     def build_middleware_stack(self) -> ASGIApp:
-        return DirectRoutes(self, v1.key_operations.routes, super().build_middleware_stack(), self.body_limit)
+        # Outermost: Host, Origin and media types, before any route, direct ones included (tokenbridge/loopback.py).
+        return LoopbackGuard(DirectRoutes(self, v1.key_operations.routes, super().build_middleware_stack(),
+                                          self.body_limit))
 
 
 def create_app(bridge: Bridge, manage: bool = True) -> FastAPI:

@@ -24,6 +24,7 @@ from tokenbridge.api import problems
 from tokenbridge.api.auth import Caller, bridge_of
 from tokenbridge.config import Settings
 from tokenbridge.errors import Problem, ServeError
+from tokenbridge.loopback import LoopbackGuard
 from tokenbridge.services.principal import Principal, resolve_keys
 from tokenbridge.services.proxy import ProxyResponse, proxy_service
 
@@ -82,6 +83,8 @@ def listener_app(bridge: Any, name: str, client_name: str) -> FastAPI:
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
     app.state.bridge = bridge
     problems.install(app)
+    # For programs (the registration software), not browsers: any Origin refused; bodies go upstream as they are.
+    app.add_middleware(LoopbackGuard, browser=False, check_media=False)
 
     async def forward(request: Request) -> Response:
         client = bridge.clients.get(client_name)

@@ -23,11 +23,13 @@ import httpx
 import uvicorn
 from cryptography.hazmat.primitives import serialization
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from tokenbridge.config import is_loopback
+from tokenbridge.loopback import LoopbackGuard
 from tokenbridge.services.bridge_ca import load_credential
 
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
@@ -122,7 +124,8 @@ def create_relay_app(hub: str, ctx: ssl.SSLContext, local_auth: str = "pass-thro
 
     methods = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
     routes = [Route("/v1/{path:path}", forward, methods=methods), Route("/metrics", forward, methods=["GET"])]
-    return Starlette(routes=routes, lifespan=lifespan)
+    # A counter's browser reaches 127.0.0.1 too: Host, Origin and media types checked (tokenbridge/loopback.py).
+    return Starlette(routes=routes, lifespan=lifespan, middleware=[Middleware(LoopbackGuard)])
 
 
 def run_relay(hub: str, credential: Path, password: str, listen: str, expected_fingerprint: str | None,
