@@ -11,6 +11,7 @@ import datetime
 import hashlib
 import http.server
 import ipaddress
+import json
 import os
 import re
 import shutil
@@ -411,6 +412,34 @@ def test_a_web_page_cannot_call_the_national_service_through_the_listener(proxie
     assert r.status_code == 403 and r.json()["code"] == "host_refused", r.text
     assert counters(proxied, "nginx")["requests"] == before
     assert httpx.get(f"{listener}/", timeout=30).status_code == 200  # the software itself is unaffected
+
+
+def raw_get(port: int, target: str, secret: str | None = None) -> tuple[int, dict[str, Any]]:
+    """A request sent byte for byte (an HTTP library would resolve the dot segments itself)."""
+    auth = f"Authorization: Bearer {secret}\r\n" if secret else ""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{auth}Connection: close\r\n\r\n"
+                     .encode())
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body) if body.startswith(b"{") else {}
+
+
+def test_paths_cannot_leave_the_upstreams_base_path(proxied: Service) -> None:
+    """``..`` is resolved by the upstream, not by us: refused, plain or %-encoded, as are encoded slashes."""
+    before = counters(proxied, "nginx")["requests"]
+    listener = int(proxied.secrets["listen_port"])
+    for tail in ("../../admin/secret", "a/../../admin", "%2e%2e/admin", "%2E%2e/admin", "..%2Fadmin", "a%2f..%2fb",
+                 "a%5c..%5cb", "./x"):
+        status, body = raw_get(proxied.port, f"/v1/proxy/nginx/{tail}", proxied.secrets["app"])
+        assert (status, body.get("code")) == (400, "invalid_path"), (tail, status, body)
+        status, body = raw_get(listener, f"/{tail}")
+        assert (status, body.get("code")) == (400, "invalid_path"), (tail, status, body)
+    assert counters(proxied, "nginx")["requests"] == before  # nothing reached the upstream
+    status, _ = raw_get(proxied.port, "/v1/proxy/nginx/a%20b/..x/x..", proxied.secrets["app"])  # not dot segments
+    assert status != 400
 
 
 def test_listener_acts_as_its_client_and_never_forwards_a_bridge_secret(proxied: Service) -> None:

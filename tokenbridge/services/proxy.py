@@ -22,6 +22,7 @@ import contextlib
 import logging
 import ssl
 import threading
+import urllib.parse
 import weakref
 from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
@@ -225,6 +226,7 @@ class ProxyService:
         """Send one request upstream; returns once the response headers are in, body still streaming."""
         up = self.upstream(name)
         try:
+            path = safe_path(path)
             key = self.authorize(principal, up)
             pool = await asyncio.get_running_loop().run_in_executor(self.executor, self._ensure_pool, up, key)
             return await self._forward(principal, up, pool, method, path, query, headers, body,
@@ -333,6 +335,22 @@ class ProxyService:
         finally:
             calling.actor, calling.client = "service", ""
         return result
+
+
+def safe_path(path: bytes) -> bytes:
+    """The path to append to an upstream's base path, refused if it could leave that base path.
+
+    ``..`` and ``.`` segments (also %-encoded), encoded slashes and backslashes are refused: the upstream,
+    not us, would resolve them, and ``/v1/proxy/national/../../admin`` would reach ``/admin`` with the
+    organisation's certificate. %-escapes are otherwise passed on as they came.
+    """
+    for segment in path.split(b"/"):
+        decoded = urllib.parse.unquote_to_bytes(segment)
+        if decoded in (b".", b"..") or b"/" in decoded or b"\\" in decoded or b"\x00" in decoded:
+            raise Problem(f"the path {path.decode('latin-1')!r} has a '.' or '..' segment, or an encoded slash: "
+                          "it could leave the upstream's base path", code="invalid_path", status=400,
+                          title="Invalid path")
+    return path
 
 
 def _probe_refusal(up: Upstream, tls: ssl.SSLSocket) -> None:
