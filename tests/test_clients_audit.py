@@ -7,6 +7,7 @@ import hashlib
 import json
 import sqlite3
 import stat
+import urllib.parse
 
 from tests.conftest import Service
 
@@ -223,3 +224,22 @@ def test_renewal_keeps_the_certificate_in_use_until_the_new_one_and_revocation_s
     assert service.authenticate_certificate("d" * 64) is not None
     cli.revoke("guichet-2")
     assert service.authenticate_certificate("d" * 64) is None and service.authenticate_certificate("e" * 64) is None
+
+
+def test_a_client_cannot_write_escape_sequences_into_the_operators_terminal(service: Service) -> None:
+    """A refused request is audited with the key as the client typed it in the URL: stored shown safe and
+    short, and `audit tail` prints what clients wrote without interpreting it."""
+    nosign = service.http(service.add_client("escape-artist", "decrypt"))
+    evil = "\x1b[2J\x1b[31mFAKE ENTRY\x1b[0m[bold]x" + "A" * 5000
+    r = nosign.post(f"/v1/keys/{urllib.parse.quote(evil, safe='')}/sign",
+                    json={"algorithm": "ecdsa-sha256", "data": "AA=="})
+    assert r.status_code == 403 and r.json()["code"] == "grant_missing", r.text
+    r = nosign.post("/v1/keys/auth-ec/sign", json={"algorithm": "ecdsa-sha256", "data": "AA=="})
+    assert r.status_code == 403
+    entries = [json.loads(x) for x in service.cli("audit", "tail", "-n", "2", "--json").stdout.splitlines()]
+    typed, known = entries[-2]["key"], entries[-1]["key"]
+    assert typed.startswith("name:\\x1b[2J") and "\x1b" not in typed and len(typed) < 100, typed
+    key_ids = {k["label"]: k["id"] for k in service.http(service.add_client("looker", "sign")).get("/v1/keys").json()}
+    assert known == key_ids["auth-ec"]  # a key it names is audited by id
+    table = service.cli("audit", "tail", "-n", "2").stdout
+    assert "\x1b" not in table, table

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from tokenbridge.cli.common import ConfigOpt, console, fail, load
+from tokenbridge.cli.common import ConfigOpt, console, fail, load, shown
 
 audit_app = typer.Typer(help="The audit log (hash chain).", no_args_is_help=True)
 
@@ -29,9 +29,9 @@ def audit_tail(config: ConfigOpt = None,
     table = Table(title="audit")
     for col in ("seq", "time", "actor", "event", "key", "algorithm", "input sha256", "outcome", "detail"):
         table.add_column(col)
-    for e in entries:
-        table.add_row(str(e.seq), e.ts[:23], e.actor, e.event, e.key or "", e.algorithm or "",
-                      (e.input_sha256 or "")[:16], e.outcome, e.detail or "")
+    for e in entries:  # fields clients wrote: shown, never interpreted (no escape sequences, no markup)
+        table.add_row(*(shown(v) for v in (str(e.seq), e.ts[:23], e.actor, e.event, e.key or "", e.algorithm or "",
+                                           (e.input_sha256 or "")[:16], e.outcome, e.detail or "")))
     console.print(table)
 
 

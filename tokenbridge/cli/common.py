@@ -8,9 +8,11 @@ from typing import Annotated, Any, NoReturn
 import httpx
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from tokenbridge.client import Client, TokenbridgeError
 from tokenbridge.config import Settings, load_settings
+from tokenbridge.formats.text import printable
 
 console = Console()
 err = Console(stderr=True, soft_wrap=True)
@@ -52,3 +54,8 @@ def call(fn: Any, *args: Any, **kwargs: Any) -> Any:
     except (OSError, httpx.TransportError) as exc:
         fail(f"cannot reach the service (is `tokenbridge serve` running?): {exc}")
 
+
+def shown(value: str) -> Text:
+    """Text from the state database (written by clients) as a table cell: control characters shown as
+    ``\\xNN`` and no rich markup interpreted, so that it cannot rewrite the operator's terminal."""
+    return Text(printable(value))

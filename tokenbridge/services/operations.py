@@ -20,6 +20,7 @@ from tokenbridge.algorithms import DECRYPT_ALGORITHMS, SIGN_ALGORITHMS, SignAlgo
 from tokenbridge.config import Settings
 from tokenbridge.errors import Problem
 from tokenbridge.formats.padding import DIGEST_SIZE
+from tokenbridge.formats.text import printable
 from tokenbridge.services.keys import may_decrypt, may_sign, require_usage
 from tokenbridge.services.metrics import Metrics
 from tokenbridge.services.principal import Principal
@@ -75,10 +76,21 @@ class Operations:
         """Audit a refusal that says something about a client (a grant, key or usage it lacks)."""
         if problem.status == 403:
             try:
-                self.audit.record(principal.actor, event, problem.code, key=key, detail=problem.detail)
+                self.audit.record(principal.actor, event, problem.code, key=self._key_for_audit(key),
+                                  detail=problem.detail)
             except AuditUnavailable as exc:
                 return _audit_failed(exc)
         return problem
+
+    def _key_for_audit(self, ref: str | None) -> str | None:
+        """The key's id when ``ref`` names one; else the name as typed, shown safe and short (it came from
+        the request's URL, and ``audit tail`` prints it in an operator's terminal)."""
+        if ref is None:
+            return None
+        for key in self.owner.list_keys():
+            if ref in (key.id, key.label):
+                return key.id
+        return "name:" + printable(ref, 64)
 
     async def sign(self, principal: Principal, key_ref: str, algorithm: str, *,
                    data: bytes | None = None, digest: bytes | None = None,
