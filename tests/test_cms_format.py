@@ -91,6 +91,20 @@ async def test_signed_attributes_for_mail_clients(pki: Pki, tmp_path: Path) -> N
     assert set(found) == {pki.sign_rsa[0], pki.inter, pki.enc[0]}, [c.subject.rfc4514_string() for c in found]
 
 
+async def test_sha1_and_md5_signatures_are_never_valid(pki: Pki, tmp_path: Path) -> None:
+    """What Thunderbird refuses, we refuse: a real signature, chain trusted, over a digest whose collisions can
+    be computed is reported invalid, with the reason."""
+    content = tmp_path / "c.bin"
+    content.write_bytes(DATA)
+    for md, extra in (("sha1", []), ("sha1", ["-noattr"]), ("md5", []), ("sha1", ["-keyopt", "rsa_padding_mode:pss"])):
+        out = tmp_path / f"{md}.p7"
+        openssl("cms", "-sign", "-binary", "-md", md, "-in", str(content), "-signer", pki.path("sign.pem"), "-inkey",
+                pki.path("sign.key"), "-certfile", pki.path("inter.pem"), "-outform", "DER", "-out", str(out), *extra)
+        result = await cms_verify.verify(out.read_bytes(), content=DATA, trust_roots=[pki.root])
+        assert not result.valid and not result.signature_valid, (md, extra)
+        assert result.reason and md.upper() in result.reason.upper(), (md, extra, result.reason)
+
+
 async def test_openssl_and_nss_signatures_verify(pki: Pki, nss: NssDb, tmp_path: Path) -> None:
     content = tmp_path / "c.bin"
     content.write_bytes(DATA)

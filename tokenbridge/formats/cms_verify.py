@@ -32,6 +32,10 @@ from tokenbridge.formats.cms_asn1 import (
     parse_content_info,
 )
 
+# Digests whose collisions can be computed: a signature over them proves nothing (RFC 8551 2.1; Thunderbird and
+# Outlook refuse them too). Refused on every path, the signed attributes' digest and RSA-PSS's hashes alike.
+WEAK_DIGESTS = frozenset({"md5", "sha1", "md2", "md4"})
+
 _HASHES: dict[str, type[hashes.HashAlgorithm]] = {
     "sha1": hashes.SHA1, "sha224": hashes.SHA224, "sha256": hashes.SHA256, "sha384": hashes.SHA384,
     "sha512": hashes.SHA512,
@@ -132,6 +136,10 @@ def _check_signature(signed: cms.SignedData, content: bytes | None) -> Verified:
         result.reason = "the signer's certificate is not in the message"
         return result
     result.signer = signer
+    if hash_name in WEAK_DIGESTS:
+        result.reason = (f"{hash_name.upper()} signatures are refused: its collisions can be computed, so the "
+                         "signature proves nothing (RFC 8551 2.1)")
+        return result
     if hash_name not in _HASHES:
         result.reason = f"unsupported digest algorithm {hash_name}"
         return result
@@ -191,8 +199,8 @@ def _verify_raw(cert: x509.Certificate, sig_alg: Any, hash_name: str, signature:
         params = sig_alg["parameters"]
         h = params["hash_algorithm"]["algorithm"].native
         mgf_h = params["mask_gen_algorithm"]["parameters"]["algorithm"].native
-        if h not in _HASHES or mgf_h not in _HASHES:
-            raise CmsError("unsupported_algorithm", f"RSA-PSS with {h}")
+        if h not in _HASHES or mgf_h not in _HASHES or h in WEAK_DIGESTS:
+            raise CmsError("unsupported_algorithm", f"RSA-PSS with {h} is refused")
         public.verify(signature, data, padding.PSS(padding.MGF1(_HASHES[mgf_h]()), params["salt_length"].native),
                       _HASHES[h]())
     elif isinstance(public, ec.EllipticCurvePublicKey) and algo == "ecdsa":
