@@ -278,3 +278,28 @@ def test_a_bug_in_a_key_operation_is_a_500_problem_and_the_service_goes_on(tmp_p
     status, problem, escaped = call(with_headers=False)
     assert (status, problem["code"], escaped) == (401, "unauthorized", None)
     assert call()[0] == 200
+
+
+def test_request_heads_are_limited_to_64_kib(service: Service) -> None:
+    """httptools keeps a header until it ends: without our count an 8 MB header was buffered and answered."""
+    import contextlib
+    import socket
+
+    def send(head_padding: int) -> bytes:
+        with socket.create_connection(("127.0.0.1", service.port), timeout=30) as s:
+            s.sendall(f"GET /v1/health HTTP/1.1\r\nHost: 127.0.0.1:{service.port}\r\nX-Pad: ".encode())
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # refused before all was sent
+                s.sendall(b"a" * head_padding + b"\r\nConnection: close\r\n\r\n")
+            answer = b""
+            try:
+                while chunk := s.recv(65536):
+                    answer += chunk
+            except ConnectionResetError:
+                pass
+            return answer
+
+    assert send(60 * 1024).startswith(b"HTTP/1.1 200")  # a large but allowed head
+    refused = send(8 * 1024 * 1024)
+    assert refused.startswith(b"HTTP/1.1 431"), refused[:200]
+    assert json.loads(refused.partition(b"\r\n\r\n")[2])["code"] == "headers_too_large"
+    assert service.http().get("/v1/health").status_code == 200

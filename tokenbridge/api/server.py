@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import functools
 import gc
+import json
 import logging
 import os
 import signal
@@ -143,13 +144,20 @@ class _OneWrite:
         return getattr(self._transport, name)
 
 
+MAX_HEAD_BYTES = 64 * 1024  # a request line and its headers, as h11_max_incomplete_event_size for h11
+
+
 def _peer_certificate_protocol(first_request_timeout: float) -> type[asyncio.Protocol]:
     """uvicorn's HTTP protocol, telling the app about the client certificate (ASGI TLS extension),
     closing connections that never send a complete first request, and writing each response at once."""
     base: Any = import_from_string(HTTP_PROTOCOLS["auto"])
 
+    # httptools has no limit of its own on a request's head (h11 has h11_max_incomplete_event_size): count it.
+    counts_head = hasattr(base, "on_headers_complete") and hasattr(base, "on_message_begin")
+
     class PeerCertificateProtocol(base):
         def connection_made(self, transport: asyncio.Transport) -> None:
+            self._head_bytes: int | None = 0  # bytes of the current request's head so far; None: head complete
             self._writer = _OneWrite(transport, asyncio.get_running_loop())
             super().connection_made(self._writer)
             ssl_object = transport.get_extra_info("ssl_object")
@@ -180,7 +188,36 @@ def _peer_certificate_protocol(first_request_timeout: float) -> type[asyncio.Pro
             between = cycle is None or cycle.response_complete
             if between and (self._guard is None or self._guard_for is not cycle):
                 self._arm_guard(self.transport)
+            if counts_head and self._head_bytes is not None:
+                self._head_bytes += len(data)
             super().data_received(data)
+            if counts_head and self._head_bytes is not None and self._head_bytes > MAX_HEAD_BYTES:
+                self._refuse_head()
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            if self._head_bytes is None:
+                self._head_bytes = 0  # a pipelined request: counted from its next bytes
+
+        def on_headers_complete(self) -> None:
+            self._head_bytes = None
+            super().on_headers_complete()
+
+        def on_message_complete(self) -> None:
+            super().on_message_complete()
+            self._head_bytes = 0
+
+        def _refuse_head(self) -> None:
+            """431, as a problem document, and the connection closed: the parser holds what it was sent."""
+            self._head_bytes = None
+            body = json.dumps({"type": "urn:tokenbridge:problem:headers_too_large", "status": 431,
+                               "title": "Request header fields too large", "code": "headers_too_large",
+                               "detail": f"the request line and headers exceed {MAX_HEAD_BYTES} bytes"}).encode()
+            if not self.transport.is_closing():
+                self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+                                     b"content-type: application/problem+json\r\nconnection: close\r\n"
+                                     b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+                self.transport.close()
 
         def on_response_complete(self) -> None:
             self._writer.flush()
@@ -234,7 +271,7 @@ def _run_worker(settings: Settings, prompted_pin: str | None, tcp: socket.socket
     bridge = Bridge(settings, pin=read_pin(settings.token, prompted_pin))
     app = create_app(bridge)
     common: dict[str, Any] = {"log_level": log_level, "access_log": False, "timeout_keep_alive": 30,
-                              "limit_concurrency": 4096, "h11_max_incomplete_event_size": 64 * 1024,
+                              "limit_concurrency": 4096, "h11_max_incomplete_event_size": MAX_HEAD_BYTES,
                               "timeout_graceful_shutdown": 10,
                               # Never trust X-Forwarded-*: the scheme decides how clients authenticate.
                               "proxy_headers": False, "forwarded_allow_ips": ""}
