@@ -107,6 +107,10 @@ class KeyPolicy(BaseModel):
     allow_rsa_pkcs1v15_decrypt: bool = Field(
         False, description="Raw PKCS#1 v1.5 decryption is a padding oracle: off unless you need it."
     )
+    allow_expired_certificate: bool = Field(
+        False, description="Sign CMS/S-MIME and authenticate TLS with this key although its certificate is "
+                           "expired or not yet valid (off: refused with certificate_expired)."
+    )
 
 
 class SmtpSettings(BaseModel):

@@ -23,7 +23,7 @@ from tokenbridge.errors import Problem
 from tokenbridge.formats import cms_envelope, cms_sign, cms_verify
 from tokenbridge.formats import x509 as x509h
 from tokenbridge.formats.cms_asn1 import Buffer, CmsError, asn1_cert
-from tokenbridge.services.keys import load_ca_pool, may_decrypt, may_sign
+from tokenbridge.services.keys import load_ca_pool, may_decrypt, may_sign, require_current_certificate
 from tokenbridge.services.operations import Operations
 from tokenbridge.services.principal import Principal
 from tokenbridge.state.audit import AuditLog, AuditUnavailable
@@ -115,6 +115,7 @@ class CmsService:
         if key.certificate is None:
             raise Problem(f"key {key.label!r} has no certificate on the token: it cannot sign CMS",
                           code="no_certificate", status=422, title="No certificate")
+        require_current_certificate(key, self.settings.key_policy(key.id, key.label).allow_expired_certificate)
         enc = self.encryption_key()
 
         async def sign_digest(digest: bytes) -> bytes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 from pathlib import Path
 from typing import Any
 
@@ -90,3 +91,22 @@ def load_ca_pool(files: list[Path]) -> list[x509.Certificate]:
         else:
             pool.append(x509.load_der_x509_certificate(data))
     return pool
+
+
+def require_current_certificate(key: KeyInfo, allow_expired: bool = False,
+                                now: datetime.datetime | None = None) -> x509.Certificate:
+    """The key's certificate, if it is valid now: a peer would refuse a message or handshake made with
+    an expired one, or one not yet valid (renewal day), only later and with a vaguer error."""
+    cert = require_certificate(key)
+    if allow_expired:
+        return cert
+    now = now or datetime.datetime.now(datetime.UTC)
+    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+    if not start <= now <= end:
+        state = "expired on" if now > end else "not valid before"
+        when = end if now > end else start
+        raise Problem(f"the certificate of key {key.label!r} is {state} {when.isoformat()} (valid from "
+                      f"{start.isoformat()} to {end.isoformat()}); renew it, or set "
+                      f"[keys.{key.label}] allow_expired_certificate = true", code="certificate_expired",
+                      status=422, title="Certificate not valid now")
+    return cert

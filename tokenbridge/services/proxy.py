@@ -32,6 +32,7 @@ import httpcore
 from cryptography import x509
 
 from tokenbridge.errors import Problem
+from tokenbridge.services.keys import require_current_certificate
 from tokenbridge.services.principal import Principal
 from tokenbridge.services.upstream import (
     Upstream,
@@ -180,6 +181,12 @@ class ProxyService:
         def sign(mechanism: Mechanism, data: bytes) -> bytes:
             algorithm = signature_algorithm(mechanism, data, key)
             actor = calling.actor
+            try:  # checked at each handshake: the context outlives renewal day
+                require_current_certificate(
+                    key, bridge.settings.key_policy(key.id, key.label).allow_expired_certificate)
+            except Problem as exc:
+                calling.error = exc
+                raise
             try:
                 bridge.audit.ensure_writable()
             except AuditUnavailable as exc:
