@@ -293,3 +293,26 @@ def test_admin_page_story(ui_service: Service, browser_page: Any, tmp_path: Path
     expect(page.locator("#login-error")).to_contain_text("signed out", timeout=8_000)
     expect(page.locator("#dashboard")).to_be_hidden()
     assert page.evaluate("sessionStorage.length") == 0
+
+
+def test_api_documentation_works_without_internet_under_a_strict_policy(service: Service,
+                                                                          browser_page: Any) -> None:
+    """/docs loads everything from the hub itself (a hub often has no internet access), under a
+    content security policy: the page where operators paste secrets runs no script from elsewhere."""
+    from playwright.sync_api import expect
+
+    page = browser_page
+    requested: list[str] = []
+    violations: list[str] = []
+    page.on("request", lambda r: requested.append(r.url))
+    page.on("console", lambda m: violations.append(m.text) if "Content Security Policy" in m.text else None)
+    response = page.goto(f"{service.url}/docs")
+    policy = response.headers["content-security-policy"]
+    assert "script-src 'self'" in policy and "unsafe-inline'" not in policy.split("script-src")[1].split(";")[0]
+    expect(page.get_by_text("/v1/keys/{key}/sign").first).to_be_visible()  # Swagger UI rendered the spec
+    expect(page.get_by_text("Keys on the token that the caller may use").first).to_be_visible()
+    outside = [url for url in requested if not url.startswith((service.url, "data:", "blob:"))]
+    assert requested and outside == [], outside
+    assert violations == [], violations
+    html = httpx.get(f"{service.url}/docs").text
+    assert "cdn.jsdelivr.net" not in html and "googleapis" not in html

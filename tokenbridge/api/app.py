@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp
 
 from tokenbridge import __version__
-from tokenbridge.api import admin, cms, problems, proxy, v1
+from tokenbridge.api import admin, cms, docs, problems, proxy, v1
 from tokenbridge.api.fast_route import DirectRoutes
 from tokenbridge.api.limits import BodyLimitMiddleware
 from tokenbridge.api.systemd import notify
@@ -53,6 +53,7 @@ def create_app(bridge: Bridge, manage: bool = True) -> FastAPI:
         description="Share one PKCS#11 certificate between workstations: sign and decrypt with the token's "
                     "key, which never leaves it. Errors are RFC 9457 problem documents with a stable `code`.",
         lifespan=lifespan,
+        docs_url=None, redoc_url=None,  # served by api/docs.py, from installed files
         # Metrics are Prometheus (/metrics); FastAPI's OpenTelemetry hooks would only cost time per request.
         telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False},
     )
@@ -66,6 +67,7 @@ def create_app(bridge: Bridge, manage: bool = True) -> FastAPI:
     app.include_router(cms.router)
     app.include_router(admin.router)
     app.include_router(proxy.router)
+    docs.install(app)
     max_bytes, max_message_bytes = bridge.settings.server.max_body_bytes, bridge.settings.server.max_message_bytes
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_bytes, max_message_bytes=max_message_bytes)
     app.body_limit = functools.partial(BodyLimitMiddleware, max_bytes=max_bytes, max_message_bytes=max_message_bytes)
