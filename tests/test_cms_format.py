@@ -279,3 +279,23 @@ async def test_smime_sign_then_encrypt_round_trip_with_openssl(pki: Pki, tmp_pat
     atts = smime.attachments_of(opened.inner)
     assert atts[0]["filename"] == "demandes.zip" and atts[0]["data"] == b"PK\x03\x04" + DATA
     assert smime.header_value(opened.outer_headers, "Subject") == "Demandes n° 7"
+
+
+def test_recipients_are_written_in_the_order_given(pki: Pki) -> None:
+    """Addressees first, the organisation's own copy last, whatever DER's sort order would say: gpgsm 2.2
+    stops at the first recipient whose certificate it does not know."""
+    for order in ([pki.stranger[0], pki.enc[0]], [pki.enc[0], pki.stranger[0]]):
+        der = cms_envelope.encrypt(DATA, order)
+        infos = asn1_cms.ContentInfo.load(der)["content"]["recipient_infos"]
+        serials = [ri.chosen["rid"].chosen["serial_number"].native for ri in infos]
+        assert serials == [c.serial_number for c in order]
+    der = cms_envelope.encrypt(DATA, [pki.stranger[0], pki.enc[0]])
+    for name in ("stranger", "enc"):  # still an envelope each recipient opens
+        out = openssl("cms", "-decrypt", "-inform", "DER", "-recip", pki.path(f"{name}.pem"), "-inkey",
+                      pki.path(f"{name}.key"), input=der)
+        assert out.stdout == DATA
+
+
+def test_opaque_signed_and_encrypted_messages_describe_themselves() -> None:
+    assert b"Content-Description: S/MIME Signed Message\r\n" in smime.pkcs7_mime(b"\x30\x00", "signed-data")
+    assert b"Content-Description: S/MIME Encrypted Message\r\n" in smime.pkcs7_mime(b"\x30\x00", "enveloped-data")

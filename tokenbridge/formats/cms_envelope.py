@@ -213,8 +213,12 @@ def encrypt_parts(parts: Sequence[Buffer], recipients: Sequence[x509.Certificate
         "content_type": "data",
         "content_encryption_algorithm": algos.EncryptionAlgorithm({"algorithm": name, "parameters": params}),
     })
+    # The recipients in the order given (addressees first, the organisation's own copy last), not DER's sorted
+    # order: gpgsm 2.2 stops at the first recipient whose certificate it lacks. CMS is BER; only signed
+    # attributes must be DER.
+    in_order = b"".join(info.dump() for info in infos)
     head = (cms.ContentType(ci_type).dump(),
-            cms.CMSVersion(version).dump() + cms.RecipientInfos(infos).dump(),
+            cms.CMSVersion(version).dump() + der_set(in_order),
             eci.contents, ci_type)
     plain_len = sum(memoryview(p).nbytes for p in parts)
     return Envelope(head, parts, plain_len, cek, kind, iv)

@@ -185,11 +185,15 @@ def signed_multipart_parts(entity: Parts, signature_der: bytes, hash_name: str, 
     return Parts(signed_multipart_head(boundary, hash_name), entity, signed_multipart_tail(boundary, signature_der))
 
 
+_DESCRIPTIONS = {"signed-data": b"S/MIME Signed Message", "enveloped-data": b"S/MIME Encrypted Message",
+                 "authEnveloped-data": b"S/MIME Encrypted Message"}
+
+
 def _pkcs7_head(smime_type: str) -> bytes:
     return (b"Content-Type: application/pkcs7-mime; smime-type=" + smime_type.encode()
             + b'; name="smime.p7m"\r\nContent-Transfer-Encoding: base64\r\n'
             + b'Content-Disposition: attachment; filename="smime.p7m"\r\n'
-            + b"Content-Description: S/MIME Encrypted Message\r\n\r\n")
+            + b"Content-Description: " + _DESCRIPTIONS.get(smime_type, b"S/MIME Message") + b"\r\n\r\n")
 
 
 def pkcs7_mime(der: bytes, smime_type: str) -> bytes:
