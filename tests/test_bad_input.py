@@ -303,3 +303,20 @@ def test_request_heads_are_limited_to_64_kib(service: Service) -> None:
     assert refused.startswith(b"HTTP/1.1 431"), refused[:200]
     assert json.loads(refused.partition(b"\r\n\r\n")[2])["code"] == "headers_too_large"
     assert service.http().get("/v1/health").status_code == 200
+
+
+def test_compose_and_send_check_the_caller_before_the_body(service: Service) -> None:
+    """FastAPI reads a JSON body model before any dependency: these routes check the caller first anyway."""
+    bad = {"content": b"{bad", "headers": {"content-type": "application/json"}}
+    r = service.http().post("/v1/smime/compose", **bad)
+    assert r.status_code == 401 and r.json()["code"] == "unauthorized", r.text  # was 400: body read first
+    r = service.http().post("/v1/smime/send", **bad)
+    assert r.status_code == 401 and r.json()["code"] == "unauthorized", r.text
+    signer_only = service.http(service.add_client("signs-keys-only", "sign"))
+    r = signer_only.post("/v1/smime/compose", **bad)
+    assert r.status_code == 403 and r.json()["code"] == "grant_missing", r.text
+    mail = service.http(service.add_client("writes-mail", "cms-sign"))
+    r = mail.post("/v1/smime/compose", **bad)
+    assert r.status_code == 400 and r.json()["code"] == "invalid_json", r.text  # now the body is read
+    r = mail.post("/v1/smime/send", **bad)
+    assert r.status_code == 403 and r.json()["code"] == "grant_missing", r.text

@@ -12,6 +12,7 @@ from starlette.types import ASGIApp
 
 from tokenbridge import __version__
 from tokenbridge.api import admin, cms, docs, problems, proxy, v1
+from tokenbridge.api.auth import AuthBeforeBody
 from tokenbridge.api.fast_route import DirectRoutes
 from tokenbridge.api.limits import BodyLimitMiddleware
 from tokenbridge.api.systemd import notify
@@ -70,5 +71,8 @@ def create_app(bridge: Bridge, manage: bool = True) -> FastAPI:
     docs.install(app)
     max_bytes, max_message_bytes = bridge.settings.server.max_body_bytes, bridge.settings.server.max_message_bytes
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_bytes, max_message_bytes=max_message_bytes)
+    # The caller before the body, where FastAPI would read a body model first.
+    app.add_middleware(AuthBeforeBody, routes={"/v1/smime/compose": frozenset({"cms-sign", "cms-encrypt"}),
+                                               "/v1/smime/send": frozenset({"smime-send"})})
     app.body_limit = functools.partial(BodyLimitMiddleware, max_bytes=max_bytes, max_message_bytes=max_message_bytes)
     return app

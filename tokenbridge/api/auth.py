@@ -8,7 +8,9 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPBearer
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from tokenbridge.api.problems import problem_response
 from tokenbridge.errors import Problem
 from tokenbridge.services.bridge import Bridge
 from tokenbridge.services.principal import OPERATOR, Principal, resolve_keys, restrict
@@ -61,6 +63,9 @@ async def principal(request: Request) -> Principal:
     a client secret, either, or both are needed; a secret used through a workstation names both."""
     if via_admin_socket(request):
         return OPERATOR
+    known = (request.scope.get("state") or {}).get("principal")  # found by AuthBeforeBody
+    if isinstance(known, Principal):
+        return known
     bridge = bridge_of(request)
     over_tls = "tls" in (request.scope.get("extensions") or {})  # set by our protocol, not by headers
     mode = bridge.settings.server.client_auth if over_tls else "secret"
@@ -104,3 +109,35 @@ async def operator(request: Request) -> Principal:
 authenticated = ClientAuthentication(auto_error=False, scheme_name="HTTPBearer",
                                      description="A client secret from `tokenbridge clients add`.")
 Caller = Annotated[Principal, Depends(authenticated)]
+
+
+class AuthBeforeBody:
+    """Who is calling, and whether they hold one of the route's grants, before the body is read.
+
+    FastAPI reads and validates a JSON body model before it solves any dependency, so on those routes an
+    anonymous client could send (and hold the connection with) a body it may not send at all. Routes that
+    read their body themselves check the caller first already; this covers the others (``routes``: path ->
+    the grants of which one is needed). The principal is kept for the route's own ``Caller``.
+    """
+
+    def __init__(self, app: ASGIApp, routes: dict[str, frozenset[str]]) -> None:
+        self.app = app
+        self.routes = routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        grants = self.routes.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
+        if grants is None:
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope)
+        try:
+            who = await principal(request)
+            if not who.operator and not grants & who.grants:
+                raise Problem(f"client {who.name!r} needs one of the grants {', '.join(sorted(grants))}",
+                              code="grant_missing", status=403, title="Forbidden")
+        except Problem as exc:
+            await problem_response(exc.status, exc.code, exc.title, exc.detail, scope["path"],
+                                   exc.headers)(scope, receive, send)
+            return
+        scope.setdefault("state", {})["principal"] = who
+        await self.app(scope, receive, send)
