@@ -241,6 +241,12 @@ class SoftOwner:
         try:
             if scheme == "rsa-pkcs1v15":
                 return priv.decrypt(data, padding.PKCS1v15())
+            if scheme == "rsa-x509":  # raw RSA, as CKM_RSA_X_509: c^d mod n
+                numbers = priv.private_numbers()
+                value = pow(int.from_bytes(data, "big"), numbers.d, numbers.public_numbers.n)
+                if int.from_bytes(data, "big") >= numbers.public_numbers.n:
+                    raise ValueError("ciphertext out of range")
+                return value.to_bytes(len(data), "big")
             h = {"sha1": hashes.SHA1, "sha256": hashes.SHA256, "sha384": hashes.SHA384, "sha512": hashes.SHA512}
             algo = h[hash_name or "sha1"]()
             return priv.decrypt(data, padding.OAEP(padding.MGF1(algo), algo, None))

@@ -92,7 +92,8 @@ def software_signer(cert: x509.Certificate, key: Key, scheme: cms_sign.SignSchem
 
 
 def software_unwrap(key: rsa.RSAPrivateKey) -> cms_envelope.UnwrapFn:
-    async def unwrap(rk: cms_envelope.RecipientKey, scheme: str, hash_name: str | None, blob: bytes) -> bytes:
+    async def unwrap(rk: cms_envelope.RecipientKey, scheme: str, hash_name: str | None, blob: bytes,
+                     key_len: int) -> bytes:
         try:
             if scheme == "rsa-pkcs1v15":
                 return key.decrypt(blob, padding.PKCS1v15())

@@ -299,3 +299,17 @@ def test_recipients_are_written_in_the_order_given(pki: Pki) -> None:
 def test_opaque_signed_and_encrypted_messages_describe_themselves() -> None:
     assert b"Content-Description: S/MIME Signed Message\r\n" in smime.pkcs7_mime(b"\x30\x00", "signed-data")
     assert b"Content-Description: S/MIME Encrypted Message\r\n" in smime.pkcs7_mime(b"\x30\x00", "enveloped-data")
+
+
+def test_pkcs1v15_implicit_rejection_answers_a_key_of_the_right_length_always() -> None:
+    from tokenbridge.formats.padding import pkcs1v15_implicit
+
+    k, key, substitute = 256, bytes(range(32)), b"S" * 32
+    good = b"\x00\x02" + b"\xaa" * (k - 32 - 3) + b"\x00" + key
+    assert pkcs1v15_implicit(good, k, 32, substitute) == key
+    bad_blocks = [b"\x01" + good[1:], b"\x00\x01" + good[2:], good[:10] + b"\x00" + good[11:],  # zero in PS
+                  good[: k - 33] + b"\x01" + key,  # no separator where a 32-byte key puts it
+                  b"\x00\x02" + b"\xaa" * (k - 16 - 3) + b"\x00" + key[:16],  # a 16-byte key, 32 expected
+                  b"\xff" * (k + 1)]
+    for block in bad_blocks:
+        assert pkcs1v15_implicit(block, k, 32, substitute) == substitute

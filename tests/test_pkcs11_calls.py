@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 
 import pytest
+from asn1crypto import cms as asn1_cms
+from cryptography.hazmat.primitives import hashes
 
 from tests.conftest import Service
 
@@ -86,3 +88,35 @@ def test_wrong_pin_is_tried_exactly_once(fresh_service, tmp_path: Path) -> None:
     r = client.post("/v1/keys/sign-rsa/sign", json={"algorithm": "rsa-pkcs1v15-sha256", "data": "AA=="})
     assert r.status_code == 200, r.text
     assert {k["label"] for k in client.get("/v1/keys").json()} == {"sign-rsa", "encrypt-rsa", "auth-ec"}
+
+
+def test_pkcs1v15_key_transport_is_unwrapped_by_implicit_rejection(fresh_service, tmp_path: Path) -> None:
+    """The card does not judge the padding of a CMS content key (its answer came ~70 us sooner when the
+    padding was valid: a Bleichenbacher oracle): it is asked for raw RSA, and the padding is checked here,
+    a bad one giving a substitute key. Good and bad envelopes then fail or succeed at the content alone."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import padding
+
+    from tokenbridge.formats import cms_envelope
+
+    log = tmp_path / "spy.log"
+    svc: Service = fresh_service(spy_env(log))
+    client = svc.http(svc.add_client("mailroom", "cms-decrypt"))
+    cert = x509.load_der_x509_certificate(client.get("/v1/keys/encrypt-rsa/certificate",
+                                                     params={"format": "der"}).content)
+    good = cms_envelope.encrypt(b"numero unique 2026-000123", [cert])
+    mark = len(log.read_text(errors="replace"))
+    r = client.post("/v1/cms/decrypt", content=good, headers={"Content-Type": "application/pkcs7-mime"})
+    assert r.status_code == 200 and base64.b64decode(r.json()["content"]) == b"numero unique 2026-000123", r.text
+    # The same envelope with a content key whose padding is wrong (encrypted with OAEP instead).
+    public = cert.public_key()
+    wrong = public.encrypt(b"k" * 32, padding.OAEP(padding.MGF1(hashes.SHA256()), hashes.SHA256(), None))
+    info = asn1_cms.ContentInfo.load(good)
+    info["content"]["recipient_infos"][0].chosen["encrypted_key"] = wrong
+    r = client.post("/v1/cms/decrypt", content=info.dump(force=True),
+                    headers={"Content-Type": "application/pkcs7-mime"})
+    assert r.status_code in (400, 422) and r.json()["code"] == "cms_decryption_failed", r.text
+    time.sleep(0.2)
+    spied = log.read_text(errors="replace")[mark:]
+    assert spied.count("C_DecryptInit") == 2
+    assert "CKM_RSA_X_509" in spied and not re.search(r"CKM_RSA_PKCS\b", spied), spied[-3000:]

@@ -64,7 +64,8 @@ class RecipientKey:
     certificate: x509.Certificate
 
 
-UnwrapFn = Callable[[RecipientKey, str, str | None, bytes], Awaitable[bytes]]
+# (recipient key, key transport scheme, OAEP hash, encrypted key, the content key's length in bytes)
+UnwrapFn = Callable[[RecipientKey, str, str | None, bytes, int], Awaitable[bytes]]
 
 
 @dataclass(frozen=True)
@@ -282,7 +283,7 @@ async def decrypt(data: bytes, keys: Sequence[RecipientKey], unwrap: UnwrapFn) -
     except PARSE_ERRORS as exc:
         raise CmsError("cms_malformed", f"not a valid CMS structure: {str(exc)[:200]}") from None
     try:
-        cek = await unwrap(key, scheme, hash_name, encrypted_key)
+        cek = await unwrap(key, scheme, hash_name, encrypted_key, key_len)
     except UnwrapFailed:
         cek = b""
     if len(cek) != key_len:  # RFC 3218: go on with a random key; fail later, identically

@@ -87,3 +87,28 @@ def oaep_decode(block: bytes, hash_name: HashName, modulus_bytes: int, label: by
     if not good or looking or bad_padding:
         return None
     return db[index + 1 :]
+
+
+def pkcs1v15_implicit(block: bytes, modulus_bytes: int, key_len: int, substitute: bytes) -> bytes:
+    """A content key from a raw RSA result with PKCS#1 v1.5 padding (RFC 8017 7.2.2), or ``substitute``.
+
+    Implicit rejection against Bleichenbacher: the answer is always ``key_len`` bytes, and whether the
+    padding was valid is decided without an early exit (every byte is looked at, the separator is where
+    a ``key_len`` key puts it), then chosen by masking. ``substitute`` is derived from the ciphertext by
+    the caller, so the same ciphertext always gets the same answer. Python does not promise constant time;
+    this removes the branches that timing could see.
+    """
+    assert len(substitute) == key_len
+    k = modulus_bytes
+    em = block.rjust(k, b"\x00")[-k:] if len(block) <= k else b"\x01" * k
+    separator = modulus_bytes - key_len - 1
+    bad = int(separator < 10)  # 0x00 0x02, at least 8 bytes of padding, 0x00
+    separator = max(separator, 10)
+    bad |= em[0] | (em[1] ^ 2) | em[separator]
+    zero_in_padding = 0
+    for b in em[2:separator]:
+        zero_in_padding |= int(b == 0)
+    bad |= zero_in_padding
+    mask = -int(bad != 0) & 0xFF  # 0xFF: use the substitute
+    message = em[modulus_bytes - key_len:]
+    return bytes(m ^ ((m ^ s) & mask) for m, s in zip(message, substitute, strict=True))

@@ -248,10 +248,11 @@ class CmsService:
                 if k.certificate is not None and principal.may_use(k) and may_decrypt(k)[0]]
 
         async def unwrap(rk: cms_envelope.RecipientKey, scheme: str, hash_name: str | None,
-                         encrypted_key: bytes) -> bytes:
+                         encrypted_key: bytes, key_len: int) -> bytes:
             key = self.owner.find_key(rk.ref)
             try:
-                return await self.ops.unwrap_key_transport(principal, key, scheme, hash_name, encrypted_key)
+                return await self.ops.unwrap_key_transport(principal, key, scheme, hash_name, encrypted_key,
+                                                           key_len=key_len)
             except DecryptionFailed:
                 raise cms_envelope.UnwrapFailed() from None
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
+import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -19,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from tokenbridge.algorithms import DECRYPT_ALGORITHMS, SIGN_ALGORITHMS, SignAlgorithm
 from tokenbridge.config import Settings
 from tokenbridge.errors import Problem
-from tokenbridge.formats.padding import DIGEST_SIZE
+from tokenbridge.formats.padding import DIGEST_SIZE, pkcs1v15_implicit
 from tokenbridge.formats.text import printable
 from tokenbridge.services.keys import may_decrypt, may_sign, require_usage
 from tokenbridge.services.metrics import Metrics
@@ -59,6 +61,9 @@ class Operations:
         self.audit = audit
         self.settings = settings
         self.metrics = metrics
+        # Implicit rejection's substitute keys (unwrap_key_transport): the same ciphertext gets the same
+        # answer for the life of the service; a new secret at each start.
+        self._rejection_secret = secrets.token_bytes(32)
 
     def sign_algorithm(self, name: str) -> SignAlgorithm:
         alg = SIGN_ALGORITHMS.get(name)
@@ -164,12 +169,20 @@ class Operations:
 
     async def unwrap_key_transport(self, principal: Principal, key: KeyInfo, scheme: str, hash_name: str | None,
                                    encrypted_key: bytes, event: str = "cms-decrypt",
-                                   grant: str = "cms-decrypt") -> bytes:
+                                   grant: str = "cms-decrypt", key_len: int | None = None) -> bytes:
         """Recover a CMS content key. PKCS#1 v1.5 is allowed here, unlike in ``decrypt``, because the
-        CMS layer answers every unwrap failure with a random content key (RFC 3218): no oracle."""
+        CMS layer answers every unwrap failure with a random content key (RFC 3218): no oracle.
+
+        With PKCS#1 v1.5, where the token offers raw RSA on the key (``CKM_RSA_X_509``) and the content
+        key's length is known, the padding is not checked by the token (whose answer comes sooner when the
+        padding is valid: a timing oracle) but here, by implicit rejection (``pkcs1v15_implicit``): a bad
+        padding yields a key derived from the ciphertext and this service's secret, the same every time.
+        """
         principal.require(grant)
         principal.require_key(key)
         require_usage(may_decrypt(key))
+        if scheme == "rsa-pkcs1v15" and key_len is not None and self.owner.has_mechanism("RSA_X_509"):
+            return await self._unwrap_implicit(principal, key, encrypted_key, key_len, event)
         algorithm = "rsa-pkcs1v15" if scheme == "rsa-pkcs1v15" else f"rsa-oaep-{hash_name}"
         alg = DECRYPT_ALGORITHMS.get(algorithm)
         if alg is None:
@@ -186,6 +199,25 @@ class Operations:
         # Success and failure are audited and counted alike ("done"): whoever reads the audit log or the
         # metrics must not learn whether the padding was valid (that would be the oracle RFC 3218 avoids).
         result = await self._run(principal, event, key, alg.name, input_hash, unwrap, outcome="done")
+        if result is None:
+            raise DecryptionFailed("decryption failed")
+        return result
+
+    async def _unwrap_implicit(self, principal: Principal, key: KeyInfo, encrypted_key: bytes, key_len: int,
+                               event: str) -> bytes:
+        substitute = hmac.new(self._rejection_secret, key.id.encode() + b"\x00" + encrypted_key,
+                              hashlib.sha256).digest()
+        substitute = (substitute * (key_len // len(substitute) + 1))[:key_len]
+
+        async def unwrap() -> bytes | None:
+            try:
+                block = await self.owner.decrypt(key, "rsa-x509", None, encrypted_key, client=principal.actor)
+            except DecryptionFailed:  # only a ciphertext of the wrong size or >= n: already public
+                return None
+            return pkcs1v15_implicit(block, (key.size + 7) // 8, key_len, substitute)
+
+        result = await self._run(principal, event, key, "rsa-pkcs1v15", hashlib.sha256(encrypted_key).hexdigest(),
+                                 unwrap, outcome="done")
         if result is None:
             raise DecryptionFailed("decryption failed")
         return result

@@ -492,6 +492,8 @@ class TokenOwner:
         try:
             if scheme == "rsa-pkcs1v15":
                 return self._with_session(lambda: handle.decrypt(data, mechanism=Mechanism.RSA_PKCS))
+            if scheme == "rsa-x509":  # the raw RSA result, the padding checked by the caller (implicit rejection)
+                return self._with_session(lambda: handle.decrypt(data, mechanism=Mechanism.RSA_X_509))
             assert hash_name is not None
             marker = f"{key.id}:{hash_name}"
             if marker not in self._oaep_in_software:

@@ -121,7 +121,8 @@ class RegistrySimulator:
         return None
 
     async def _decrypt(self, der: bytes) -> tuple[bytes, dict[str, Any]]:
-        async def unwrap(rk: cms_envelope.RecipientKey, scheme: str, hash_name: str | None, blob: bytes) -> bytes:
+        async def unwrap(rk: cms_envelope.RecipientKey, scheme: str, hash_name: str | None, blob: bytes,
+                         key_len: int) -> bytes:
             try:
                 if scheme == "rsa-pkcs1v15":
                     return self.key.decrypt(blob, padding.PKCS1v15())
