@@ -313,3 +313,21 @@ def test_pkcs1v15_implicit_rejection_answers_a_key_of_the_right_length_always() 
                   b"\xff" * (k + 1)]
     for block in bad_blocks:
         assert pkcs1v15_implicit(block, k, 32, substitute) == substitute
+
+
+async def test_a_signer_certificate_with_a_malformed_name_is_invalid_not_an_error(pki: Pki, tmp_path: Path) -> None:
+    """Found by fuzzing (a CI run on Debian 12): cryptography parses names lazily, and the audit line then
+    raised on the signer's subject (a 500). The name's UTF8String tag is made constructed (0x0c -> 0x2c)."""
+    (tmp_path / "c.bin").write_bytes(DATA)
+    der = openssl("cms", "-sign", "-binary", "-nodetach", "-in", str(tmp_path / "c.bin"), "-signer",
+                  pki.path("sign.pem"), "-inkey", pki.path("sign.key"), "-outform", "DER").stdout
+    cn = b"Signer RSA"
+    assert der.count(b"\x0c" + bytes([len(cn)]) + cn) == 1
+    broken = der.replace(b"\x0c" + bytes([len(cn)]) + cn, b"\x2c" + bytes([len(cn)]) + cn)
+    try:
+        result = await cms_verify.verify(broken, trust_roots=[pki.root])
+    except CmsError as exc:  # where asn1crypto reads the name first: a clear 422
+        assert exc.code == "cms_malformed"
+    else:  # where only cryptography reads it: invalid, with the reason, and a view that does not raise
+        assert not result.valid and result.reason == "the signer's certificate cannot be parsed", result.reason
+        assert result.view()["signer"] is None

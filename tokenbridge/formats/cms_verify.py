@@ -135,6 +135,11 @@ def _check_signature(signed: cms.SignedData, content: bytes | None) -> Verified:
     if signer is None:
         result.reason = "the signer's certificate is not in the message"
         return result
+    try:  # cryptography parses names and extensions lazily: a malformed one must fail here (found by fuzzing)
+        _ = (signer.subject.rfc4514_string(), signer.issuer.rfc4514_string(), list(signer.extensions))
+    except (ValueError, TypeError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType):
+        result.reason = "the signer's certificate cannot be parsed"
+        return result
     result.signer = signer
     if hash_name in WEAK_DIGESTS:
         result.reason = (f"{hash_name.upper()} signatures are refused: its collisions can be computed, so the "
