@@ -189,8 +189,12 @@ class SmimeService:
 
         try:
             opened = await fmt.open_message(raw, decrypt, verify)
-            attachments = fmt.attachments_of(opened.inner)
-            text = fmt.text_of(opened.inner)
+            # Python's MIME parser, off the event loop for anything but a small message (up to MAX_PARTS parts).
+            if len(opened.inner) < 64 * 1024:
+                attachments, text = fmt.attachments_of(opened.inner), fmt.text_of(opened.inner)
+            else:
+                attachments, text = await asyncio.to_thread(
+                    lambda: (fmt.attachments_of(opened.inner), fmt.text_of(opened.inner)))
         except CmsError as exc:
             raise problem(exc) from None
         signatures = [s.view() for s in opened.signatures]
