@@ -86,7 +86,7 @@ async def principal(request: Request) -> Principal:
         raise _unauthorized("send 'Authorization: Bearer <secret>' (create one with `tokenbridge clients add`)")
     # Key lists name keys by id or label: resolved to ids before they are combined (an empty overlap allows
     # no key; only a list left empty by the operator means every key).
-    token_keys = bridge.owner.list_keys()
+    token_keys = bridge.owner.list_keys
     if client is not None and workstation is not None:
         # Through a workstation, a client can do no more than the workstation itself may.
         keys = restrict(resolve_keys(client.keys, token_keys), resolve_keys(workstation.keys, token_keys))
