@@ -93,7 +93,19 @@ class ServerSettings(BaseModel):
     first_request_timeout: float = Field(
         10.0, gt=0, description="Seconds a new connection has to send a complete request (slowloris guard)."
     )
+    body_timeout: float = Field(
+        60.0, gt=0, description="Seconds a request has to send its whole body once it is authenticated (a slowly "
+                               "sent body holds a connection and a buffer)."
+    )
     workers: int = Field(1, ge=1, le=64, description="Service processes; keep 1 for a smart card.")
+    parse_threads: int = Field(
+        0, ge=0, le=32, description="Threads that parse, hash and serialise large messages off the event loop "
+                                    "(0: as many as CPU cores, at most 4)."
+    )
+    expiry_warning_days: int = Field(
+        30, ge=0, le=3650, description="Warn (in /metrics, /ui and doctor) this many days before a key's "
+                                       "certificate expires."
+    )
     tls: Literal["auto", "on"] = Field(
         "auto", description="auto: TLS on any non-loopback address; on: TLS on loopback too."
     )
