@@ -282,7 +282,7 @@ class App:
         self.bridge.owner = self.owner  # type: ignore[assignment]
         self.bridge.operations.owner = self.owner  # type: ignore[assignment]
         self.app = create_app(self.bridge, manage=False)
-        grants = ["sign", "decrypt", "admin", "cms-sign", "cms-encrypt", "cms-decrypt"]
+        grants = ["sign", "decrypt", "admin", "cms-sign", "cms-encrypt", "cms-decrypt", "cms-verify"]
         _, self.secret = self.bridge.clients.add("fuzzer", grants)
         _, self.limited = self.bridge.clients.add("limited", ["sign"], keys=["auth-ec"])
 

@@ -24,7 +24,7 @@ with atheris.instrument_imports(include=_common.INSTRUMENT):
 
 SEP = b"\xff\x00"
 STATE: dict = {}
-CALLER = Principal("fuzzer", frozenset({"sign", "decrypt", "cms-sign", "cms-encrypt", "cms-decrypt"}))
+CALLER = Principal("fuzzer", frozenset({"sign", "decrypt", "cms-sign", "cms-encrypt", "cms-decrypt", "cms-verify"}))
 
 
 def service() -> CmsService:

@@ -23,7 +23,7 @@ with atheris.instrument_imports(include=_common.INSTRUMENT):
     from tokenbridge.services.smime import SmimeService
 
 STATE: dict = {}
-CALLER = Principal("fuzzer", frozenset({"sign", "decrypt", "cms-sign", "cms-encrypt", "cms-decrypt"}))
+CALLER = Principal("fuzzer", frozenset({"sign", "decrypt", "cms-sign", "cms-encrypt", "cms-decrypt", "cms-verify"}))
 
 
 def service() -> SmimeService:

@@ -16,7 +16,7 @@ from tokenbridge.tools.demo import DemoInfo
 from tokenbridge.tools.demo_pki import NATIONAL_EMAIL, ORG_EMAIL
 
 DATA = os.urandom(3000) + b"\r\nfin\r\n"
-GRANTS = "cms-sign,cms-encrypt,cms-decrypt,smime-send"
+GRANTS = "cms-sign,cms-encrypt,cms-decrypt,cms-verify,smime-send"
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ DATA = Path(__file__).resolve().parent / "data" / "fuzz"
 
 @pytest.fixture(scope="module")
 def secret(service: Service) -> str:
-    return service.add_client("fuzz-regressions", "sign,decrypt,cms-sign,cms-encrypt,cms-decrypt")
+    return service.add_client("fuzz-regressions", "sign,decrypt,cms-sign,cms-encrypt,cms-decrypt,cms-verify")
 
 
 def _post(service: Service, secret: str, path: str, body: bytes, ctype: str) -> httpx.Response:

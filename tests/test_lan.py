@@ -323,7 +323,7 @@ def test_pass_through_relay_needs_a_local_secret(hub: Service, tmp_path: Path) -
 
 
 def test_decrypt_and_smime_through_a_relay(hub: Service, tmp_path: Path) -> None:
-    ws = enroll(hub, tmp_path, "guichet-6", "sign,decrypt,cms-sign,cms-encrypt,cms-decrypt")
+    ws = enroll(hub, tmp_path, "guichet-6", "sign,decrypt,cms-sign,cms-encrypt,cms-decrypt,cms-verify")
     relay, port = start_relay(hub, ws, None, "--local-auth", "none")
     pki = hub.config.parent / "pki"
     try:

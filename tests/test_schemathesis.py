@@ -30,7 +30,7 @@ MAX_TIME = 25
 @pytest.mark.skipif(not ST.exists() and shutil.which("st") is None, reason="schemathesis is not installed")
 def test_openapi_conformance_and_no_server_errors(fresh_service, tmp_path: Path) -> None:
     svc: Service = fresh_service()
-    secret = svc.add_client("schemathesis", "sign,decrypt,admin,metrics,cms-sign,cms-encrypt,cms-decrypt")
+    secret = svc.add_client("schemathesis", "sign,decrypt,admin,metrics,cms-sign,cms-encrypt,cms-decrypt,cms-verify")
     st = str(ST) if ST.exists() else str(shutil.which("st"))
     cmd = [st, "run", f"{svc.url}/openapi.json", "-H", f"Authorization: Bearer {secret}",
            "--checks", "all", "--exclude-checks", "positive_data_acceptance",

@@ -66,7 +66,7 @@ def test_registration_round_trip(mail: tuple[Inbox, RegistrySimulator], fresh_se
     port = sim._controller.port
     svc = fresh_service({"TOKENBRIDGE_SMIME__SMTP__HOST": "127.0.0.1", "TOKENBRIDGE_SMIME__SMTP__PORT": str(port),
                          "TOKENBRIDGE_SMIME__SMTP__SECURITY": "none"})
-    secret = svc.add_client("guichet-7", "cms-sign,cms-encrypt,cms-decrypt,smime-send")
+    secret = svc.add_client("guichet-7", "cms-sign,cms-encrypt,cms-decrypt,cms-verify,smime-send")
     http = svc.http(secret)
     body = {"to": [NATIONAL_EMAIL], "subject": "Demandes d'enregistrement", "text": "Bonjour,\nci-joint.\n",
             "attachments": [{"filename": "demandes.zip", "content_type": "application/zip",

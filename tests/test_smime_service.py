@@ -17,7 +17,7 @@ from tests.conftest import Service
 from tokenbridge.tools.demo import DemoInfo
 from tokenbridge.tools.demo_pki import NATIONAL_EMAIL, ORG_EMAIL
 
-GRANTS = "cms-sign,cms-encrypt,cms-decrypt,smime-send"
+GRANTS = "cms-sign,cms-encrypt,cms-decrypt,cms-verify,smime-send"
 ZIP = b"PK\x05\x06" + b"\x00" * 18  # an empty zip archive
 PLAIN = (b"From: Guichet <" + ORG_EMAIL.encode() + b">\nTo: " + NATIONAL_EMAIL.encode() + b"\nSubject: test\n"
          b"MIME-Version: 1.0\nContent-Type: text/plain; charset=us-ascii\n\nFrom the counter, with love.\n"

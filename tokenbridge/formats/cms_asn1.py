@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import io
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, TypeVar
 
 from asn1crypto import algos, cms, core
 from asn1crypto import tsp as _tsp  # noqa: F401  (registers signing_certificate_v2)
@@ -43,7 +44,44 @@ cms.CMSAttributeType._map[MS_ENCRYPTION_KEY_PREFERENCE] = "microsoft_encryption_
 cms.CMSAttribute._oid_specs["microsoft_encryption_key_preference"] = SetOfIssuerAndSerialNumber
 
 
+
+def _merge_chunks(self: core.Constructable) -> Any:
+    """asn1crypto's join of a BER constructed string's chunks, in linear time (it concatenates them one by
+    one: quadratic in their number). The content of a message never gets here (formats/ber.py cuts it
+    out first); this bounds what is left, e.g. a signature sent in one-byte chunks."""
+    if not self._indefinite:
+        return self._as_chunk()
+    pieces = []
+    pointer, contents = 0, self.contents
+    while pointer < len(contents):
+        sub, pointer = core._parse_build(contents, pointer, spec=self.__class__)
+        pieces.append(sub._merge_chunks())
+    if not pieces:
+        return self._as_chunk()
+    if isinstance(pieces[0], bytes):
+        return b"".join(pieces)
+    merged: list[Any] = []  # BitString chunks are lists of (bits, unused) tuples
+    for piece in pieces:
+        merged.extend(piece)
+    return merged
+
+
+core.Constructable._merge_chunks = _merge_chunks
+
 Buffer = bytes | bytearray | memoryview  # bytes-like values passed through without copying
+
+T = TypeVar("T")
+
+
+class Offload(Protocol):
+    """How a caller runs the CPU-bound steps of an async format function (e.g. in a worker pool)."""
+
+    def __call__(self, fn: Callable[[], T], /) -> Awaitable[T]: ...
+
+
+async def inline(fn: Callable[[], T]) -> T:
+    """Run the step right here: for tools and tests, and for small inputs."""
+    return fn()
 
 # --- errors -----------------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ content all end in the same ``cms_decryption_failed``: no padding oracle.
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -20,19 +21,20 @@ from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
 from cryptography.hazmat.primitives import hashes, padding
 from cryptography.hazmat.primitives.asymmetric import padding as apadding
 from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.hazmat.primitives.ciphers import AEADEncryptionContext, Cipher, algorithms, modes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.ciphers import AEADEncryptionContext, Cipher, CipherContext, algorithms, modes
 
+from tokenbridge.formats import ber
 from tokenbridge.formats.cms_asn1 import (
     PARSE_ERRORS,
     Buffer,
     CmsError,
     GcmParams,
+    Offload,
     der_header,
     der_set,
+    inline,
     issuer_and_serial,
     matches_rid,
-    parse_content_info,
     preallocated_io,
     subject_key_identifier,
 )
@@ -257,9 +259,26 @@ def _failed() -> CmsError:
     return CmsError("cms_decryption_failed", "decryption failed (wrong key, corrupted key or content)")
 
 
-async def decrypt(data: bytes, keys: Sequence[RecipientKey], unwrap: UnwrapFn) -> Decrypted:
-    """Decrypt for the first of ``keys`` the message is addressed to."""
-    info = parse_content_info(data)
+@dataclass(frozen=True)
+class Sealed:
+    """An enveloped message read up to the content key: what decryption needs, the content not copied."""
+
+    key: RecipientKey
+    scheme: str
+    hash_name: str | None
+    encrypted_key: bytes
+    key_len: int
+    kind: str
+    algorithm: algos.EncryptionAlgorithm
+    ciphertext: list[memoryview]  # pieces of the input (BER chunks), in order
+    auth_env: cms.AuthEnvelopedData | None
+    inner_type: str
+    cipher: str
+
+
+def unseal(data: bytes, keys: Sequence[RecipientKey]) -> Sealed:
+    """Parse the message and choose the first of ``keys`` it is addressed to (linear in its size)."""
+    info, ciphertext = ber.parse(data)
     ctype = info["content_type"].native
     if ctype not in ("enveloped_data", "authenticated_enveloped_data"):
         raise CmsError("cms_not_encrypted", f"the CMS content is {ctype}, not enveloped data")
@@ -278,25 +297,41 @@ async def decrypt(data: bytes, keys: Sequence[RecipientKey], unwrap: UnwrapFn) -
     kind, key_len = _CIPHERS[alg_name]
     if authenticated != (kind == "aes-gcm"):
         raise CmsError("unsupported_algorithm", f"{alg_name} does not fit {ctype}")
+    if ciphertext is None:
+        raise CmsError("cms_malformed", "the encrypted content is not included (detached)")
     try:
         key, _ktri, scheme, hash_name, encrypted_key = _choose(recipient_infos, keys)
     except PARSE_ERRORS as exc:
         raise CmsError("cms_malformed", f"not a valid CMS structure: {str(exc)[:200]}") from None
+    return Sealed(key, scheme, hash_name, encrypted_key, key_len, kind, alg, ciphertext,
+                  env if authenticated else None, inner_type, alg_name.replace("_", "-"))
+
+
+async def decrypt(data: bytes, keys: Sequence[RecipientKey], unwrap: UnwrapFn, run: Offload = inline
+                  ) -> Decrypted:
+    """Decrypt for the first of ``keys`` the message is addressed to.
+
+    ``run`` runs the steps linear in the message's size (parsing, deciphering); the unwrap stays here.
+    """
+    sealed = await run(lambda: unseal(data, keys))
     try:
-        cek = await unwrap(key, scheme, hash_name, encrypted_key, key_len)
+        cek = await unwrap(sealed.key, sealed.scheme, sealed.hash_name, sealed.encrypted_key, sealed.key_len)
     except UnwrapFailed:
         cek = b""
-    if len(cek) != key_len:  # RFC 3218: go on with a random key; fail later, identically
-        cek = os.urandom(key_len)
+    if len(cek) != sealed.key_len:  # RFC 3218: go on with a random key; fail later, identically
+        cek = os.urandom(sealed.key_len)
+    return await run(lambda: open_sealed(sealed, cek))
+
+
+def open_sealed(sealed: Sealed, cek: bytes) -> Decrypted:
+    """Decipher the content with the content key, piece by piece into one buffer (no other copy)."""
     try:
-        ciphertext = eci["encrypted_content"].native
-        if ciphertext is None:
-            raise CmsError("cms_malformed", "the encrypted content is not included (detached)")
-        content = _decrypt_content(kind, alg, cek, ciphertext, env if authenticated else None)
+        content = _decrypt_content(sealed.kind, sealed.algorithm, cek, sealed.ciphertext, sealed.auth_env)
     except PARSE_ERRORS as exc:
         raise CmsError("cms_malformed", f"not a valid CMS structure: {str(exc)[:200]}") from None
-    kt_name = scheme if hash_name is None else f"{scheme}-{hash_name}"
-    return Decrypted(content, inner_type, authenticated, alg_name.replace("_", "-"), kt_name, key.ref)
+    kt_name = sealed.scheme if sealed.hash_name is None else f"{sealed.scheme}-{sealed.hash_name}"
+    return Decrypted(content, sealed.inner_type, sealed.auth_env is not None, sealed.cipher, kt_name,
+                     sealed.key.ref)
 
 
 def _choose(recipient_infos: list[cms.RecipientInfo], keys: Sequence[RecipientKey]
@@ -323,8 +358,9 @@ def _choose(recipient_infos: list[cms.RecipientInfo], keys: Sequence[RecipientKe
     return key, ktri, scheme, hash_name, ktri["encrypted_key"].native
 
 
-def _decrypt_content(kind: str, alg: algos.EncryptionAlgorithm, cek: bytes, ciphertext: bytes,
+def _decrypt_content(kind: str, alg: algos.EncryptionAlgorithm, cek: bytes, ciphertext: list[memoryview],
                      auth_env: cms.AuthEnvelopedData | None) -> bytes:
+    total = sum(p.nbytes for p in ciphertext)
     if kind == "aes-gcm":
         assert auth_env is not None
         params = alg["parameters"]
@@ -335,27 +371,35 @@ def _decrypt_content(kind: str, alg: algos.EncryptionAlgorithm, cek: bytes, ciph
             raise _failed()
         aad = der_set(auth_env["auth_attrs"].contents) if auth_env["auth_attrs"].native is not None else None
         try:
-            # cryptography wants a 16-byte tag: shorter tags go through the streaming API.
-            if icvlen == 16:
-                return AESGCM(cek).decrypt(nonce, ciphertext + tag, aad)
             gcm = Cipher(algorithms.AES(cek), modes.GCM(nonce, tag, min_tag_length=icvlen)).decryptor()
             if aad:
                 gcm.authenticate_additional_data(aad)
-            return gcm.update(ciphertext) + gcm.finalize()
+            return _through(gcm, ciphertext, total).getvalue()
         except (InvalidTag, ValueError):
             raise _failed() from None
     iv = alg["parameters"].native
     block: algorithms.AES | TripleDES = algorithms.AES(cek) if kind == "aes-cbc" else TripleDES(cek)
     size = block.block_size // 8
-    if not isinstance(iv, bytes) or len(iv) != size or len(ciphertext) % size or not ciphertext:
+    if not isinstance(iv, bytes) or len(iv) != size or total % size or not total:
         raise CmsError("cms_malformed", "bad IV or ciphertext length")
-    dec = Cipher(block, modes.CBC(iv)).decryptor()
-    padded = dec.update(ciphertext) + dec.finalize()
+    out = _through(Cipher(block, modes.CBC(iv)).decryptor(), ciphertext, total)
+    out.seek(total - size)
     unpadder = padding.PKCS7(block.block_size).unpadder()
-    try:
-        return unpadder.update(padded) + unpadder.finalize()
+    try:  # only the last block holds padding: check it there, then cut the buffer (no copy of the rest)
+        kept = len(unpadder.update(out.read(size)) + unpadder.finalize())
     except ValueError:
         raise _failed() from None
+    out.truncate(total - size + kept)
+    return out.getvalue()
+
+
+def _through(cipher: CipherContext, pieces: list[memoryview], total: int) -> io.BytesIO:
+    out = preallocated_io(total)
+    for piece in pieces:
+        out.write(cipher.update(piece))
+    out.write(cipher.finalize())
+    out.truncate()
+    return out
 
 
 def _describe_rid(rid: cms.RecipientIdentifier) -> str:

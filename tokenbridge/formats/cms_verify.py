@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from asn1crypto import cms, core
+from asn1crypto import cms
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
@@ -21,15 +21,17 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from pyhanko_certvalidator import CertificateValidator, ValidationContext
 from pyhanko_certvalidator.errors import PathBuildingError, PathError, ValidationError
 
+from tokenbridge.formats import ber
 from tokenbridge.formats import x509 as x509h
 from tokenbridge.formats.cms_asn1 import (
     PARSE_ERRORS,
     CmsError,
+    Offload,
     asn1_cert,
     crypto_cert,
     der_set,
+    inline,
     matches_rid,
-    parse_content_info,
 )
 
 # Digests whose collisions can be computed: a signature over them proves nothing (RFC 8551 2.1; Thunderbird and
@@ -74,22 +76,22 @@ class Verified:
         }
 
 
-def signed_data_of(data: bytes) -> cms.SignedData:
-    info = parse_content_info(data)
+def signed_data_of(data: bytes) -> tuple[cms.SignedData, list[memoryview] | None]:
+    """The SignedData, parsed without its content, and the content's pieces (None: detached)."""
+    info, pieces = ber.parse(data)
     ctype = info["content_type"].native
     if ctype != "signed_data":
         raise CmsError("cms_not_signed", f"the CMS content is {ctype}, not signed data")
-    return info["content"]
+    return info["content"], pieces
 
 
 async def verify(data: bytes, *, content: bytes | None = None, trust_roots: list[x509.Certificate],
-                 sender: str | None = None, moment: datetime | None = None) -> Verified:
-    """Verify the first signer. ``content``: the detached content (ignored if the content is attached)."""
-    signed = signed_data_of(data)
-    try:
-        result = _check_signature(signed, content)
-    except PARSE_ERRORS as exc:
-        raise CmsError("cms_malformed", f"not a valid CMS structure: {str(exc)[:200]}") from None
+                 sender: str | None = None, moment: datetime | None = None, run: Offload = inline) -> Verified:
+    """Verify the first signer. ``content``: the detached content (ignored if the content is attached).
+
+    ``run`` runs the parsing and hashing (linear in the message's size); path validation stays here.
+    """
+    result = await run(lambda: check(data, content))
     if result.signer is None or not result.signature_valid:
         return result
     result.chain_valid, result.chain_reason = await _check_chain(result.signer, result.certificates,
@@ -106,7 +108,17 @@ async def verify(data: bytes, *, content: bytes | None = None, trust_roots: list
     return result
 
 
-def _check_signature(signed: cms.SignedData, content: bytes | None) -> Verified:
+def check(data: bytes, content: bytes | None = None) -> Verified:
+    """The signature alone (no path validation): the CPU-bound part of ``verify``."""
+    signed, pieces = signed_data_of(data)
+    try:
+        return _check_signature(signed, pieces, content)
+    except PARSE_ERRORS as exc:
+        raise CmsError("cms_malformed", f"not a valid CMS structure: {str(exc)[:200]}") from None
+
+
+def _check_signature(signed: cms.SignedData, pieces: list[memoryview] | None, detached: bytes | None
+                     ) -> Verified:
     certs = [crypto_cert(c.chosen) for c in signed["certificates"] if c.name == "certificate"] \
         if signed["certificates"].native is not None else []
     result = Verified(valid=False, certificates=certs)
@@ -119,14 +131,13 @@ def _check_signature(signed: cms.SignedData, content: bytes | None) -> Verified:
     attrs_raw = si["signed_attrs"].contents
     signed_bytes_attrs = der_set(attrs_raw) if attrs_raw else None
     encap = signed["encap_content_info"]
-    econtent = encap["content"]
-    if not isinstance(econtent, core.Void):
-        native = econtent.native
-        content = native if isinstance(native, bytes) else econtent.contents
+    if pieces is not None:
         result.detached = False
-    if content is None:
+        result.content = pieces[0].tobytes() if len(pieces) == 1 else b"".join(pieces)
+    elif detached is None:
         raise CmsError("cms_content_missing", "the signature is detached: send the signed content with it")
-    result.content = None if result.detached else content
+    content = result.content if result.content is not None else detached
+    assert content is not None
     hash_name = si["digest_algorithm"]["algorithm"].native
     result.digest_algorithm = hash_name
     sig_alg = si["signature_algorithm"]

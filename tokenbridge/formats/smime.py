@@ -19,9 +19,11 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from email.message import EmailMessage, Message
 from email.utils import format_datetime, getaddresses, make_msgid, parseaddr
+from functools import partial
 from typing import Any, BinaryIO
 
-from tokenbridge.formats.cms_asn1 import Buffer, CmsError, preallocated_io
+from tokenbridge.formats import ber
+from tokenbridge.formats.cms_asn1 import Buffer, CmsError, Offload, inline, preallocated_io
 from tokenbridge.formats.mime_stream import B64_BLOCK, Base64Lines, Parts, Stream, b64_block, b64_lines, b64_lines_size
 
 MICALG = {"sha256": "sha-256", "sha384": "sha-384", "sha512": "sha-512", "sha1": "sha1"}
@@ -419,11 +421,12 @@ def _signed_parts(entity_body: bytes, boundary: bytes) -> tuple[bytes, bytes]:
     return entity_body[first:end], second
 
 
-async def open_message(raw: bytes, decrypt: Decrypt, verify: Verify) -> Opened:
-    """Decrypt and verify layer by layer (any nesting of signed and enveloped parts)."""
-    check_part_count(raw)
-    message = canonicalize(raw)
-    outer, entity = split_entity(message)
+async def open_message(raw: bytes, decrypt: Decrypt, verify: Verify, run: Offload = inline) -> Opened:
+    """Decrypt and verify layer by layer (any nesting of signed and enveloped parts).
+
+    ``run`` runs the steps linear in the message's size (counting parts, line endings, base64).
+    """
+    outer, entity = await run(lambda: _outer_split(raw))
     opened = Opened(outer_headers=outer)
     for _depth in range(MAX_DEPTH):
         e_block, e_body = split_message(entity)
@@ -439,9 +442,7 @@ async def open_message(raw: bytes, decrypt: Decrypt, verify: Verify) -> Opened:
             boundary = headers.get_param("boundary")
             if not isinstance(boundary, str) or not boundary:
                 raise CmsError("mime_malformed", "multipart/signed without a boundary")
-            signed_part, sig_part = _signed_parts(e_body, boundary.encode())
-            s_block, s_body = split_message(sig_part)
-            signature = _decode_body(_content_type(header_fields(s_block)), s_body)
+            signed_part, signature = await run(partial(_signed_and_signature, e_body, boundary))
             verified = await verify(signature, signed_part)
             opened.signed = True
             opened.signatures.append(verified)
@@ -450,14 +451,12 @@ async def open_message(raw: bytes, decrypt: Decrypt, verify: Verify) -> Opened:
             entity = signed_part
             continue
         if is_p7m:
-            der = _decode_body(headers, e_body)
-            kind = smime_type.lower()
-            if kind in ("enveloped-data", "authenveloped-data") or (not kind and _looks_enveloped(der)):
+            der, enveloped = await run(partial(_p7m_body, headers, e_body, smime_type.lower()))
+            if enveloped:
                 content, details = await decrypt(der)
                 opened.encrypted = True
                 opened.layers.append({"type": "encrypted", **details})
-                check_part_count(content)  # what was inside the envelope was not counted yet
-                entity = canonicalize(content)
+                entity = await run(partial(_counted, content))  # what was inside the envelope was not counted
                 continue
             verified = await verify(der, None)
             opened.signed = True
@@ -465,18 +464,35 @@ async def open_message(raw: bytes, decrypt: Decrypt, verify: Verify) -> Opened:
             opened.layers.append({"type": "signed", "format": "application/pkcs7-mime"})
             if verified.content is None:
                 raise CmsError("mime_malformed", "opaque signed message without content")
-            check_part_count(verified.content)
-            entity = canonicalize(verified.content)
+            entity = await run(partial(_counted, verified.content))
             continue
         opened.inner = entity
         return opened
     raise CmsError("mime_malformed", f"more than {MAX_DEPTH} nested S/MIME layers")
 
 
-def _looks_enveloped(der: bytes) -> bool:
-    from tokenbridge.formats.cms_asn1 import parse_content_info
+def _outer_split(raw: bytes) -> tuple[list[bytes], bytes]:
+    check_part_count(raw)
+    return split_entity(canonicalize(raw))
 
-    return parse_content_info(der)["content_type"].native != "signed_data"
+
+def _counted(content: bytes) -> bytes:
+    check_part_count(content)
+    return canonicalize(content)
+
+
+def _signed_and_signature(e_body: bytes, boundary: str) -> tuple[bytes, bytes]:
+    signed_part, sig_part = _signed_parts(e_body, boundary.encode())
+    s_block, s_body = split_message(sig_part)
+    return signed_part, _decode_body(_content_type(header_fields(s_block)), s_body)
+
+
+def _p7m_body(headers: Message, e_body: bytes, smime_type: str) -> tuple[bytes, bool]:
+    """The DER of an application/pkcs7-mime part, and whether it is enveloped (by smime-type, else by looking)."""
+    der = _decode_body(headers, e_body)
+    if smime_type:
+        return der, smime_type in ("enveloped-data", "authenveloped-data")
+    return der, ber.parse(der)[0]["content_type"].native != "signed_data"
 
 
 def attachments_of(entity: bytes) -> list[dict[str, Any]]:

@@ -16,6 +16,7 @@ from tokenbridge.drivers import resolve_module
 from tokenbridge.services.keys import load_ca_pool
 from tokenbridge.services.metrics import Metrics
 from tokenbridge.services.operations import Operations
+from tokenbridge.services.workers import Workers
 from tokenbridge.state.audit import AuditLog, AuditUnavailable
 from tokenbridge.state.clients import ClientRegistry
 from tokenbridge.state.store import Store
@@ -79,6 +80,7 @@ class Bridge:
         self.metrics.watch(self.owner)
         self.operations = Operations(self.owner, self.audit, settings, self.metrics)
         self.ca_pool = load_ca_pool(settings.ca_files)
+        self.workers = Workers(settings.server.parse_threads)
 
     def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         """``loop``: the service's event loop, which then reads the token's answers itself."""
@@ -88,6 +90,7 @@ class Bridge:
 
     def stop(self) -> None:
         self.owner.stop()
+        self.workers.close()
         self.store.close()
 
     def _token_event(self, event: str, data: dict[str, object]) -> None:

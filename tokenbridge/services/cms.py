@@ -7,7 +7,6 @@ to problems, and audits what it does that does not touch the token.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -26,6 +25,7 @@ from tokenbridge.formats.cms_asn1 import Buffer, CmsError, asn1_cert
 from tokenbridge.services.keys import load_ca_pool, may_decrypt, may_sign, require_current_certificate
 from tokenbridge.services.operations import Operations
 from tokenbridge.services.principal import Principal
+from tokenbridge.services.workers import Workers
 from tokenbridge.state.audit import AuditLog, AuditUnavailable
 from tokenbridge.token.model import DecryptionFailed, KeyInfo
 from tokenbridge.token.process import TokenProcess
@@ -40,20 +40,11 @@ _TITLES = {
 }
 
 
-_THREAD_THRESHOLD = 256 * 1024  # larger contents are hashed / encrypted off the event loop
-
-
-async def sha256_parts(parts: Sequence[Buffer]) -> str:
-    """SHA-256 of the concatenation of ``parts``, off the event loop when they are large."""
-    def run() -> str:
-        h = hashlib.sha256()
-        for p in parts:
-            h.update(p)
-        return h.hexdigest()
-
-    if sum(memoryview(p).nbytes for p in parts) < _THREAD_THRESHOLD:
-        return run()
-    return await asyncio.to_thread(run)
+def sha256_hex(parts: Sequence[Buffer]) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p)
+    return h.hexdigest()
 
 
 def problem(exc: CmsError) -> Problem:
@@ -73,8 +64,10 @@ def _is_email_key(key: KeyInfo) -> bool:
 
 
 class CmsService:
-    def __init__(self, operations: Operations, ca_pool: list[x509.Certificate]) -> None:
+    def __init__(self, operations: Operations, ca_pool: list[x509.Certificate], workers: Workers | None = None
+                 ) -> None:
         self.ops = operations
+        self.workers = workers or Workers(1)
         self.owner: TokenProcess = operations.owner
         self.audit: AuditLog = operations.audit
         self.settings: Settings = operations.settings
@@ -212,9 +205,7 @@ class CmsService:
                       use_ski: bool = False) -> bytes:
         envelope = await self.encrypt_parts(principal, [content], to, key_transport=key_transport, cipher=cipher,
                                             use_ski=use_ski)
-        if envelope.size < _THREAD_THRESHOLD:
-            return envelope.to_bytes()
-        return await asyncio.to_thread(envelope.to_bytes)
+        return await self.workers.sized(envelope.size)(envelope.to_bytes)
 
     async def encrypt_parts(self, principal: Principal, parts: Sequence[Buffer], to: Sequence[str], *,
                             key_transport: str = "rsa-pkcs1v15", cipher: str = "aes256-cbc", use_ski: bool = False,
@@ -236,7 +227,8 @@ class CmsService:
         except CmsError as exc:
             raise problem(exc) from None
         if content_sha256 is None:
-            content_sha256 = await sha256_parts(parts)
+            content_sha256 = await self.workers.sized(sum(memoryview(p).nbytes for p in parts))(
+                lambda: sha256_hex(parts))
         self.audit_event(principal, "cms-encrypt", "ok", content_sha256,
                          f"recipients={'; '.join(c.subject.rfc4514_string() for c in certs)}, "
                          f"cipher={cipher}, key_transport={key_transport}")
@@ -257,19 +249,23 @@ class CmsService:
                 raise cms_envelope.UnwrapFailed() from None
 
         try:
-            return await cms_envelope.decrypt(data, keys, unwrap)
+            return await cms_envelope.decrypt(data, keys, unwrap, run=self.workers.sized(len(data)))
         except CmsError as exc:
             raise problem(exc) from None
 
     async def verify(self, principal: Principal, data: bytes, content: bytes | None = None,
-                     sender: str | None = None) -> cms_verify.Verified:
+                     sender: str | None = None, grant: str | None = "cms-verify") -> cms_verify.Verified:
+        """``grant``: what the caller needs (None: the caller checked, e.g. opening a message)."""
+        if grant is not None:
+            principal.require(grant)
+        run = self.workers.sized(len(data) + len(content or b""))
         try:
             result = await cms_verify.verify(data, content=content, trust_roots=self.trust_anchors,
-                                             sender=sender)
+                                             sender=sender, run=run)
         except CmsError as exc:
             raise problem(exc) from None
         self.audit_event(principal, "cms-verify", "valid" if result.valid else "invalid",
-                         hashlib.sha256(data).hexdigest(),
+                         await run(lambda: sha256_hex([data])),
                          f"signer={result.signer.subject.rfc4514_string() if result.signer else None}, "
                          f"reason={result.reason}")
         return result

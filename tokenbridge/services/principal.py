@@ -52,6 +52,11 @@ class Principal:
             raise Problem(f"client {self.name!r} has no {grant!r} grant", code="grant_missing", status=403,
                           title="Forbidden")
 
+    def require_any(self, *grants: str) -> None:
+        if not self.operator and not self.grants & set(grants):
+            raise Problem(f"client {self.name!r} has none of the grants {', '.join(map(repr, grants))}",
+                          code="grant_missing", status=403, title="Forbidden")
+
     def may_use(self, key: KeyInfo) -> bool:
         return self.operator or self.keys is ANY_KEY or key.id in self.keys
 

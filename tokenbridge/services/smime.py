@@ -115,7 +115,7 @@ class SmimeService:
         alg, hash_name = _hash_alg(self.cms, key, algorithm)
         if opaque:
             content = entity.to_bytes()
-            digest = await _digest(hash_name, content)
+            digest = await self.cms.workers.sized(len(content))(lambda: hashlib.new(hash_name, content).digest())
             der = await self.cms.sign(principal, key, alg, digest, content)
             del content
             return Parts(fmt.pkcs7_mime(der, "signed-data")), None
@@ -124,10 +124,7 @@ class SmimeService:
         hasher = hashlib.new(hash_name)
         whole = hashlib.sha256(head) if audit_hash else None
         hashers = [hasher] if whole is None else [hasher, whole]
-        if entity.size < 256 * 1024:
-            fmt.hash_parts(entity, *hashers)
-        else:
-            await asyncio.to_thread(fmt.hash_parts, entity, *hashers)
+        await self.cms.workers.sized(entity.size)(lambda: fmt.hash_parts(entity, *hashers))
         der = await self.cms.sign(principal, key, alg, hasher.digest(), None)
         tail = fmt.signed_multipart_tail(boundary, der)
         if whole is not None:
@@ -185,16 +182,15 @@ class SmimeService:
                                     "authenticated": result.authenticated, "key": result.recipient}
 
         async def verify(der: bytes, content: bytes | None) -> Any:
-            return await self.cms.verify(principal, der, content, sender)
+            return await self.cms.verify(principal, der, content, sender, grant=None)
 
+        principal.require_any("cms-decrypt", "cms-verify")
+        workers = self.cms.workers
         try:
-            opened = await fmt.open_message(raw, decrypt, verify)
-            # Python's MIME parser, off the event loop for anything but a small message (up to MAX_PARTS parts).
-            if len(opened.inner) < 64 * 1024:
-                attachments, text = fmt.attachments_of(opened.inner), fmt.text_of(opened.inner)
-            else:
-                attachments, text = await asyncio.to_thread(
-                    lambda: (fmt.attachments_of(opened.inner), fmt.text_of(opened.inner)))
+            opened = await fmt.open_message(raw, decrypt, verify, run=workers.sized(len(raw)))
+            # Python's MIME parser (up to MAX_PARTS parts), off the event loop for anything but a small message.
+            attachments, text = await workers.sized(len(opened.inner))(
+                lambda: (fmt.attachments_of(opened.inner), fmt.text_of(opened.inner)))
         except CmsError as exc:
             raise problem(exc) from None
         signatures = [s.view() for s in opened.signatures]
@@ -296,8 +292,3 @@ def _mime_base64(data: str, filename: str) -> bytes:
         raise Problem(f"attachment {filename!r} data is not valid base64", code="invalid_base64", status=400,
                       title="Invalid base64") from None
 
-
-async def _digest(hash_name: str, data: bytes) -> bytes:
-    if len(data) < 256 * 1024:
-        return hashlib.new(hash_name, data).digest()
-    return await asyncio.to_thread(lambda: hashlib.new(hash_name, data).digest())
