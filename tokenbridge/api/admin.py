@@ -26,6 +26,7 @@ from tokenbridge.api.v1 import token_view
 from tokenbridge.errors import Problem
 from tokenbridge.formats import x509 as x509h
 from tokenbridge.services.bridge import Bridge
+from tokenbridge.services.keys import Validity, certificate_validity
 from tokenbridge.state.audit import AuditEntry
 from tokenbridge.state.store import Store
 from tokenbridge.token.model import KeyInfo, TokenState, TokenStatus
@@ -33,7 +34,7 @@ from tokenbridge.token.model import KeyInfo, TokenState, TokenStatus
 router = APIRouter()
 
 AUDIT_ENTRIES = 20
-EXPIRY_WARNING_DAYS = 30
+EXPIRY_WARNING_DAYS = 30  # server.expiry_warning_days's default, for callers without settings
 
 # Key usages (RFC 5280 names, as formats.x509 gives them) in the words an operator uses.
 USAGE_WORDS = {
@@ -143,11 +144,13 @@ def token_overview(status: TokenStatus) -> dict[str, Any]:
     return view
 
 
-def certificate_overview(key: KeyInfo, now: datetime) -> dict[str, Any] | None:
+def certificate_overview(key: KeyInfo, now: datetime,
+                         warning_days: int = EXPIRY_WARNING_DAYS) -> dict[str, Any] | None:
+    """``status`` and ``warning`` come from the same rule as /metrics and doctor, so the three agree."""
     cert = key.certificate
-    if cert is None:
+    check = certificate_validity(key, warning_days, now)
+    if cert is None or check is None:
         return None
-    days = x509h.days_left(cert, now)
     names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     common_name = str(names[0].value) if names else None
     usages = x509h.key_usages(cert)
@@ -162,10 +165,14 @@ def certificate_overview(key: KeyInfo, now: datetime) -> dict[str, Any] | None:
         "issuer": cert.issuer.rfc4514_string(),
         "usages": [USAGE_WORDS.get(u, u) for u in usages] if usages else ["any (no key usage restriction)"],
         "extended_usages": [EXTENDED_USAGE_WORDS.get(u, u) for u in extended],
-        "not_after": cert.not_valid_after_utc.isoformat(),
-        "days_left": days,
-        "expired": now > cert.not_valid_after_utc,
-        "warning": days < EXPIRY_WARNING_DAYS,
+        "not_before": check.not_before.isoformat(),
+        "not_after": check.not_after.isoformat(),
+        "days_left": check.days_left,
+        "status": check.state.value,
+        "expired": check.state is Validity.EXPIRED,
+        "not_yet_valid": check.state is Validity.NOT_YET_VALID,
+        "warning": check.warn,
+        "warning_days": warning_days,
     }
 
 
@@ -210,6 +217,7 @@ def audit_overview(entry: AuditEntry, labels: dict[str, str]) -> dict[str, Any]:
 def overview(bridge: Bridge, counts: _DayCounts, now: datetime | None = None) -> dict[str, Any]:
     """The whole page's data, from cached state only (no token call)."""
     now = now or datetime.now(UTC)
+    warning_days = bridge.settings.server.expiry_warning_days
     keys = sorted(bridge.owner.list_keys(), key=lambda k: k.label)
     labels = {k.id: k.label for k in keys}
     since = _local_midnight_utc(now)
@@ -220,7 +228,7 @@ def overview(bridge: Bridge, counts: _DayCounts, now: datetime | None = None) ->
         "generated": now.isoformat(timespec="seconds"),
         "version": __version__,
         "token": token_overview(status),
-        "certificates": [c for k in keys if (c := certificate_overview(k, now)) is not None],
+        "certificates": [c for k in keys if (c := certificate_overview(k, now, warning_days)) is not None],
         "clients": [client_overview(c, per_actor) for c in bridge.clients.list()],
         "operations_today_since": since,
         "queue": {

@@ -6,6 +6,7 @@ otherwise opens the token itself, logging in at most once.
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 import httpx
@@ -14,8 +15,7 @@ from rich.console import Console
 from tokenbridge.client import Client, TokenbridgeError
 from tokenbridge.config import Settings
 from tokenbridge.drivers import DriverNotFound, resolve_module
-
-WARN_DAYS = 30
+from tokenbridge.services.keys import Validity, validity
 
 
 class Report:
@@ -105,12 +105,21 @@ def run_doctor(settings: Settings, console: Console) -> int:
         if cert is None:
             r.warn(f"{name}: no certificate on the token")
             continue
-        if cert["expired"]:
-            r.fail(f"{name}: certificate EXPIRED on {cert['not_after'][:10]}")
-        elif cert["not_yet_valid"]:
-            r.fail(f"{name}: certificate not valid before {cert['not_before'][:10]}")
-        elif cert["days_left"] < WARN_DAYS:
-            r.warn(f"{name}: certificate expires in {cert['days_left']} days ({cert['not_after'][:10]})")
+        if "not_after" not in cert:
+            r.fail(f"{name}: the certificate's extensions cannot be parsed")
+            continue
+        check = validity(datetime.fromisoformat(cert["not_before"]), datetime.fromisoformat(cert["not_after"]),
+                         settings.server.expiry_warning_days)
+        if check.state is Validity.EXPIRED:
+            r.fail(f"{name}: {check.describe()}: it no longer signs CMS or S/MIME nor authenticates TLS; "
+                   "renew the certificate and write the new one on the token")
+        elif check.state is Validity.NOT_YET_VALID:
+            r.fail(f"{name}: {check.describe()}: it signs nothing until then; check the computer's clock, "
+                   "or keep the previous certificate on the token until that date")
+        elif check.state is Validity.EXPIRING:
+            r.warn(f"{name}: {check.describe()} (warning from {check.warning_days} days ahead, "
+                   "server.expiry_warning_days): renew the certificate and write the new one on the token "
+                   "before then")
         else:
             r.ok(f"{name}: {cert['subject']}, {cert['days_left']} days left, "
                  f"usages {', '.join(cert['key_usage']) or '(any)'}")

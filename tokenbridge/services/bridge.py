@@ -58,7 +58,7 @@ class Bridge:
     def __init__(self, settings: Settings, pin: str | None = None) -> None:
         self.settings = settings
         self.store, self.audit, self.clients = open_state(settings)
-        self.metrics = Metrics()
+        self.metrics = Metrics(settings.server.expiry_warning_days)
         module_path, self.driver = resolve_module(settings.token.module)
         self.module_path = Path(module_path)
         t = settings.token

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime
+import enum
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +95,68 @@ def load_ca_pool(files: list[Path]) -> list[x509.Certificate]:
     return pool
 
 
+class Validity(enum.StrEnum):
+    VALID = "valid"
+    EXPIRING = "expiring"  # valid now, expires within the warning window
+    EXPIRED = "expired"
+    NOT_YET_VALID = "not_yet_valid"
+
+
+@dataclass(frozen=True)
+class CertificateValidity:
+    """Where a certificate stands in its validity period, so that every front end warns alike."""
+
+    state: Validity
+    not_before: datetime.datetime
+    not_after: datetime.datetime
+    days_left: int  # whole days until notAfter; negative once expired
+    warning_days: int
+
+    @property
+    def warn(self) -> bool:
+        """True when an operator must act: expiring soon, expired or not yet valid."""
+        return self.state is not Validity.VALID
+
+    def describe(self) -> str:
+        """One sentence with the dates, for people (doctor, logs)."""
+        end, start = self.not_after.date().isoformat(), self.not_before.date().isoformat()
+        if self.state is Validity.EXPIRED:
+            return f"certificate EXPIRED on {end}"
+        if self.state is Validity.NOT_YET_VALID:
+            return f"certificate not valid before {start}"
+        return f"certificate expires on {end}, in {days_text(self.days_left)}"
+
+
+def days_text(days: int) -> str:
+    """Whole days left in words: "less than a day" rather than a misleading "0 days"."""
+    return "less than a day" if days <= 0 else "1 day" if days == 1 else f"{days} days"
+
+
+def validity(not_before: datetime.datetime, not_after: datetime.datetime, warning_days: int,
+             now: datetime.datetime | None = None) -> CertificateValidity:
+    """``warning_days`` is ``server.expiry_warning_days``: warn that far ahead of notAfter (0: only once
+    expired). The bounds are those ``require_current_certificate`` enforces."""
+    now = now or datetime.datetime.now(datetime.UTC)
+    if now > not_after:
+        state = Validity.EXPIRED
+    elif now < not_before:
+        state = Validity.NOT_YET_VALID
+    elif warning_days > 0 and not_after - now <= datetime.timedelta(days=warning_days):
+        state = Validity.EXPIRING
+    else:
+        state = Validity.VALID
+    return CertificateValidity(state, not_before, not_after, (not_after - now).days, warning_days)
+
+
+def certificate_validity(key: KeyInfo, warning_days: int,
+                         now: datetime.datetime | None = None) -> CertificateValidity | None:
+    """The key's certificate's standing, or None for a key without a certificate."""
+    cert = key.certificate
+    if cert is None:
+        return None
+    return validity(cert.not_valid_before_utc, cert.not_valid_after_utc, warning_days, now)
+
+
 def require_current_certificate(key: KeyInfo, allow_expired: bool = False,
                                 now: datetime.datetime | None = None) -> x509.Certificate:
     """The key's certificate, if it is valid now: a peer would refuse a message or handshake made with
@@ -100,11 +164,11 @@ def require_current_certificate(key: KeyInfo, allow_expired: bool = False,
     cert = require_certificate(key)
     if allow_expired:
         return cert
-    now = now or datetime.datetime.now(datetime.UTC)
-    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
-    if not start <= now <= end:
-        state = "expired on" if now > end else "not valid before"
-        when = end if now > end else start
+    check = validity(cert.not_valid_before_utc, cert.not_valid_after_utc, 0, now)
+    if check.state in (Validity.EXPIRED, Validity.NOT_YET_VALID):
+        start, end = check.not_before, check.not_after
+        expired = check.state is Validity.EXPIRED
+        state, when = ("expired on", end) if expired else ("not valid before", start)
         raise Problem(f"the certificate of key {key.label!r} is {state} {when.isoformat()} (valid from "
                       f"{start.isoformat()} to {end.isoformat()}); renew it, or set "
                       f"[keys.{key.label}] allow_expired_certificate = true", code="certificate_expired",

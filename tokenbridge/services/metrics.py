@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from tokenbridge.formats import x509 as x509h
+from tokenbridge.services.keys import Validity, certificate_validity
 
 if TYPE_CHECKING:
     from tokenbridge.token.process import TokenProcess
@@ -23,8 +23,9 @@ _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 
 
 class _TokenCollector(Collector):
-    def __init__(self, owner: TokenProcess) -> None:
+    def __init__(self, owner: TokenProcess, expiry_warning_days: int) -> None:
         self.owner = owner
+        self.expiry_warning_days = expiry_warning_days
 
     def collect(self) -> Iterable[Metric]:
         status = self.owner.status()
@@ -40,16 +41,38 @@ class _TokenCollector(Collector):
             depth.add_metric([client], float(n))
         service = GaugeMetricFamily("tokenbridge_token_service_seconds", "moving average of one token operation")
         service.add_metric([], self.owner.service_time)
+        yield from (present, logged, state, depth, service)
+        yield from self._certificates()
+
+    def _certificates(self) -> Iterable[Metric]:
+        """Dates as Unix timestamps, so that alert rules can compare them with ``time()`` themselves."""
+        labels = ["key", "label"]
         days = GaugeMetricFamily("tokenbridge_certificate_days_left", "days until the certificate expires",
-                                 labels=["key", "label"])
+                                 labels=labels)
+        not_after = GaugeMetricFamily("tokenbridge_certificate_not_after_seconds",
+                                      "the certificate's notAfter, as a Unix timestamp", labels=labels)
+        not_before = GaugeMetricFamily("tokenbridge_certificate_not_before_seconds",
+                                       "the certificate's notBefore, as a Unix timestamp", labels=labels)
+        expiring = GaugeMetricFamily("tokenbridge_certificate_expiring",
+                                     "1 when the certificate expires within server.expiry_warning_days "
+                                     "or has expired: renew it", labels=labels)
         for key in self.owner.list_keys():
-            if key.certificate is not None:
-                days.add_metric([key.id, key.label], float(x509h.days_left(key.certificate)))
-        yield from (present, logged, state, depth, service, days)
+            check = certificate_validity(key, self.expiry_warning_days)
+            if check is None:
+                continue
+            values = [key.id, key.label]
+            days.add_metric(values, float(check.days_left))
+            not_after.add_metric(values, check.not_after.timestamp())
+            not_before.add_metric(values, check.not_before.timestamp())
+            soon = check.state in (Validity.EXPIRING, Validity.EXPIRED)
+            expiring.add_metric(values, 1.0 if soon else 0.0)
+        yield from (days, not_after, not_before, expiring)
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, expiry_warning_days: int = 30) -> None:
+        """``expiry_warning_days``: ``server.expiry_warning_days``, for ``tokenbridge_certificate_expiring``."""
+        self.expiry_warning_days = expiry_warning_days
         self.registry = CollectorRegistry()
         self.operations = Counter("tokenbridge_operations", "private-key operations",
                                   ["operation", "key", "client", "outcome"], registry=self.registry)
@@ -72,7 +95,7 @@ class Metrics:
         child.inc()
 
     def watch(self, owner: TokenProcess) -> None:
-        self.registry.register(_TokenCollector(owner))
+        self.registry.register(_TokenCollector(owner, self.expiry_warning_days))
 
     def observe_job(self, client: str, kind: str, wait: float, token: float, outcome: str) -> None:
         """Called on the event loop for each answer from the token: two histogram updates, nothing else."""

@@ -131,22 +131,56 @@
     fillTable("queue", rows, "No request is waiting.", 2);
   }
 
+  const daysText = (days) => (days <= 0 ? "less than a day" : days === 1 ? "1 day" : `${days} days`);
+
+  // The certificate's standing in words, with its dates: the same rule as /metrics and `tokenbridge doctor`.
+  function validityText(c) {
+    const end = dateOnly.format(new Date(c.not_after));
+    if (c.status === "expired") {
+      return `${c.label}: the certificate expired on ${end}; by default it no longer signs. Renew it.`;
+    }
+    if (c.status === "not_yet_valid") {
+      return `${c.label}: the certificate is not valid before ${dateOnly.format(new Date(c.not_before))}.`;
+    }
+    return `${c.label}: the certificate expires on ${end}, in ${daysText(c.days_left)}. Renew it before then.`;
+  }
+
+  // Amber for certificates to renew soon, red for those that no longer work: success is never red.
+  function renderCertificateWarnings(certificates) {
+    for (const [id, failing] of [["certificates-warning", false], ["certificates-failing", true]]) {
+      const shown = certificates.filter((c) => c.warning && (c.status !== "expiring") === failing);
+      const banner = $(id);
+      banner.replaceChildren(...shown.map((c) => h("span", { class: "line", dataset: { key: c.label } },
+        validityText(c))));
+      banner.hidden = !shown.length;
+    }
+  }
+
+  function daysCell(c) {
+    if (c.status === "expired") return badge(`expired ${dateOnly.format(new Date(c.not_after))}`, "bad");
+    if (c.status === "not_yet_valid") {
+      return badge(`not valid before ${dateOnly.format(new Date(c.not_before))}`, "bad");
+    }
+    if (c.status === "expiring") {
+      return [badge(`${daysText(c.days_left)} left — renew soon`, "warn"),
+        h("span", { class: "small" }, `warning from ${c.warning_days} days before expiry`)];
+    }
+    return String(c.days_left);
+  }
+
   function renderCertificates(certificates) {
+    renderCertificateWarnings(certificates);
     const rows = certificates.map((c) => {
-      let days;
-      if (c.expired) days = badge("expired", "bad");
-      else if (c.warning) days = badge(`${c.days_left} days — renew soon`, "warn");
-      else days = String(c.days_left);
       const type = `${c.key_type.toUpperCase()} ${c.key_size}`;
-      return h("tr", { dataset: { key: c.label }, class: c.warning ? "warning" : null },
+      return h("tr", { dataset: { key: c.label, status: c.status }, class: c.warning ? "warning" : null },
         h("th", { scope: "row" }, h("span", { class: "strong" }, c.label), h("span", { class: "small" }, type)),
         h("td", {},
           h("span", { class: "strong" }, c.common_name || c.subject),
           h("span", { class: "small", title: c.issuer ? `Issued by ${c.issuer}` : null }, c.subject)),
         h("td", { class: "usages" }, chips(c.usages, "usage"),
           c.extended_usages.length ? chips(c.extended_usages, "eku") : null),
-        h("td", { title: c.not_after }, dateOnly.format(new Date(c.not_after))),
-        h("td", { class: "num days-left" }, days));
+        h("td", { title: c.not_after, class: "expires" }, dateOnly.format(new Date(c.not_after))),
+        h("td", { class: "num days-left" }, daysCell(c)));
     });
     fillTable("certificates", rows, "No certificate found on the token (yet).", 5);
   }
