@@ -295,10 +295,13 @@ def compose_entity_parts(text: str, attachments: Sequence[Attachment | EncodedAt
             lines = a.lines if isinstance(a, EncodedAttachment) else b64_lines(a.data)
             markers.append((b64_lines(marker), lines))
             body.add_attachment(marker, maintype=maintype, subtype=subtype, filename=a.filename)
+            parts = body.get_payload()
+            assert isinstance(parts, list) and isinstance(parts[-1], Message)
+            _add_name_param(parts[-1], a.filename)  # the attachment just added
     del body["MIME-Version"]
     for part in body.walk():
         del part["MIME-Version"]
-    layout = canonicalize(body.as_bytes(policy=_SMTP))
+    layout = canonicalize(body.as_bytes(policy=_LAYOUT))
     items: list[Buffer] = []
     pos = 0
     for marker, lines in markers:
@@ -307,6 +310,63 @@ def compose_entity_parts(text: str, attachments: Sequence[Attachment | EncodedAt
         pos = at + len(marker)
     items.append(layout[pos:])
     return Parts(*items)
+
+
+# A header line's limit (RFC 5322: SHOULD be at most 78 characters), and the UTF-8 bytes in one RFC 2047
+# encoded-word: 42 bytes are 56 base64 characters, so ' name="=?utf-8?b?<56>?="' is 76.
+_LINE = 78
+_WORD_BYTES = 42
+# Raw header values set by ``set_raw`` (the ``name`` parameter below) are written as given, never refolded:
+# refolding would parse the encoded-words back and write the name as RFC 2231 ``name*=`` again.
+_LAYOUT = _SMTP.clone(refold_source="none")
+
+
+def _encoded_words(value: str) -> list[str]:
+    """RFC 2047 B encoded-words of at most ``_WORD_BYTES`` UTF-8 bytes each, never splitting a character."""
+    chunks: list[bytes] = []
+    chunk = b""
+    for ch in value:
+        b = ch.encode("utf-8")
+        if chunk and len(chunk) + len(b) > _WORD_BYTES:
+            chunks.append(chunk)
+            chunk = b""
+        chunk += b
+    chunks.append(chunk)
+    return ["=?utf-8?b?" + base64.b64encode(c).decode("ascii") + "?=" for c in chunks]
+
+
+def _name_param_lines(filename: str) -> list[str]:
+    """`` name="..."`` as folded header lines: a plain quoted string for a short printable ASCII name, else
+    RFC 2047 encoded-words inside the quotes, one per line (what older Outlook versions read)."""
+    if (filename.isascii() and filename.isprintable() and not any(c in filename for c in '"\\')
+            and "=?" not in filename and len(filename) + 8 <= _LINE):
+        return [f' name="{filename}"']
+    words = _encoded_words(filename)
+    lines = [f' name="{words[0]}'] + [f" {w}" for w in words[1:]]
+    lines[-1] += '"'
+    return lines
+
+
+def _add_name_param(part: Message, filename: str) -> None:
+    """Add the attachment's name to its Content-Type as ``name=``, besides the RFC 2231 ``filename*=`` the
+    ``email`` package writes on Content-Disposition: older Outlook versions read only ``name``, as an RFC 2047
+    encoded-word within the quotes (not what RFC 2047 allows, but what mail clients write and read). The
+    header is set raw, folded here to lines of at most 78 characters, and keeps its place first."""
+    folded = _SMTP.fold("Content-Type", part["Content-Type"])  # as the email package would write it
+    lines = folded.rstrip("\r\n").split("\r\n")
+    lines[-1] += ";"
+    name = _name_param_lines(filename)
+    if len(name) == 1 and len(lines[-1]) + len(name[0]) <= _LINE:
+        lines[-1] += name[0]
+    else:
+        lines += name
+    value = "\r\n".join(lines).partition(":")[2].lstrip(" ")
+    others = [(k, v) for k, v in part.items() if k.lower() != "content-type"]
+    for k in {k for k, _ in part.items()}:
+        del part[k]
+    part.set_raw("Content-Type", value)
+    for k, v in others:
+        part[k] = v
 
 
 def mime_base64(value: str) -> bytes:
