@@ -2,7 +2,7 @@
 
     python -m bench                 # full run (about 5 minutes on 2 cores)
     python -m bench --quick         # 1 repetition, short runs (smoke test of the harness)
-    python -m bench --only sign,spy # a subset of: raw, bare, sign, spy, slow, profile, smime, tls
+    python -m bench --only sign,spy # a subset of: raw, bare, sign, spy, slow, profile, smime, tls, stall
 
 Prints a Markdown table and writes ``bench/results/<timestamp>.json`` and ``latest.json`` /
 ``latest.md``. Nothing here is part of the test suite. Process layout (each its own process):
@@ -56,7 +56,7 @@ ALGORITHMS = [  # (algorithm, key label)
     ("ecdsa-sha256", "auth-ec"),
 ]
 CONCURRENCY = [1, 8, 64]
-PHASES = ("raw", "bare", "sign", "workers", "spy", "slow", "profile", "smime", "tls")
+PHASES = ("raw", "bare", "sign", "workers", "spy", "slow", "profile", "smime", "tls", "stall")
 
 
 def log(msg: str) -> None:
@@ -78,6 +78,8 @@ def summarize(values: list[float]) -> dict[str, float]:
 
 class Server:
     def __init__(self, cmd: list[str], env: dict[str, str], port: int, logfile: Path, health: str) -> None:
+        self.cmd = cmd
+        self.env = env
         self.port = port
         self.logfile = logfile
         self.proc = subprocess.Popen(cmd, env=env, stdout=logfile.open("wb"), stderr=subprocess.STDOUT,
@@ -119,7 +121,7 @@ def service(demo: DemoInfo, work: Path, name: str, extra_env: dict[str, str] | N
     port = free_port()
     srv = Server([PY, "-m", "tokenbridge", "serve", "--config", str(demo.config_file), "--port", str(port),
                   "--log-level", "warning"], env, port, data / "service.log", "/v1/health")
-    srv.env = env  # type: ignore[attr-defined]
+    srv.env = env
     try:
         yield srv
     finally:
@@ -128,7 +130,7 @@ def service(demo: DemoInfo, work: Path, name: str, extra_env: dict[str, str] | N
 
 def add_client(srv: Server, demo: DemoInfo, name: str) -> str:
     out = subprocess.run([PY, "-m", "tokenbridge", "clients", "add", name, "--grant", "sign,decrypt", "--json",
-                          "--config", str(demo.config_file)], env=srv.env,  # type: ignore[attr-defined]
+                          "--config", str(demo.config_file)], env=srv.env,
                          capture_output=True, text=True, check=True, timeout=60)
     return str(json.loads(out.stdout)["secret"])
 
@@ -722,7 +724,7 @@ def phase_tls(demo: DemoInfo, work: Path, reps: int, seconds: float, bulk_mb: in
         config = tls_config(demo, {**ports, "bulk13": ports["ka13"]})
         with service(dataclasses.replace(demo, config_file=config), work, "svc-tls") as srv:
             out = subprocess.run([PY, "-m", "tokenbridge", "clients", "add", "bench-proxy", "--grant", "proxy,metrics",
-                                  "--json", "--config", str(config)], env=srv.env,  # type: ignore[attr-defined]
+                                  "--json", "--config", str(config)], env=srv.env,
                                  capture_output=True, text=True, check=True, timeout=60)
             secret = json.loads(out.stdout)["secret"]
             with httpx.Client(base_url=srv.url, headers={"Authorization": f"Bearer {secret}"}, timeout=120) as c:
@@ -836,6 +838,9 @@ def report(res: dict[str, Any]) -> str:
                       f"({slow['ideal_throughput']:.2f}) | {slow['per_client']} | {slow['latency_p50_ms']:.0f} ms | "
                       f"{slow['queue_wait_p50_ms']:.0f} ms | {slow['jain_index']:.3f} |"]
         lines.append("")
+    if res.get("stall"):
+        from bench.stall import report as stall_report
+        lines += [*stall_report(res["stall"]), ""]
     sm = res.get("smime")
     lines += ["## S/MIME and TLS", ""]
     if sm and "skipped" not in sm:
@@ -954,6 +959,9 @@ def targets(res: dict[str, Any]) -> list[dict[str, str]]:
             out.append({"target": "2 token workers >= 1.8x one (RSA-2048)", "wanted": ">= 1.8x",
                         "measured": f"not measured ({w.get('skipped', 'phase not run')}); raw 2-process reference "
                                     f"= {two:.2f}x raw 1-process", "met": "n/a"})
+    if res.get("stall"):
+        from bench.stall import targets as stall_targets
+        out += stall_targets(res["stall"])
     return out
 
 
@@ -1023,6 +1031,13 @@ def main(argv: list[str] | None = None) -> int:
             res["tls"] = phase_tls(demo, work, a.reps, a.seconds, 64 if a.quick else 256)
         except Exception as exc:
             res["tls"] = {"skipped": f"failed: {type(exc).__name__}: {exc}"[:400]}
+    if "stall" in phases:
+        log("one large request against the rest (40 MB streamed CMS, 40,000 MIME parts)")
+        from bench.stall import run_stall
+        try:
+            res["stall"] = run_stall(demo, work, a.reps, service)
+        except Exception as exc:
+            res["stall"] = {"skipped": f"failed: {type(exc).__name__}: {exc}"[:400]}
     res["targets"] = targets(res)
     res["loadavg_end"] = os.getloadavg()
     res["finished"] = datetime.now(UTC).isoformat(timespec="seconds")

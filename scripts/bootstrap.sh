@@ -12,7 +12,7 @@ ROOT=$(pwd)
 VENV=${TOKENBRIDGE_VENV:-$ROOT/.venv}
 # Everything the service and the tests use, including what a minimal Debian root lacks: e2fsprogs (chattr)
 # and util-linux (prlimit) for the store's fault tests, ca-certificates for pip behind a TLS-inspecting proxy.
-APT_PACKAGES=(python3 python3-venv python3-dev gcc openssl softhsm2 opensc libnss3-tools curl libp11-kit-dev
+APT_PACKAGES=(python3 python3-venv python3-dev gcc openssl softhsm2 opensc libnss3-tools gpgsm curl libp11-kit-dev
               chromium nginx e2fsprogs util-linux procps ca-certificates)
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }

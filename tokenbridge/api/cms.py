@@ -7,6 +7,7 @@ bytes when the client asks for them with ``Accept``.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import io
@@ -23,7 +24,7 @@ from tokenbridge.errors import Problem
 from tokenbridge.formats import b64
 from tokenbridge.formats import smime as fmt
 from tokenbridge.formats import x509 as x509h
-from tokenbridge.formats.cms_asn1 import to_pem
+from tokenbridge.formats.cms_asn1 import preallocated_io, to_pem
 from tokenbridge.formats.cms_envelope import CONTENT_CIPHERS, KEY_TRANSPORTS
 from tokenbridge.formats.mime_stream import Parts
 from tokenbridge.services.cms import CmsService
@@ -66,9 +67,7 @@ async def _body(request: Request, hash_name: str | None = None, keep: bool = Tru
         expected = int(declared)
         if canonical:
             expected += expected // 64  # room for LF -> CRLF with lines of 76 characters (base64)
-        buf.seek(expected - 1)
-        buf.write(b"\0")
-        buf.seek(0)
+        buf = preallocated_io(expected)
     crlf = fmt.CrlfWriter(buf) if canonical else None
     async for chunk in request.stream():
         if hasher is not None:
@@ -90,7 +89,7 @@ async def _body(request: Request, hash_name: str | None = None, keep: bool = Tru
 def _cms_out(request: Request, der: bytes, fmt: str, info: dict[str, Any]) -> Response | dict[str, Any]:
     out = to_pem(der) if fmt == "pem" else der
     if _wants_raw(request):
-        return Response(out, media_type="application/x-pem-file" if fmt == "pem" else "application/pkcs7-mime")
+        return _bytes_response(out, "application/x-pem-file" if fmt == "pem" else "application/pkcs7-mime")
     return {"cms": out.decode() if fmt == "pem" else b64.encode(out), "format": fmt, "size": len(out), **info}
 
 
@@ -141,7 +140,7 @@ async def cms_decrypt(request: Request, caller: Caller) -> Response | dict[str, 
     data, _ = await _body(request)
     result = await cms.decrypt(caller, data)
     if _wants_raw(request):
-        return Response(result.content, media_type="application/octet-stream")
+        return _bytes_response(result.content, "application/octet-stream")
     return _json_with_content({"size": len(result.content), "content_type": result.content_type,
                                "authenticated": result.authenticated, "cipher": result.cipher,
                                "key_transport": result.key_transport, "key": result.recipient}, result.content)
@@ -181,12 +180,28 @@ async def cms_verify(request: Request, caller: Caller,
     return view
 
 
-def _json_with_content(fields: dict[str, Any], content: bytes) -> Response:
+def _bytes_response(data: bytes, media_type: str, headers: dict[str, str] | None = None) -> Response:
+    """Raw bytes; a large answer is handed to the transport a step at a time, the event loop free between
+    steps (one write of 40 MB holds it while the transport copies what the socket does not take)."""
+    if len(data) < _STREAM_THRESHOLD:
+        return Response(data, media_type=media_type, headers=headers)
+
+    async def body() -> AsyncIterator[memoryview]:
+        view = memoryview(data)
+        for i in range(0, len(view), _RAW_STEP):
+            yield view[i:i + _RAW_STEP]
+            await asyncio.sleep(0)
+
+    return StreamingResponse(body(), media_type=media_type,
+                             headers={**(headers or {}), "Content-Length": str(len(data))})
+
+
+def _json_with_content(fields: dict[str, Any], content: bytes, name: str = "content") -> Response:
     """JSON with ``content`` in base64 as its last member. A large content is encoded piece by piece while
     the response is sent, instead of being held as base64 and then as JSON (2.7 times its size)."""
     if len(content) < _STREAM_THRESHOLD:
-        return JSONResponse({**fields, "content": b64.encode(content)})
-    head = (json.dumps(fields, separators=(",", ":"))[:-1] + (',' if fields else '') + '"content":"').encode()
+        return JSONResponse({**fields, name: b64.encode(content)})
+    head = (json.dumps(fields, separators=(",", ":"))[:-1] + (',' if fields else '') + f'"{name}":"').encode()
     size = len(head) + 4 * ((len(content) + 2) // 3) + 2
 
     async def body() -> AsyncIterator[bytes]:
@@ -194,6 +209,7 @@ def _json_with_content(fields: dict[str, Any], content: bytes) -> Response:
         view = memoryview(content)
         for i in range(0, len(view), _B64_STEP):
             yield base64.b64encode(view[i:i + _B64_STEP])
+            await asyncio.sleep(0)  # the transport takes each piece without waiting: let other requests run
         yield b'"}'
 
     return StreamingResponse(body(), media_type="application/json", headers={"Content-Length": str(size)})
@@ -203,6 +219,7 @@ def _json_with_content(fields: dict[str, Any], content: bytes) -> Response:
 
 
 _STREAM_THRESHOLD = 256 * 1024
+_RAW_STEP = 256 * 1024  # bytes per write of a streamed raw answer
 _B64_STEP = 3 * 64 * 1024  # bytes of content per base64 piece of a streamed JSON answer
 
 
@@ -210,7 +227,7 @@ def _mime_response(message: Parts | bytes, headers: dict[str, str] | None = None
     """message/rfc822; a large message made of parts is streamed as it is produced (e.g. encrypted),
     with its exact Content-Length, instead of being joined into one more copy."""
     if isinstance(message, bytes):
-        return Response(message, media_type="message/rfc822", headers=headers)
+        return _bytes_response(message, "message/rfc822", headers)
     size = message.size
     if size < _STREAM_THRESHOLD:
         return Response(message.to_bytes(), media_type="message/rfc822", headers=headers)
@@ -218,6 +235,7 @@ def _mime_response(message: Parts | bytes, headers: dict[str, str] | None = None
     async def body() -> AsyncIterator[bytes | memoryview]:
         for chunk in message.chunks():
             yield chunk if isinstance(chunk, bytes | memoryview) else bytes(chunk)
+            await asyncio.sleep(0)  # the transport takes each chunk without waiting: let other requests run
 
     return StreamingResponse(body(), media_type="message/rfc822",
                              headers={**(headers or {}), "Content-Length": str(size)})
@@ -267,7 +285,7 @@ async def smime_open(request: Request, caller: Caller,
     opened, view = await smime.open_message(caller, raw)
     if format == "mime":
         return _mime_response(opened.inner)
-    return view
+    return _json_with_content(view, opened.inner, "message")
 
 
 @router.post("/smime/compose", summary="Compose a signed and/or encrypted message: a ready-to-send .eml",

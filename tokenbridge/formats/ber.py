@@ -84,8 +84,8 @@ class _Reader:
         p = pos + 1
         if tag & 0x1F == 0x1F:  # high tag number: base-128 octets, the last without the top bit
             while True:
-                if p >= limit:
-                    raise malformed("truncated tag")
+                if p >= limit or p - pos > 4:  # no CMS tag needs more than 28 bits
+                    raise malformed("bad tag")
                 p += 1
                 if not buf[p - 1] & 0x80:
                     break

@@ -194,13 +194,24 @@ def der_header(tag: int, length: int) -> bytes:
 
 def preallocated_io(size: int) -> io.BytesIO:
     """A BytesIO whose buffer already holds ``size`` bytes: writing up to ``size`` never reallocates (no
-    copy while it grows), and ``getvalue()`` then hands that very buffer over as ``bytes``."""
-    out = io.BytesIO()
-    if size > 0:
-        out.seek(size - 1)
-        out.write(b"\0")
-        out.seek(0)
-    return out
+    copy while it grows), and ``getvalue()`` then hands that very buffer over as ``bytes``.
+
+    The buffer is ``bytes(size)``, which calloc gets from the kernel already zeroed (no memset over the whole
+    size in one call, which holds the GIL); BytesIO writes into it in place because nothing else refers to it.
+    """
+    return io.BytesIO(bytes(size))
+
+
+STEP = 1024 * 1024  # bytes per copy or cipher call: each holds the GIL, and the event loop waits for it
+
+
+def join_pieces(pieces: list[memoryview]) -> bytes:
+    """One ``bytes`` from pieces, copied a step at a time (``b"".join`` holds the GIL for the whole copy)."""
+    out = preallocated_io(sum(p.nbytes for p in pieces))
+    for piece in pieces:
+        for i in range(0, piece.nbytes, STEP):
+            out.write(piece[i:i + STEP])
+    return out.getvalue()
 
 
 def der_set(contents: bytes) -> bytes:

@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.ciphers import AEADEncryptionContext, Cipher
 from tokenbridge.formats import ber
 from tokenbridge.formats.cms_asn1 import (
     PARSE_ERRORS,
+    STEP,
     Buffer,
     CmsError,
     GcmParams,
@@ -396,7 +397,8 @@ def _decrypt_content(kind: str, alg: algos.EncryptionAlgorithm, cek: bytes, ciph
 def _through(cipher: CipherContext, pieces: list[memoryview], total: int) -> io.BytesIO:
     out = preallocated_io(total)
     for piece in pieces:
-        out.write(cipher.update(piece))
+        for i in range(0, piece.nbytes, STEP):  # the cipher holds the GIL for each call
+            out.write(cipher.update(piece[i:i + STEP]))
     out.write(cipher.finalize())
     out.truncate()
     return out

@@ -31,6 +31,7 @@ from tokenbridge.formats.cms_asn1 import (
     crypto_cert,
     der_set,
     inline,
+    join_pieces,
     matches_rid,
 )
 
@@ -133,7 +134,7 @@ def _check_signature(signed: cms.SignedData, pieces: list[memoryview] | None, de
     encap = signed["encap_content_info"]
     if pieces is not None:
         result.detached = False
-        result.content = pieces[0].tobytes() if len(pieces) == 1 else b"".join(pieces)
+        result.content = join_pieces(pieces)
     elif detached is None:
         raise CmsError("cms_content_missing", "the signature is detached: send the signed content with it")
     content = result.content if result.content is not None else detached

@@ -8,7 +8,6 @@ recipients, checks grants, audits, and talks SMTP (raw bytes through
 from __future__ import annotations
 
 import asyncio
-import base64
 import binascii
 import hashlib
 import os
@@ -172,7 +171,8 @@ class SmimeService:
 
     async def open_message(self, principal: Principal, raw: bytes) -> tuple[fmt.Opened, dict[str, Any]]:
         """Decrypt and verify every layer; the JSON view says what was found and whether it holds."""
-        outer, _ = fmt.split_entity(raw)
+        workers = self.cms.workers
+        outer, _ = await workers.sized(len(raw))(lambda: fmt.split_entity(raw))
         from_header = fmt.header_value(outer, "From")
         sender = fmt.address_of(from_header) or None if from_header else None
 
@@ -185,7 +185,6 @@ class SmimeService:
             return await self.cms.verify(principal, der, content, sender, grant=None)
 
         principal.require_any("cms-decrypt", "cms-verify")
-        workers = self.cms.workers
         try:
             opened = await fmt.open_message(raw, decrypt, verify, run=workers.sized(len(raw)))
             # Python's MIME parser (up to MAX_PARTS parts), off the event loop for anything but a small message.
@@ -204,7 +203,6 @@ class SmimeService:
             "signer": signatures[0]["signer"] if signatures else None,
             "signatures": signatures, "layers": opened.layers, "text": text,
             "attachments": [{k: v for k, v in a.items() if k != "data"} for a in attachments],
-            "message": base64.b64encode(opened.inner).decode(),
         }
         return opened, view
 
