@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
 
 import httpx
 import pytest
@@ -320,3 +321,43 @@ def test_compose_and_send_check_the_caller_before_the_body(service: Service) -> 
     assert r.status_code == 400 and r.json()["code"] == "invalid_json", r.text  # now the body is read
     r = mail.post("/v1/smime/send", **bad)
     assert r.status_code == 403 and r.json()["code"] == "grant_missing", r.text
+
+
+def _closed_within(s: socket.socket, seconds: float) -> bool:
+    """Whether the server ends the connection within ``seconds`` (reading and dropping what it sends)."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    s.settimeout(0.2)
+    while time.monotonic() < deadline:
+        try:
+            if s.recv(65536) == b"":
+                return True
+        except TimeoutError:
+            continue
+        except OSError:
+            return True  # reset by the server
+    return False
+
+
+def test_a_body_sent_slowly_is_cut_off(fresh_service) -> None:
+    """Headers on time, then a body that trickles: the connection is closed once server.body_timeout has
+    passed, for a client that authenticated and one that did not (answered 401 without its body read)."""
+    svc: Service = fresh_service({"TOKENBRIDGE_SERVER__FIRST_REQUEST_TIMEOUT": "1",
+                                  "TOKENBRIDGE_SERVER__BODY_TIMEOUT": "4"})
+    secret = svc.add_client("trickle", "cms-verify")
+    head = (f"POST /v1/cms/verify HTTP/1.1\r\nHost: 127.0.0.1:{svc.port}\r\n"
+            "Content-Type: application/octet-stream\r\nContent-Length: 100000\r\n")
+    authenticated = socket.create_connection(("127.0.0.1", svc.port))
+    authenticated.sendall(f"{head}Authorization: Bearer {secret}\r\n\r\n".encode() + b"0" * 100)
+    anonymous = socket.create_connection(("127.0.0.1", svc.port))
+    anonymous.sendall(f"{head}\r\n".encode() + b"0" * 100)
+    anonymous.settimeout(5)
+    assert b" 401 " in anonymous.recv(65536).split(b"\r\n", 1)[0]
+    assert not _closed_within(authenticated, 1.5)  # still within body_timeout
+    assert _closed_within(anonymous, 2)  # first_request_timeout after its answer
+    assert _closed_within(authenticated, 5)
+    # A body that does arrive in time is served as before, on the same service.
+    r = svc.http(secret).post("/v1/cms/verify", content=b"\xff" * 100000,
+                              headers={"content-type": "application/octet-stream"})
+    assert r.status_code == 400 and r.json()["code"] == "cms_malformed"

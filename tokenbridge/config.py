@@ -94,8 +94,9 @@ class ServerSettings(BaseModel):
         10.0, gt=0, description="Seconds a new connection has to send a complete request (slowloris guard)."
     )
     body_timeout: float = Field(
-        60.0, gt=0, description="Seconds a request has to send its whole body once it is authenticated (a slowly "
-                               "sent body holds a connection and a buffer)."
+        300.0, gt=0, description="Seconds a request has to send its whole body after its headers (a slowly sent "
+                                "body holds a connection; 64 MiB at 2 Mbit/s takes about 270 s). A request "
+                                "answered before its body was read (401, 403, 413) gets first_request_timeout."
     )
     workers: int = Field(1, ge=1, le=64, description="Service processes; keep 1 for a smart card.")
     parse_threads: int = Field(

@@ -147,9 +147,10 @@ class _OneWrite:
 MAX_HEAD_BYTES = 64 * 1024  # a request line and its headers, as h11_max_incomplete_event_size for h11
 
 
-def _peer_certificate_protocol(first_request_timeout: float) -> type[asyncio.Protocol]:
+def _peer_certificate_protocol(first_request_timeout: float, body_timeout: float) -> type[asyncio.Protocol]:
     """uvicorn's HTTP protocol, telling the app about the client certificate (ASGI TLS extension),
-    closing connections that never send a complete first request, and writing each response at once."""
+    closing connections that never send a complete request (head within ``first_request_timeout``, body
+    within ``body_timeout`` of its head), and writing each response at once."""
     base: Any = import_from_string(HTTP_PROTOCOLS["auto"])
 
     # httptools has no limit of its own on a request's head (h11 has h11_max_incomplete_event_size): count it.
@@ -166,6 +167,7 @@ def _peer_certificate_protocol(first_request_timeout: float) -> type[asyncio.Pro
                 self.app = functools.partial(_with_tls, inner, ssl_object.getpeercert(binary_form=True))
             self._guard: asyncio.TimerHandle | None = None
             self._guard_for: Any = None
+            self._body_guard: asyncio.TimerHandle | None = None
             self._arm_guard(transport)
 
         def _arm_guard(self, transport: asyncio.Transport) -> None:
@@ -202,10 +204,26 @@ def _peer_certificate_protocol(first_request_timeout: float) -> type[asyncio.Pro
         def on_headers_complete(self) -> None:
             self._head_bytes = None
             super().on_headers_complete()
+            self._arm_body_guard(body_timeout)
 
         def on_message_complete(self) -> None:
             super().on_message_complete()
             self._head_bytes = 0
+            if self._body_guard is not None:
+                self._body_guard.cancel()
+                self._body_guard = None
+
+        def _arm_body_guard(self, seconds: float) -> None:
+            """The body must be complete within ``seconds``: a body sent slowly holds a connection too."""
+            if self._body_guard is not None:
+                self._body_guard.cancel()
+            self._body_guard = asyncio.get_running_loop().call_later(seconds, self._drop_slow_body, seconds)
+
+        def _drop_slow_body(self, seconds: float) -> None:
+            self._body_guard = None
+            if not self.transport.is_closing():
+                log.warning("closing a connection whose request body was not complete in %ss", seconds)
+                self.transport.close()
 
         def _refuse_head(self) -> None:
             """431, as a problem document, and the connection closed: the parser holds what it was sent."""
@@ -222,10 +240,15 @@ def _peer_certificate_protocol(first_request_timeout: float) -> type[asyncio.Pro
         def on_response_complete(self) -> None:
             self._writer.flush()
             super().on_response_complete()
+            if self._body_guard is not None:
+                # Answered before its body was read (e.g. 401, 403, 413): nothing waits for the rest, which
+                # gets no longer than a new request would.
+                self._arm_body_guard(min(first_request_timeout, body_timeout))
 
         def connection_lost(self, exc: Exception | None) -> None:
-            if self._guard is not None:
-                self._guard.cancel()
+            for guard in (self._guard, self._body_guard):
+                if guard is not None:
+                    guard.cancel()
             super().connection_lost(exc)
 
     return PeerCertificateProtocol
@@ -278,7 +301,7 @@ def _run_worker(settings: Settings, prompted_pin: str | None, tcp: socket.socket
     tls: dict[str, Any] = {}
     if ssl_context is not None:  # built by us, with our options, instead of uvicorn's from files
         tls = {"ssl_context_factory": lambda _config, _default: ssl_context}
-    protocol = _peer_certificate_protocol(settings.server.first_request_timeout)
+    protocol = _peer_certificate_protocol(settings.server.first_request_timeout, settings.server.body_timeout)
     api = uvicorn.Config(app, lifespan="on", http=protocol, **tls, **common)
     servers: list[uvicorn.Server] = []
     admin_server = None
