@@ -136,6 +136,8 @@ class SmtpSettings(BaseModel):
     password_file: Path | None = Field(None, description="File holding the SMTP password.")
     password_env: str = Field("TOKENBRIDGE_SMTP_PASSWORD", description="Or a variable holding it.")
     timeout: float = Field(30.0, gt=0)
+    ca: Path | None = Field(None, description="CA bundle that verifies the server's certificate (default: the "
+                                              "system's).")
 
 
 class SmimeSettings(BaseModel):
@@ -150,6 +152,103 @@ class SmimeSettings(BaseModel):
     )
     from_address: str | None = Field(None, description="Default From (default: the signing certificate's).")
     smtp: SmtpSettings = Field(default_factory=SmtpSettings)
+
+
+class SubmissionSettings(BaseModel):
+    """The gateway's SMTP listener for outgoing mail (``[mail.submission]``): Outlook, the registration
+    software, or the organisation's mail server send through it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    listen: str | None = Field(None, description="host:port, e.g. 127.0.0.1:2525; unset: no listener. On a "
+                                                 "non-loopback address STARTTLS and AUTH (or a trusted relay) "
+                                                 "are required.")
+    trusted_relays: list[str] = Field(
+        default_factory=list, description="Addresses or networks (CIDR) of mail servers that may submit "
+                                          "without AUTH (an Exchange send connector, a Postfix relay).")
+    relay_workstations: list[str] = Field(
+        default_factory=list, description="Enrolled workstations whose certificate, shown in STARTTLS, "
+                                          "lets a mail server submit without AUTH.")
+    max_message_bytes: int = Field(50 * 1024 * 1024, ge=1024, description="SIZE announced and enforced.")
+
+
+class MailPolicySettings(BaseModel):
+    """Which outgoing mail is signed and encrypted (``[mail.policy]``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    domains: dict[str, str] = Field(
+        default_factory=dict, description="Recipient domain -> address-book name, for addresses that the "
+                                          "certificate itself does not name.")
+    others: Literal["refuse", "sign"] = Field(
+        "refuse", description="Recipients outside the address book: refused (550), or sent signed only.")
+    sign_key: str | None = Field(None, description="Signing key (default: [smime] sign_key, then the first "
+                                                   "e-mail key).")
+    lifetime: float = Field(5 * 86400, gt=0, description="Seconds a message is retried before it bounces.")
+    retry_first: float = Field(60, gt=0, description="Seconds before the first retry; doubled each time.")
+    retry_max: float = Field(3600, gt=0, description="Longest wait between two retries.")
+
+
+class ImapSettings(BaseModel):
+    """The organisation's mailbox, where the replies land (``[mail.imap]``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str | None = Field(None, description="IMAP server; unset: no IMAP pull.")
+    port: int = 993
+    security: Literal["tls", "starttls", "none"] = "tls"
+    ca: Path | None = Field(None, description="CA bundle that verifies the server (default: the system's).")
+    username: str = ""
+    password_file: Path | None = Field(None, description="File holding the password.")
+    oauth2_token_file: Path | None = Field(None, description="File holding an OAuth2 bearer (XOAUTH2, "
+                                                             "Microsoft 365), re-read at each login.")
+    oauth2_token_command: str | None = Field(None, description="Command printing an OAuth2 bearer.")
+    folder: str = Field("INBOX", description="Where the replies arrive.")
+    deliver_folder: str = Field("Tokenbridge/Decrypted", description="Where the decrypted replies are put.")
+    quarantine_folder: str = Field("Tokenbridge/Quarantine", description="Where messages that cannot be "
+                                                                         "opened are copied, with the reason.")
+    poll_interval: float = Field(60, gt=0, description="Seconds between polls when the server has no IDLE.")
+
+
+class InboundSmtpSettings(BaseModel):
+    """Replies routed to the gateway by the organisation's mail server (``[mail.inbound]``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    listen: str | None = Field(None, description="host:port of the inbound SMTP listener; unset: none.")
+    trusted_relays: list[str] = Field(default_factory=list, description="Mail servers allowed to deliver "
+                                                                        "(loopback always is).")
+    deliver_to: str | None = Field(None, description="Where decrypted replies go (an address reached "
+                                                     "through [smime.smtp]); default: the original recipients.")
+
+
+class TrackingSettings(BaseModel):
+    """Applications and their replies (``[mail.tracking]``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reply_due: float = Field(12 * 3600, gt=0, description="Seconds after sending without a reply: overdue.")
+    reference_pattern: str | None = Field(
+        None, description="Regular expression with one group, read in the subject of outgoing mail and of "
+                          "replies: matches a reply to its application when In-Reply-To/References do not.")
+    number_pattern: str = Field(
+        r"(?:num[ée]ro d'enregistrement|registration number)\s*:?\s*([A-Z0-9][A-Z0-9-]{5,40})",
+        description="Regular expression with one group: the registration number in a reply.")
+    notify: str | None = Field(None, description="Address told of overdue replies and permanent failures.")
+
+
+class MailSettings(BaseModel):
+    """The S/MIME mail gateway (``[mail]``); see docs/mail.md."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    hostname: str = Field("tokenbridge.localdomain", description="Name in SMTP greetings and in the "
+                                                                 "delivery reports it writes.")
+    submission: SubmissionSettings = Field(default_factory=SubmissionSettings)
+    policy: MailPolicySettings = Field(default_factory=MailPolicySettings)
+    imap: ImapSettings = Field(default_factory=ImapSettings)
+    inbound: InboundSmtpSettings = Field(default_factory=InboundSmtpSettings)
+    tracking: TrackingSettings = Field(default_factory=TrackingSettings)
 
 
 class UpstreamSettings(BaseModel):
@@ -195,6 +294,7 @@ class Settings(BaseSettings):
     service_url: str | None = Field(None, description="URL the CLI uses for a running service.")
     smime: SmimeSettings = Field(default_factory=SmimeSettings)
     upstreams: dict[str, UpstreamSettings] = Field(default_factory=dict, description="mTLS proxy targets.")
+    mail: MailSettings = Field(default_factory=MailSettings)
 
     config_file: Path | None = Field(None, exclude=True)
 
@@ -232,6 +332,11 @@ class Settings(BaseSettings):
         self.server.admin_socket = fix(self.server.admin_socket) or self.data_dir / "tokenbridge.sock"
         self.ca_files = [p for p in (fix(p) for p in self.ca_files) if p is not None]
         self.recipients = {k: fix(v) or v for k, v in self.recipients.items()}
+        self.smime.smtp.ca = fix(self.smime.smtp.ca)
+        self.smime.smtp.password_file = fix(self.smime.smtp.password_file)
+        imap = self.mail.imap
+        imap.ca, imap.password_file, imap.oauth2_token_file = fix(imap.ca), fix(imap.password_file), \
+            fix(imap.oauth2_token_file)
         for upstream in self.upstreams.values():
             upstream.ca = fix(upstream.ca) or upstream.ca
             upstream.client_chain = fix(upstream.client_chain)

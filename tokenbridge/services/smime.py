@@ -271,10 +271,10 @@ class SmimeService:
             if s.security == "starttls":
                 client.starttls(context=ssl.create_default_context())
             if s.username:
-                client.login(s.username, self._smtp_password())
+                client.login(s.username, self.smtp_password())
             client.sendmail(composed.sender, composed.recipients, composed.message)
 
-    def _smtp_password(self) -> str:
+    def smtp_password(self) -> str:
         s = self.settings.smime.smtp
         if s.password_file is not None:
             path = s.password_file if s.password_file.is_absolute() or self.settings.config_file is None \

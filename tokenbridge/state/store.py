@@ -149,9 +149,16 @@ def _why_unwritable(fd: int, path: Path) -> str | None:
 
 
 class Store:
-    """A thread-safe handle on the state database."""
+    """A thread-safe handle on the state database.
 
-    def __init__(self, path: Path) -> None:
+    ``durable``: each commit is on disk when it returns (``synchronous=FULL``: an fsync of the WAL), for
+    what a peer was told is safe (the mail queue's ``250``). Otherwise a commit survives a crash of the
+    service but not of the machine, which saves an fsync per audit entry.
+    """
+
+    SCHEMA = SCHEMA
+
+    def __init__(self, path: Path, *, durable: bool = False) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock = threading.RLock()
@@ -164,11 +171,10 @@ class Store:
             finally:
                 os.umask(old_umask)
             self._shm.check()  # e.g. another store of this process mapped it writable, and it is not any more
-            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
             self._db.execute("PRAGMA foreign_keys=ON")
-            self._db.executescript(SCHEMA)
-            self._migrate()
-            self._install_triggers()
+            self._db.executescript(self.SCHEMA)
+            self._setup()
         except BaseException:
             if hasattr(self, "_db"):
                 self._db.close()
@@ -177,6 +183,10 @@ class Store:
         for side in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
             with suppress(OSError):
                 side.chmod(0o600)
+
+    def _setup(self) -> None:
+        self._migrate()
+        self._install_triggers()
 
     def _migrate(self) -> None:
         """Columns added after the first release; adding one twice is harmless."""
