@@ -12,11 +12,13 @@ from starlette.types import ASGIApp
 
 from tokenbridge import __version__
 from tokenbridge.api import admin, cms, docs, problems, proxy, v1
+from tokenbridge.api import mail as mail_api
 from tokenbridge.api.auth import AuthBeforeBody
 from tokenbridge.api.fast_route import DirectRoutes
 from tokenbridge.api.limits import BodyLimitMiddleware
 from tokenbridge.api.systemd import notify
 from tokenbridge.loopback import LoopbackGuard
+from tokenbridge.mail.gateway import MailGateway, wanted
 from tokenbridge.services.bridge import Bridge
 
 
@@ -31,13 +33,19 @@ class _App(FastAPI):
                                           self.body_limit))
 
 
-def create_app(bridge: Bridge, manage: bool = True) -> FastAPI:
-    """``manage``: start and stop the bridge with the application's lifespan."""
+def create_app(bridge: Bridge, manage: bool = True, mail: bool = False) -> FastAPI:
+    """``manage``: start and stop the bridge with the application's lifespan; ``mail``: and the mail gateway,
+    when ``[mail]`` asks for it (one process only: the listeners have one port each)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        gateway = None
         if manage:
             await asyncio.to_thread(bridge.start, asyncio.get_running_loop())
+            if mail and wanted(bridge.settings):
+                gateway = MailGateway(bridge)
+                await gateway.start()
+                app.state.mail = gateway
             status = bridge.owner.status()
             # systemd (Type=notify): ready to serve, even if the token still needs an operator.
             notify(f"READY=1\nSTATUS=token {status.label or '?'}: {status.state.value}")
@@ -46,6 +54,8 @@ def create_app(bridge: Bridge, manage: bool = True) -> FastAPI:
         finally:
             if manage:
                 notify("STOPPING=1")
+                if gateway is not None:
+                    await gateway.stop()
                 await asyncio.to_thread(bridge.stop)
 
     app = _App(
@@ -68,6 +78,7 @@ def create_app(bridge: Bridge, manage: bool = True) -> FastAPI:
     app.include_router(cms.router)
     app.include_router(admin.router)
     app.include_router(proxy.router)
+    app.include_router(mail_api.router)
     docs.install(app)
     max_bytes, max_message_bytes = bridge.settings.server.max_body_bytes, bridge.settings.server.max_message_bytes
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_bytes, max_message_bytes=max_message_bytes)

@@ -265,6 +265,7 @@ def serve(settings: Settings, *, host: str | None = None, port: int | None = Non
     port = port if port is not None else settings.server.port
     ssl_context = tls_context(settings) if wants_tls(host, settings) else None
     read_pin(settings.token, prompted_pin)  # fail early, before binding anything
+    _check_mail_listeners(settings)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
         tcp = socket.create_server((host, port), family=family, backlog=2048)
@@ -285,6 +286,28 @@ def serve(settings: Settings, *, host: str | None = None, port: int | None = Non
     _run_workers(workers, settings, prompted_pin, tcp, admin, ssl_context, log_level)
 
 
+def _check_mail_listeners(settings: Settings) -> None:
+    """The mail gateway's listeners, checked before anything starts: a sentence, not a traceback later."""
+    from tokenbridge.config import is_loopback
+    from tokenbridge.mail.submission import split_listen
+
+    for name, listen in (("mail.submission", settings.mail.submission.listen),
+                         ("mail.inbound", settings.mail.inbound.listen)):
+        if not listen:
+            continue
+        try:
+            host, port = split_listen(listen)
+        except ValueError:
+            raise ServeError(f"{name}.listen must be host:port, not {listen!r}") from None
+        if not is_loopback(host) and (settings.server.tls_cert is None or settings.server.tls_key is None):
+            raise ServeError(f"{name}.listen is {listen}, not loopback: SMTP there needs STARTTLS with the "
+                             "bridge's certificate; run `tokenbridge tls init` first")
+        try:
+            socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET).close()
+        except OSError as exc:
+            raise ServeError(f"{name}: cannot listen on {listen}: {exc.strerror}") from exc
+
+
 def _run_worker(settings: Settings, prompted_pin: str | None, tcp: socket.socket, admin: socket.socket | None,
                 ssl_context: ssl.SSLContext | None, log_level: str) -> None:
     # Each request hands work between the event loop, the token owner and the audit writer. CPython lets a
@@ -292,7 +315,7 @@ def _run_worker(settings: Settings, prompted_pin: str | None, tcp: socket.socket
     # it: under load that wait, not the token, set the latency. Hand-offs are short here; switch sooner.
     sys.setswitchinterval(0.0002)
     bridge = Bridge(settings, pin=read_pin(settings.token, prompted_pin))
-    app = create_app(bridge)
+    app = create_app(bridge, mail=admin is not None)  # the first worker runs the mail gateway
     common: dict[str, Any] = {"log_level": log_level, "access_log": False, "timeout_keep_alive": 30,
                               "limit_concurrency": 4096, "h11_max_incomplete_event_size": MAX_HEAD_BYTES,
                               "timeout_graceful_shutdown": 10,

@@ -87,10 +87,10 @@ class SubmissionHandler:
         if session.authenticated and session.auth_data:
             return Submitter(str(session.auth_data), "auth")
         peer = session.peer[0] if session.peer else ""
-        if self.loopback and _is_loopback_address(peer):
+        if self.loopback and is_loopback_address(peer):
             return Submitter("local", "loopback")
         if session.ssl is not None:  # STARTTLS done: a trusted relay by address or by certificate
-            if any(_in(peer, net) for net in self.relays):
+            if any(in_network(peer, net) for net in self.relays):
                 return Submitter(f"relay-{peer}", "relay")
             ws = self._workstation(session)
             if ws is not None:
@@ -194,18 +194,31 @@ def _without_bcc(raw: bytes) -> bytes:
     return b"".join(out) + sep + body
 
 
-def _is_loopback_address(host: str) -> bool:
+def is_loopback_address(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
 
 
-def _in(host: str, net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:
+def in_network(host: str, net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:
     try:
         return ipaddress.ip_address(host) in net
     except ValueError:
         return False
+
+
+class _Smtp(SMTP):
+    """aiosmtpd's SMTP, hanging up on a web browser: a page can POST to a loopback port, and its body would
+    otherwise be read as SMTP commands after the request line (a cross-protocol request)."""
+
+    async def _refuse_http(self, arg: str) -> None:
+        await self.push("554 5.7.0 This is an SMTP server, not a web server")
+        if self.transport is not None:
+            self.transport.close()
+
+    smtp_GET = smtp_POST = smtp_PUT = smtp_HEAD = smtp_OPTIONS = smtp_DELETE = smtp_PATCH = smtp_CONNECT = \
+        _refuse_http
 
 
 class Listeners:
@@ -229,7 +242,7 @@ class Listeners:
                              "certificate (tokenbridge tls init) for STARTTLS")
 
         def factory() -> SMTP:
-            return SMTP(handler, hostname=hostname, ident="tokenbridge", data_size_limit=max_bytes,
+            return _Smtp(handler, hostname=hostname, ident="tokenbridge", data_size_limit=max_bytes,
                         tls_context=tls, require_starttls=not local, auth_require_tls=not local,
                         authenticator=auth, auth_exclude_mechanism=["CRAM-MD5"] if auth else None,
                         loop=self.loop)

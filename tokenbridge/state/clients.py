@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from tokenbridge.state.store import Store, StoreUnwritable
 
 GRANTS = ("sign", "decrypt", "admin", "metrics", "cms-sign", "cms-encrypt", "cms-decrypt", "cms-verify",
-          "smime-send", "proxy")
+          "smime-send", "proxy", "mail")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 
 
