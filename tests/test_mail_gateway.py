@@ -274,3 +274,22 @@ def test_mail_tracking_needs_a_grant(mail: Mail) -> None:
     r = mail.reader.post("/v1/mail/messages/1/retry")
     assert r.status_code == 403
 
+
+
+def test_the_operator_follows_the_mail_from_the_cli(mail: Mail) -> None:
+    """What an administrator types: the list, one application with its reply, a retry; and the gauges."""
+    import json
+
+    msg, _ = _application("Dossier 1005")
+    mail.submit(msg)
+    view = mail.message(msg["Message-ID"], "answered")
+    listed = json.loads(mail.service.cli("mail", "list", "--json").stdout)
+    assert any(m["id"] == view["id"] and m["registration_number"] == view["registration_number"] for m in listed)
+    shown = mail.service.cli("mail", "show", str(view["id"])).stdout
+    assert view["registration_number"] in shown and "delivered" in shown
+    table = mail.service.cli("mail", "list").stdout
+    assert "answered" in table and "Dossier 1005" in table
+    refused = mail.service.cli("mail", "retry", str(view["id"]), check=False)
+    assert refused.returncode != 0 and "already delivered" in refused.stderr
+    metrics = mail.admin.get("/metrics").text
+    assert "tokenbridge_mail_queued 0.0" in metrics and "tokenbridge_mail_quarantined" in metrics

@@ -20,6 +20,7 @@ from tokenbridge.cli import lan, softhsm, token
 from tokenbridge.cli.audit import audit_app
 from tokenbridge.cli.clients import clients_app
 from tokenbridge.cli.common import ConfigOpt, console, err, fail, load
+from tokenbridge.cli.mail import mail_app
 from tokenbridge.cli.smime import app as smime_app
 
 app = typer.Typer(help="Share one PKCS#11 certificate between many workstations.", no_args_is_help=True,
@@ -31,6 +32,7 @@ app.add_typer(softhsm.softhsm_app, name="softhsm")
 app.add_typer(smime_app, name="smime")
 app.add_typer(lan.tls_app, name="tls")
 app.add_typer(lan.workstations_app, name="workstations")
+app.add_typer(mail_app, name="mail")
 
 
 @app.command()
