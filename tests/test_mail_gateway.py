@@ -9,11 +9,10 @@ import email.policy
 import io
 import smtplib
 import subprocess
-import threading
 import time
 import zipfile
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from email.message import EmailMessage
 from typing import Any
 
@@ -22,60 +21,10 @@ import pytest
 from aiosmtpd.controller import Controller
 
 from tests.conftest import Service, free_port, start_service
+from tests.mail_sink import Smarthost, gateway_config
 from tokenbridge.tools.demo import DemoInfo
 from tokenbridge.tools.demo_pki import ORG_EMAIL
 from tokenbridge.tools.registry_sim import NATIONAL_EMAIL, RegistrySimulator
-
-
-@dataclass
-class Delivery:
-    mail_from: str
-    rcpt_tos: list[str]
-    data: bytes
-
-
-@dataclass
-class Smarthost:
-    """The organisation's mail server, as far as the gateway sees it: records what it is given, answers as
-    told (``answers``: one reply per DATA, then 250), and forwards mail for national.example onwards."""
-
-    forward_to: int | None = None
-    received: list[Delivery] = field(default_factory=list)
-    answers: list[str] = field(default_factory=list)
-    rcpt_answers: dict[str, str] = field(default_factory=dict)
-    data_attempts: int = 0
-
-    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str, options: list[str]) -> str:
-        if address in self.rcpt_answers:
-            return self.rcpt_answers[address]
-        envelope.rcpt_tos.append(address)
-        return "250 OK"
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        self.data_attempts += 1
-        if self.answers:
-            return self.answers.pop(0)
-        self.received.append(Delivery(envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content))
-        national = [r for r in envelope.rcpt_tos if r.endswith("@national.example")]
-        if national and self.forward_to:
-            threading.Thread(target=_forward, args=(self.forward_to, envelope.mail_from, national,
-                                                    envelope.original_content), daemon=True).start()
-        return "250 OK"
-
-    def wait(self, predicate: Callable[[Delivery], bool], timeout: float = 30) -> Delivery:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for d in self.received:
-                if predicate(d):
-                    return d
-            time.sleep(0.1)
-        seen = [(d.mail_from, d.rcpt_tos) for d in self.received]
-        raise AssertionError(f"nothing matching arrived; received: {seen}")
-
-
-def _forward(port: int, mail_from: str, rcpts: list[str], data: bytes) -> None:
-    with smtplib.SMTP("127.0.0.1", port, timeout=30) as c:
-        c.sendmail(mail_from, rcpts, data)
 
 
 @dataclass
@@ -119,29 +68,8 @@ def mail(demo: DemoInfo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[M
     relay.start()
     simulator = RegistrySimulator(demo.pki_dir, reply_host="127.0.0.1", reply_port=inbound, port=sim_port)
     simulator.start()
-    config = demo.config_file.parent / "mail-gateway.toml"
-    config.write_text(demo.config_file.read_text() + f"""
-[smime.smtp]
-host = "127.0.0.1"
-port = {relay_port}
-security = "none"
-
-[mail]
-hostname = "passerelle.org.example"
-
-[mail.submission]
-listen = "127.0.0.1:{submission}"
-
-[mail.inbound]
-listen = "127.0.0.1:{inbound}"
-
-[mail.policy]
-retry_first = 0.5
-retry_max = 1
-
-[mail.tracking]
-reference_pattern = "Dossier ([0-9]+)"
-""")
+    config = gateway_config(demo, "mail-gateway.toml", relay_port, submission=submission, inbound=inbound,
+                            extra='[mail.tracking]\nreference_pattern = "Dossier ([0-9]+)"\n')
     service = start_service(config, tmp / "state")
     try:
         yield Mail(service, smarthost, submission, inbound, simulator,

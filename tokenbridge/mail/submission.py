@@ -18,6 +18,7 @@ import asyncio
 import hashlib
 import ipaddress
 import logging
+import sqlite3
 import ssl
 import threading
 from collections.abc import Callable
@@ -30,6 +31,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
 from tokenbridge.config import Settings, is_loopback
 from tokenbridge.formats import smime as fmt
+from tokenbridge.formats.cms_asn1 import CmsError
 from tokenbridge.mail.outbound import new_message_id
 from tokenbridge.mail.policy import AddressBook
 from tokenbridge.state.clients import ClientRegistry
@@ -130,17 +132,16 @@ class SubmissionHandler:
         raw: bytes = envelope.original_content or b""
         try:
             queued = await asyncio.to_thread(self._queue, who, envelope.mail_from or "", list(envelope.rcpt_tos), raw)
-        except OSError as exc:
-            log.error("mail not queued (%s): answered 452", exc)
+        except (OSError, sqlite3.Error) as exc:  # a full or read-only disk: the client keeps the message
+            log.error("mail not queued (%s: %s): answered 452", type(exc).__name__, exc)
             return "452 4.3.1 Insufficient system storage: the message was not queued, try again later"
-        except Exception as exc:  # the store refused it (disk full, read-only): the client keeps the message
-            log.error("mail not queued (%s: %s): answered 451", type(exc).__name__, exc)
-            return "451 4.3.0 The message could not be queued, try again later"
+        except CmsError as exc:
+            return f"554 5.6.0 {exc.message}"
         self.wake()
         return f"250 2.0.0 Ok: queued as {', '.join(map(str, queued))}"
 
     def _queue(self, who: Submitter, mail_from: str, rcpts: list[str], raw: bytes) -> list[int]:
-        head, _ = fmt.split_message(raw)
+        fmt.check_part_count(raw)  # before Python's parser: 40,000 parts would hold it for seconds
         parsed = message_from_bytes(raw, policy=default_policy)
         message_id = str(parsed.get("Message-ID") or "").strip()
         if not message_id:
@@ -165,7 +166,6 @@ class SubmissionHandler:
                 recipients=to, policy=policy, encrypt_to=names if policy == "sign-encrypt" else [],
                 subject=subject, reference=reference, attachments=attachments, raw=raw))
         log.info("mail from %s (%s) queued as %s for %s", mail_from, who.name, ids, ", ".join(rcpts))
-        del head
         return ids
 
 
