@@ -39,8 +39,9 @@ CREATE TABLE IF NOT EXISTS outbound (
     subject       TEXT,
     reference     TEXT,                       -- from tracking.reference_pattern
     attachments   TEXT NOT NULL DEFAULT '[]', -- JSON: [{filename, size, sha256}]
-    raw           BLOB,                       -- as received; dropped once sent or failed
-    prepared      BLOB,                       -- as delivered: signed (and encrypted) once
+    raw           BLOB,                       -- as received; dropped once sent (kept when it bounced: a retry
+                                              -- after a fix may need to sign it again)
+    prepared      BLOB,                       -- as delivered: signed (and encrypted) once; dropped once sent
     state         TEXT NOT NULL,
     attempts      INTEGER NOT NULL DEFAULT 0,
     next_attempt  REAL NOT NULL,
@@ -239,7 +240,9 @@ class MailQueue:
             db.execute("UPDATE outbound SET pending = ?, sent = COALESCE(sent, ?) WHERE id = ?",
                        (json.dumps(pending), now, msg_id))
             if not pending:
-                db.execute("UPDATE outbound SET state = 'sent', raw = NULL, last_error = NULL WHERE id = ?",
+                # Delivered everywhere: the bytes go (the sender's mail client keeps its copy), the record stays.
+                db.execute("UPDATE outbound SET state = 'sent', raw = NULL, prepared = NULL, last_error = NULL "
+                           "WHERE id = ?",
                            (msg_id,))
 
     def bounced(self, msg_id: int, failures: list[dict[str, str]]) -> tuple[list[str], bool]:
@@ -254,7 +257,7 @@ class MailQueue:
             done = not pending
             state = ("sent" if row[2] is not None else "failed") if done else None
             db.execute("UPDATE outbound SET pending = ?, failed = ?, state = COALESCE(?, state), "
-                       "raw = CASE WHEN ? IS NULL THEN raw ELSE NULL END WHERE id = ?",
+                       "prepared = CASE WHEN ? = 'sent' THEN NULL ELSE prepared END WHERE id = ?",
                        (json.dumps(pending), json.dumps(failed), state, state, msg_id))
             return pending, done
 
