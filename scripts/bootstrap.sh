@@ -12,8 +12,11 @@ ROOT=$(pwd)
 VENV=${TOKENBRIDGE_VENV:-$ROOT/.venv}
 # Everything the service and the tests use, including what a minimal Debian root lacks: e2fsprogs (chattr)
 # and util-linux (prlimit) for the store's fault tests, ca-certificates for pip behind a TLS-inspecting proxy.
+# postfix, dovecot-imapd and swaks (with libnet-ssleay-perl for its STARTTLS) are the mail gateway's test peers
+# (tests/mailpeers.py starts its own instances; the system's are neither configured nor used).
 APT_PACKAGES=(python3 python3-venv python3-dev gcc openssl softhsm2 opensc libnss3-tools gpgsm curl libp11-kit-dev
-              chromium nginx e2fsprogs util-linux procps ca-certificates)
+              chromium nginx e2fsprogs util-linux procps ca-certificates
+              postfix dovecot-imapd swaks libnet-ssleay-perl)
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
@@ -26,6 +29,8 @@ install_apt() {
   local sudo=""
   [ "$(id -u)" -ne 0 ] && sudo="sudo"
   say "installing apt packages: ${missing[*]}"
+  # Postfix's package asks how to configure the system's mail server: not at all (no main.cf, nothing started).
+  echo "postfix postfix/main_mailer_type select No configuration" | $sudo debconf-set-selections
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
