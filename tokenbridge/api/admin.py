@@ -1,9 +1,11 @@
-"""The read-only admin page: ``GET /v1/admin/overview`` (grant ``admin``) and the static page at ``/ui``.
+"""The admin page: ``GET /v1/admin/overview`` (grant ``admin``) and the static page at ``/ui``.
 
 The overview is built from cached state only: the token owner's last known
-status and keys, its queue, the client registry and the audit log. It never
-calls the token, so refreshing the page every two seconds costs the card
-nothing.
+status and keys, its queue, the client registry, the audit log and the mail
+gateway's counts (its own database, when there is one). It never calls the
+token, so refreshing the page every two seconds costs the card nothing. The
+page lists the mail itself through ``/v1/mail/*``; its one action is a mail
+retry (``POST /v1/mail/messages/{id}/retry``).
 """
 
 from __future__ import annotations
@@ -25,9 +27,11 @@ from tokenbridge.api.auth import Caller, bridge_of
 from tokenbridge.api.v1 import token_view
 from tokenbridge.errors import Problem
 from tokenbridge.formats import x509 as x509h
+from tokenbridge.mail.gateway import queue_path, wanted
 from tokenbridge.services.bridge import Bridge
 from tokenbridge.services.keys import Validity, certificate_validity
 from tokenbridge.state.audit import AuditEntry
+from tokenbridge.state.mail import MailQueue
 from tokenbridge.state.store import Store
 from tokenbridge.token.model import KeyInfo, TokenState, TokenStatus
 
@@ -214,6 +218,47 @@ def audit_overview(entry: AuditEntry, labels: dict[str, str]) -> dict[str, Any]:
     }
 
 
+def _mail_queue(state: State, bridge: Bridge) -> MailQueue | None:
+    """The gateway's queue in this process, else its file when one exists: never created from here, so that
+    a service without the gateway gets no ``mail.db`` from an open admin page."""
+    gateway = getattr(state, "mail", None)
+    if gateway is not None:
+        return gateway.queue
+    queue = getattr(state, "mail_queue", None)  # shared with api/mail.py, which opens the same file
+    if isinstance(queue, MailQueue):
+        return queue
+    if not queue_path(bridge.settings).exists():
+        return None
+    state.mail_queue = MailQueue(queue_path(bridge.settings))
+    return state.mail_queue
+
+
+def mail_overview(bridge: Bridge, state: State) -> dict[str, Any]:
+    """Whether the gateway is set up, and what needs someone's attention (``MailQueue.counts``, as in
+    /metrics). The lists themselves come from ``/v1/mail/messages`` and ``/v1/mail/replies``."""
+    settings = bridge.settings
+    reply_due = settings.mail.tracking.reply_due
+    gateway = getattr(state, "mail", None)
+    view: dict[str, Any] = {
+        "configured": wanted(settings),
+        "running": gateway is not None,
+        "listeners": dict(getattr(gateway, "ports", {}) or {}),
+        "imap": settings.mail.imap.host is not None,
+        "reply_due_seconds": reply_due,
+        "store": False,
+        "counts": None,
+        "error": None,
+    }
+    try:
+        queue = _mail_queue(state, bridge)
+        if queue is not None:
+            view["store"] = True
+            view["counts"] = queue.counts(reply_due)
+    except Exception as exc:  # the page still shows the token when the mail database cannot be read
+        view["error"] = f"the mail queue cannot be read: {type(exc).__name__}: {exc}"
+    return view
+
+
 def overview(bridge: Bridge, counts: _DayCounts, now: datetime | None = None) -> dict[str, Any]:
     """The whole page's data, from cached state only (no token call)."""
     now = now or datetime.now(UTC)
@@ -240,11 +285,14 @@ def overview(bridge: Bridge, counts: _DayCounts, now: datetime | None = None) ->
     }
 
 
-@router.get("/v1/admin/overview", summary="Admin page data: token, certificates, clients, queue, audit "
-                                           "(grant: admin; never calls the token)")
+@router.get("/v1/admin/overview", summary="Admin page data: token, certificates, clients, queue, audit, "
+                                           "mail counts (grant: admin; never calls the token)")
 async def admin_overview(request: Request, caller: Caller) -> dict[str, Any]:
     caller.require("admin")
-    return overview(bridge_of(request), _day_counts(request.app.state))
+    bridge = bridge_of(request)
+    view = overview(bridge, _day_counts(request.app.state))
+    view["mail"] = mail_overview(bridge, request.app.state)
+    return view
 
 
 # ---------------------------------------------------------------------- the static page
