@@ -54,6 +54,7 @@ build() {
   fi
   rm -rf "$dir" && mkdir -p "$dir"
   tar -C "$dir" -xf "$tarball"
+  chmod 755 "$dir"  # the tarball keeps mktemp's 0700 for ./: an installed / is 755 (postfix and dovecot need it)
   configure "$suite" "$dir"
 }
 
