@@ -221,3 +221,11 @@ def test_the_operator_follows_the_mail_from_the_cli(mail: Mail) -> None:
     assert refused.returncode != 0 and "already delivered" in refused.stderr
     metrics = mail.admin.get("/metrics").text
     assert "tokenbridge_mail_queued 0.0" in metrics and "tokenbridge_mail_quarantined" in metrics
+
+
+def test_without_the_gateway_the_mail_api_is_empty_and_creates_nothing(service: Service) -> None:
+    reader = service.http(service.add_client("suivi-sans-passerelle", "mail"))
+    assert reader.get("/v1/mail/messages").json() == []
+    assert reader.get("/v1/mail/replies").json() == []
+    assert reader.get("/v1/mail/messages/1").json()["code"] == "mail_not_found"
+    assert not (service.data_dir / "mail.db").exists()

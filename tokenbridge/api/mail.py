@@ -22,14 +22,26 @@ router = APIRouter(prefix="/v1/mail")
 OutState = Literal["received", "queued", "sent", "answered", "failed", "overdue"]
 
 
-def _queue(request: Request) -> MailQueue:
+def _queue(request: Request) -> MailQueue | None:
+    """The gateway's queue; None where the gateway has never run (reading creates no database)."""
     state = request.app.state
     gateway = getattr(state, "mail", None)
     if gateway is not None:
         return gateway.queue
     if getattr(state, "mail_queue", None) is None:
-        state.mail_queue = MailQueue(queue_path(bridge_of(request).settings))
+        path = queue_path(bridge_of(request).settings)
+        if not path.exists():
+            return None
+        state.mail_queue = MailQueue(path)
     return state.mail_queue
+
+
+def _existing(request: Request) -> MailQueue:
+    queue = _queue(request)
+    if queue is None:
+        raise Problem("the mail gateway has not run with this configuration (see docs/mail.md)",
+                      code="mail_not_found", status=404, title="Not found")
+    return queue
 
 
 def _reply_due(request: Request) -> float:
@@ -58,14 +70,17 @@ async def messages(request: Request, caller: Caller, state: OutState | None = No
                    limit: Annotated[int, Query(ge=1, le=5000)] = 500) -> list[dict[str, Any]]:
     _reader(caller)
     due, now = _reply_due(request), time.time()
-    rows = _queue(request).messages(state, _time(since, "since"), _time(until, "until"), due, limit)
+    queue = _queue(request)
+    if queue is None:
+        return []
+    rows = queue.messages(state, _time(since, "since"), _time(until, "until"), due, limit)
     return [m.view(due, now) for m in rows]
 
 
 @router.get("/messages/{msg_id}", summary="One outgoing message, with its reply when there is one")
 async def message(request: Request, caller: Caller, msg_id: int) -> dict[str, Any]:
     _reader(caller)
-    queue = _queue(request)
+    queue = _existing(request)
     found = queue.get(msg_id)
     if found is None:
         raise Problem(f"no outgoing message {msg_id}", code="mail_not_found", status=404, title="Not found")
@@ -78,7 +93,7 @@ async def message(request: Request, caller: Caller, msg_id: int) -> dict[str, An
 @router.post("/messages/{msg_id}/retry", summary="Try a waiting message now, or queue a bounced one again")
 async def retry(request: Request, caller: Caller, msg_id: int) -> dict[str, Any]:
     caller.require("admin")
-    queue = _queue(request)
+    queue = _existing(request)
     if not queue.retry_now(msg_id):
         raise Problem(f"outgoing message {msg_id} does not exist or was already delivered", code="mail_not_retryable",
                       status=409, title="Nothing to retry")
@@ -93,13 +108,14 @@ async def replies(request: Request, caller: Caller,
                   state: Literal["received", "delivered", "quarantined"] | None = None,
                   limit: Annotated[int, Query(ge=1, le=5000)] = 500) -> list[dict[str, Any]]:
     _reader(caller)
-    return [r.view() for r in _queue(request).replies(state, limit)]
+    queue = _queue(request)
+    return [r.view() for r in queue.replies(state, limit)] if queue is not None else []
 
 
 @router.get("/replies/{reply_id}", summary="One reply")
 async def reply(request: Request, caller: Caller, reply_id: int) -> dict[str, Any]:
     _reader(caller)
-    found = _queue(request).inbound(reply_id)
+    found = _existing(request).inbound(reply_id)
     if found is None:
         raise Problem(f"no reply {reply_id}", code="mail_not_found", status=404, title="Not found")
     return found.view()
