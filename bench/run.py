@@ -2,7 +2,7 @@
 
     python -m bench                 # full run (about 5 minutes on 2 cores)
     python -m bench --quick         # 1 repetition, short runs (smoke test of the harness)
-    python -m bench --only sign,spy # a subset of: raw, bare, sign, spy, slow, profile, smime, tls, stall
+    python -m bench --only sign,spy # a subset of: raw, bare, sign, spy, slow, profile, smime, tls, stall, mail
 
 Prints a Markdown table and writes ``bench/results/<timestamp>.json`` and ``latest.json`` /
 ``latest.md``. Nothing here is part of the test suite. Process layout (each its own process):
@@ -56,7 +56,7 @@ ALGORITHMS = [  # (algorithm, key label)
     ("ecdsa-sha256", "auth-ec"),
 ]
 CONCURRENCY = [1, 8, 64]
-PHASES = ("raw", "bare", "sign", "workers", "spy", "slow", "profile", "smime", "tls", "stall")
+PHASES = ("raw", "bare", "sign", "workers", "spy", "slow", "profile", "smime", "tls", "stall", "mail")
 
 
 def log(msg: str) -> None:
@@ -841,6 +841,9 @@ def report(res: dict[str, Any]) -> str:
     if res.get("stall"):
         from bench.stall import report as stall_report
         lines += [*stall_report(res["stall"]), ""]
+    if res.get("mail"):
+        from bench.mail import report as mail_report
+        lines += [*mail_report(res["mail"]), ""]
     sm = res.get("smime")
     lines += ["## S/MIME and TLS", ""]
     if sm and "skipped" not in sm:
@@ -962,6 +965,9 @@ def targets(res: dict[str, Any]) -> list[dict[str, str]]:
     if res.get("stall"):
         from bench.stall import targets as stall_targets
         out += stall_targets(res["stall"])
+    if res.get("mail"):
+        from bench.mail import targets as mail_targets
+        out += mail_targets(res["mail"])
     return out
 
 
@@ -1038,6 +1044,13 @@ def main(argv: list[str] | None = None) -> int:
             res["stall"] = run_stall(demo, work, a.reps, service)
         except Exception as exc:
             res["stall"] = {"skipped": f"failed: {type(exc).__name__}: {exc}"[:400]}
+    if "mail" in phases:
+        log("mail gateway: throughput with 1 MB attachments, card operations, SIGKILL")
+        from bench.mail import run_mail
+        try:
+            res["mail"] = run_mail(demo, work, a.reps, service, PY)
+        except Exception as exc:
+            res["mail"] = {"skipped": f"failed: {type(exc).__name__}: {exc}"[:400]}
     res["targets"] = targets(res)
     res["loadavg_end"] = os.getloadavg()
     res["finished"] = datetime.now(UTC).isoformat(timespec="seconds")

@@ -81,7 +81,7 @@ class Prober:
     def __exit__(self, *exc: object) -> None:
         assert self._proc is not None
         out, _ = self._proc.communicate("", timeout=120)
-        self.samples = [tuple(x) for x in json.loads(out)]  # type: ignore[misc]
+        self.samples = [(float(t), float(ms)) for t, ms in json.loads(out)]
 
     def during(self, windows: list[tuple[float, float]]) -> list[float]:
         return [ms for t, ms in self.samples if any(a <= t <= b for a, b in windows)]
@@ -90,7 +90,12 @@ class Prober:
 def _probe(url: str) -> None:
     """The prober's process: probe until stdin closes, then print the samples."""
     stop = threading.Event()
-    threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+
+    def until_stdin_closes() -> None:
+        sys.stdin.read()
+        stop.set()
+
+    threading.Thread(target=until_stdin_closes, daemon=True).start()
     samples: list[tuple[float, float]] = []
     with httpx.Client(base_url=url, timeout=120) as c:
         for _ in range(50):

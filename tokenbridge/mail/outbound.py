@@ -75,7 +75,7 @@ class OutboundWorker:
         principal = gateway_principal(msg.submitter)
         policy = self.settings.mail.policy
         key = policy.sign_key or self.settings.smime.sign_key
-        raw = await self.smime.cms.workers.sized(len(msg.raw))(lambda: fmt.canonicalize(msg.raw or b""))
+        raw, attachments = await self.smime.cms.workers.sized(len(msg.raw))(lambda: _read(msg.raw or b""))
         try:
             if msg.policy == "sign-encrypt":
                 parts = await self.smime.sign_and_encrypt_message(
@@ -90,7 +90,7 @@ class OutboundWorker:
                 await self._bounce(msg, {r: ("5.7.0", f"the gateway cannot sign this message: {exc.detail}")
                                          for r in msg.pending})
             return
-        await asyncio.to_thread(self.queue.prepared, msg.id, prepared)
+        await asyncio.to_thread(self.queue.prepared, msg.id, prepared, attachments)
         msg.prepared, msg.state = prepared, "queued"
         self._audit(msg, "mail-prepared", "ok", f"policy={msg.policy}, size={len(prepared)}")
 
@@ -145,6 +145,13 @@ class OutboundWorker:
                               detail=f"id={msg.id}, message_id={msg.message_id}, {detail}")
         except AuditUnavailable:
             log.error("could not audit %s of mail %s", event, msg.id)
+
+
+def _read(raw: bytes) -> tuple[bytes, list[dict[str, object]]]:
+    """The message with CRLF line endings, and its attachments for the tracking (name, size, SHA-256)."""
+    canonical = fmt.canonicalize(raw)
+    return canonical, [{"filename": a["filename"], "size": a["size"], "sha256": a["sha256"]}
+                       for a in fmt.attachments_of(canonical)]
 
 
 def new_message_id(hostname: str) -> str:

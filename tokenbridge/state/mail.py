@@ -223,11 +223,13 @@ class MailQueue:
         rows = self.store.query("SELECT MIN(next_attempt) AS t FROM outbound WHERE state IN ('received', 'queued')")
         return rows[0]["t"] if rows and rows[0]["t"] is not None else None
 
-    def prepared(self, msg_id: int, prepared: bytes) -> None:
-        """Signed (and encrypted): from now on a retry costs no card operation."""
+    def prepared(self, msg_id: int, prepared: bytes, attachments: list[dict[str, Any]] | None = None) -> None:
+        """Signed (and encrypted): from now on a retry costs no card operation. ``attachments``: what the
+        message carries, read once off the submission path."""
         with self.store.transaction(immediate=True) as db:
-            db.execute("UPDATE outbound SET prepared = ?, state = 'queued', last_error = NULL "
-                       "WHERE id = ? AND state = 'received'", (prepared, msg_id))
+            db.execute("UPDATE outbound SET prepared = ?, state = 'queued', last_error = NULL, "
+                       "attachments = COALESCE(?, attachments) WHERE id = ? AND state = 'received'",
+                       (prepared, json.dumps(attachments) if attachments is not None else None, msg_id))
 
     def delivered(self, msg_id: int, recipients: list[str], now: float | None = None) -> None:
         """These recipients took the message; once none is pending, it is sent (or failed, if all bounced)."""
