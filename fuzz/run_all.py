@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-HARNESSES = ("api", "cms", "smime", "x509", "base64")
+HARNESSES = ("api", "cms", "smime", "ber", "x509", "base64")
 
 
 def main() -> int:

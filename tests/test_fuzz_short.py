@@ -3,6 +3,11 @@
 Each harness runs in its own process on a copy of its committed corpus (fuzz/corpus/<name>/, so the
 corpus is replayed too: every input that ever found new coverage is re-run), two at a time.
 A finding makes libFuzzer exit non-zero and write the input; the test fails with its traceback.
+
+The inputs libFuzzer wrote (crash-*, timeout-*, oom-*, leak-*, slow-unit-*) and the harness's log are
+copied to ``$TOKENBRIDGE_FUZZ_ARTIFACTS/<harness>/`` (default: fuzz/artifacts/ in the checkout, which
+.ci/run collects from the Debian roots), so that a finding made in a throw-away root or a CI run can be
+replayed: ``python fuzz/fuzz_<harness>.py <file>``.
 """
 
 from __future__ import annotations
@@ -19,9 +24,26 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 FUZZ = REPO / "fuzz"
-HARNESSES = {"api": 6, "cms": 4, "smime": 4, "x509": 3, "base64": 2}  # name: seconds
+HARNESSES = {"api": 6, "cms": 4, "smime": 4, "ber": 4, "x509": 3, "base64": 2}  # name: seconds
+ARTIFACTS = ("crash-*", "timeout-*", "oom-*", "leak-*", "slow-unit-*")  # what libFuzzer writes
 
 pytest.importorskip("atheris", reason="atheris is not installed (pip install -e '.[fuzz]')")
+
+
+def artifacts_dir() -> Path:
+    return Path(os.environ.get("TOKENBRIDGE_FUZZ_ARTIFACTS") or FUZZ / "artifacts")
+
+
+def keep_artifacts(name: str, work: Path, failed: bool) -> Path | None:
+    """Copy what libFuzzer wrote for harness ``name``, and its log, out of the temporary directory."""
+    found = sorted(f for pattern in ARTIFACTS for f in work.glob(pattern))
+    if not found and not failed:
+        return None
+    dest = artifacts_dir() / name
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in [*found, work / "fuzz.log"]:
+        shutil.copy(f, dest / f.name)
+    return dest
 
 
 def _start(name: str, seconds: int, tmp: Path) -> tuple[subprocess.Popen[str], Path]:
@@ -62,6 +84,9 @@ def test_fuzz_harnesses_short_run(tmp_path: Path) -> None:
             running.remove(item)
             text = log.read_text(errors="replace")
             m = re.search(r"stat::number_of_executed_units: (\d+)", text) or re.search(r"Done (\d+) runs", text)
+            kept = keep_artifacts(name, log.parent, proc.returncode != 0)
+            if kept is not None:
+                text += f"\n[inputs and log kept in {kept}; replay: python fuzz/fuzz_{name}.py <file>]"
             results[name] = (proc.returncode, int(m.group(1)) if m else 0, text)
     failures = {n: t[-4000:] for n, (rc, _, t) in results.items() if rc != 0}
     assert not failures, "fuzzing found a crash:\n" + "\n\n".join(f"== {n}\n{t}" for n, t in failures.items())
