@@ -229,3 +229,37 @@ def test_without_the_gateway_the_mail_api_is_empty_and_creates_nothing(service: 
     assert reader.get("/v1/mail/replies").json() == []
     assert reader.get("/v1/mail/messages/1").json()["code"] == "mail_not_found"
     assert not (service.data_dir / "mail.db").exists()
+
+
+def test_the_administrator_is_told_of_late_replies_and_bounces(demo: DemoInfo, tmp_path_factory) -> None:
+    """reply_due of 2 s and nobody answering: one notice per late application, once; a bounce tells the
+    administrator too (its sender gets the delivery report)."""
+    relay_port, submission = free_port(), free_port()
+    sink = Smarthost()  # no national system behind it: nothing answers
+    relay = Controller(sink, hostname="127.0.0.1", port=relay_port)
+    relay.start()
+    admin_address = "informatique@hlm-demo.example"
+    config = gateway_config(demo, "mail-notify.toml", relay_port, submission=submission,
+                            extra=f'[mail.tracking]\nreply_due = 2\nnotify = "{admin_address}"\n')
+    service = start_service(config, tmp_path_factory.mktemp("notify"))
+    try:
+        late, _ = _application("Dossier 3001")
+        with smtplib.SMTP("127.0.0.1", submission, timeout=30) as c:
+            c.send_message(late)
+        notice = sink.wait(lambda d: d.rcpt_tos == [admin_address] and b"Dossier 3001" in d.data)
+        assert notice.mail_from in ("", "<>")
+        reader = service.http(service.add_client("suivi-notify", "mail"))
+        assert [m["state"] for m in reader.get("/v1/mail/messages").json()
+                if m["message_id"] == late["Message-ID"]] == ["overdue"]
+        bounced, _ = _application("Dossier 3002")
+        sink.rcpt_answers[NATIONAL_EMAIL] = "550 5.7.1 refused"
+        with smtplib.SMTP("127.0.0.1", submission, timeout=30) as c:
+            c.send_message(bounced)
+        told = sink.wait(lambda d: d.rcpt_tos == [admin_address] and b"Dossier 3002" in d.data)
+        assert b"refused" in told.data
+        time.sleep(2)
+        notices = [d for d in sink.received if d.rcpt_tos == [admin_address] and b"Dossier 3001" in d.data]
+        assert len(notices) == 1  # told once, not at every look
+    finally:
+        service.stop()
+        relay.stop()

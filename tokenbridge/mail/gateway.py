@@ -43,7 +43,7 @@ from tokenbridge.state.mail import MailQueue
 
 log = logging.getLogger("tokenbridge.mail")
 
-WATCH_EVERY = 60.0  # seconds between looks for overdue replies
+WATCH_EVERY = 60.0  # seconds between looks for overdue replies (less when reply_due is short)
 
 
 def wanted(settings: Settings) -> bool:
@@ -191,7 +191,7 @@ class MailGateway:
         """Overdue replies: told once to ``[mail.tracking] notify``, when set."""
         t = self.settings.mail.tracking
         while True:
-            await asyncio.sleep(WATCH_EVERY)
+            await asyncio.sleep(min(WATCH_EVERY, max(0.5, t.reply_due / 10)))
             if not t.notify:
                 continue
             try:

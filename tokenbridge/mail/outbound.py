@@ -22,7 +22,7 @@ from tokenbridge.config import Settings
 from tokenbridge.errors import Problem
 from tokenbridge.formats import dsn
 from tokenbridge.formats import smime as fmt
-from tokenbridge.mail import smtp_client
+from tokenbridge.mail import smtp_client, tracking
 from tokenbridge.services.principal import Principal
 from tokenbridge.services.smime import SmimeService
 from tokenbridge.state.audit import AuditLog, AuditUnavailable
@@ -128,15 +128,26 @@ class OutboundWorker:
         self._audit(msg, "mail-bounced", "failed", "; ".join(f"{f.recipient}: {f.diagnostic}" for f in items))
         log.warning("mail %s (%s) bounced: %s", msg.id, msg.message_id,
                     "; ".join(f"{f.recipient}: {f.diagnostic}" for f in items))
-        if msg.kind != "application" or not msg.envelope_from:
+        if msg.kind != "application":
             return  # a report that cannot be delivered is logged, never reported on in turn
+        notify = self.settings.mail.tracking.notify
+        if notify:
+            notice, notice_id = tracking.failure_notice(self.settings.mail.hostname, notify, msg,
+                                                        [(f.recipient, f.diagnostic) for f in items])
+            await self._report(notice_id, notify, notice)
+        if not msg.envelope_from:
+            return
         head = fmt.split_message(msg.raw or msg.prepared or b"")[0]
         report, report_id = dsn.report(original_head=head, original_message_id=msg.message_id,
                                        sender=msg.envelope_from, reporting_mta=self.settings.mail.hostname,
                                        failures=items, arrival=datetime.fromtimestamp(msg.received, UTC))
-        await asyncio.to_thread(self.queue.accept, kind="report", message_id=report_id, submitter="gateway",
-                                envelope_from="", recipients=[msg.envelope_from], policy="plain", encrypt_to=[],
-                                subject=None, reference=None, attachments=[], raw=None, prepared=report)
+        await self._report(report_id, msg.envelope_from, report)
+
+    async def _report(self, message_id: str, to: str, message: bytes) -> None:
+        """Queue a message the gateway writes itself (no S/MIME), from the null sender."""
+        await asyncio.to_thread(self.queue.accept, kind="report", message_id=message_id, submitter="gateway",
+                                envelope_from="", recipients=[to], policy="plain", encrypt_to=[], subject=None,
+                                reference=None, attachments=[], raw=None, prepared=message)
         self.wake.set()
 
     def _audit(self, msg: Outbound, event: str, outcome: str, detail: str) -> None:

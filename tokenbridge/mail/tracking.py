@@ -67,3 +67,22 @@ def overdue_notice(hostname: str, to: str, late: list[Outbound], reply_due: floa
     lines += ["", "Détail : tokenbridge mail show N° ; liste : tokenbridge mail list --state overdue", ""]
     msg.set_content("\n".join(lines), charset="utf-8", cte="quoted-printable")
     return msg.as_bytes(), message_id
+
+
+def failure_notice(hostname: str, to: str, app: Outbound, failures: list[tuple[str, str]]) -> tuple[bytes, str]:
+    """A plain message telling the administrator that an application bounced (its sender got the report)."""
+    msg = EmailMessage(policy=SMTP)
+    msg["From"] = f"Passerelle tokenbridge <mailer-daemon@{hostname}>"
+    msg["To"] = to
+    msg["Subject"] = f"Demande non remise : {app.subject or app.message_id}"
+    msg["Date"] = format_datetime(datetime.now(UTC))
+    message_id = make_msgid(domain=hostname)
+    msg["Message-ID"] = message_id
+    msg["Auto-Submitted"] = "auto-generated"
+    lines = [f"La demande n° {app.id} (« {app.subject or '(sans objet)'} », envoyée par {app.submitter}, "
+             f"{app.message_id}) n'a pas pu être remise :", ""]
+    lines += [f"  {recipient} : {why}" for recipient, why in failures]
+    lines += ["", f"L'expéditeur ({app.envelope_from}) a reçu un avis de non-remise. Après correction : "
+              f"tokenbridge mail retry {app.id}", ""]
+    msg.set_content("\n".join(lines), charset="utf-8", cte="quoted-printable")
+    return msg.as_bytes(), message_id
