@@ -101,9 +101,10 @@ def seeds() -> list[bytes]:
     # Shapes: many parts under, at and over the limit, nested multiparts, under S/MIME layers.
     text = b"hello\nsecond line\n--not a delimiter"
     # (Each costs up to a second under instrumentation: the corpus is replayed by every short run.)
-    for params, layer in ((bytes((0, 6, 0)), 3), (bytes((0, 7, 0)), 1), (bytes((0, 12, 0)), 0), (bytes((1, 3, 1)), 0),
-                          (bytes((1, 3, 0)), 4), (bytes((2, 4, 1)), 2), (bytes((3, 9, 0)), 0), (bytes((0, 2, 0)), 6 * 7 + 5)):
-        out.append(b"\x00" + params + bytes((layer,)) + text)
+    shapes = ((0, 6, 0, 3), (0, 7, 0, 1), (0, 12, 0, 0), (1, 3, 1, 0), (1, 3, 0, 4), (2, 4, 1, 2), (3, 9, 0, 0),
+              (0, 2, 0, 6 * 7 + 5))  # 3 parameter bytes, then the layers
+    for shape in shapes:
+        out.append(b"\x00" + bytes(shape) + text)
     return out
 
 
