@@ -203,6 +203,10 @@ def test_relay_serves_the_same_api_on_the_counter(hub: Service, tmp_path: Path) 
     try:
         local = f"http://127.0.0.1:{port}"
         wait_up(f"{local}/v1/health", relay)
+        # Health and readiness need no secret, through the relay as on the hub (deployment.md §5 and §7.1).
+        assert httpx.get(f"{local}/v1/ready", timeout=30).status_code == 200
+        assert httpx.get(f"{local}/v1/health", timeout=30).json()["token"]["state"] == "ready"
+        assert httpx.post(f"{local}/v1/keys/sign-rsa/sign", json=SIGN, timeout=30).status_code == 401
         with httpx.Client(base_url=local, headers={"Authorization": f"Bearer {secret}"}, timeout=30) as software:
             r = software.post("/v1/keys/sign-rsa/sign", json=SIGN)
             assert r.status_code == 200, r.text

@@ -83,6 +83,10 @@ def hub_fingerprint(hub: str, ctx: ssl.SSLContext, timeout: float = 10.0) -> str
     return hashlib.sha256(der).hexdigest()
 
 
+# Health and readiness need no secret on the hub; the relay forwards them as they are (docs/deployment.md §5).
+PUBLIC_PATHS = frozenset({"/v1/health", "/v1/ready"})
+
+
 def create_relay_app(hub: str, ctx: ssl.SSLContext, local_auth: str = "pass-through") -> Starlette:
     hub = hub.rstrip("/")
     http: httpx.AsyncClient | None = None
@@ -98,7 +102,9 @@ def create_relay_app(hub: str, ctx: ssl.SSLContext, local_auth: str = "pass-thro
     async def forward(request: Request) -> Response:
         assert http is not None
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP]
-        if local_auth == "pass-through" and not request.headers.get("authorization", "").lower().startswith("bearer "):
+        public = request.url.path in PUBLIC_PATHS and request.method in ("GET", "HEAD")
+        if local_auth == "pass-through" and not public \
+                and not request.headers.get("authorization", "").lower().startswith("bearer "):
             return _problem(401, "unauthorized", "Unauthorized",
                             "this relay passes your own secret to the hub: send 'Authorization: Bearer <secret>'")
         if local_auth == "none":
