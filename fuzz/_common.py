@@ -39,12 +39,7 @@ def run_async(coro: Any) -> Any:
 # Bugs already reported (and pinned by tests/test_fuzz_regressions.py): (file, function, exception type)
 # of the innermost tokenbridge frame. The harnesses count them and go on, so that a long run finds the
 # next bug instead of the same one again; once fixed, an entry simply stops matching.
-KNOWN_BUGS: set[tuple[str, str, str]] = {
-    # A certificate set holding a deeply nested value (an "other" certificate of 1,000 nested SEQUENCEs, 4 KB):
-    # signed["certificates"].native recurses past Python's limit; RecursionError is not caught (a 500).
-    # tests/test_fuzz_regressions.py::test_cms_verify_certificates_nested_deeper_than_the_recursion_limit
-    ("tokenbridge/formats/cms_verify.py", "_check_signature", "RecursionError"),
-}
+KNOWN_BUGS: set[tuple[str, str, str]] = set()
 KNOWN_HITS: dict[tuple[str, str, str], int] = {}
 KNOWN_FILE: Path | None = None  # $FUZZ_KNOWN_FILE: hits of known bugs, for fuzz/run_all.py
 

@@ -144,9 +144,6 @@ def _signed_data_with_deep_certificate(levels: int) -> bytes:
     return tlv(0x30, bytes.fromhex("06092a864886f70d010702") + tlv(0xA0, signed))
 
 
-@pytest.mark.xfail(strict=True, reason="open: formats/cms_verify.py _check_signature reads "
-                   "signed['certificates'].native, which recurses past Python's limit (RecursionError, a 500); "
-                   "listed in fuzz/_common.KNOWN_BUGS")
 def test_cms_verify_certificates_nested_deeper_than_the_recursion_limit(service: Service, secret: str) -> None:
     """Found by fuzz/fuzz_cms.py's extra-values shape: 2,000 nested SEQUENCEs (8 KB) in a certificate."""
     r = _post(service, secret, "/v1/cms/verify", _signed_data_with_deep_certificate(2000), "application/pkcs7-mime")

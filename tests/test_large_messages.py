@@ -100,10 +100,10 @@ def _indefinite(tag: int, *values: bytes) -> bytes:
     return bytes((tag, 0x80)) + b"".join(values) + b"\0\0"
 
 
-def _enveloped(ciphertext: bytes) -> bytes:
+def _enveloped(ciphertext: bytes, recipients: bytes = b"") -> bytes:
     """An EnvelopedData skeleton around ``ciphertext`` (an encoded [0] value): enough for the reader."""
     eci = _tlv(0x30, _tlv(0x06, bytes.fromhex("2a864886f70d010701")) + _tlv(0x30, b"") + ciphertext)
-    env = _indefinite(0x30, _tlv(0x02, b"\0"), _tlv(0x31, b""), eci)
+    env = _indefinite(0x30, _tlv(0x02, b"\0"), _tlv(0x31, recipients), eci)
     return _indefinite(0x30, _tlv(0x06, bytes.fromhex("2a864886f70d010703")), _indefinite(0xA0, env))
 
 
@@ -138,6 +138,17 @@ def test_hostile_encodings_are_refused_with_a_code(monkeypatch: pytest.MonkeyPat
     with pytest.raises(CmsError) as exc:  # a tag that never ends was read octet by octet (found by the bench)
         ber.cut_content(b"\xff" * 1_000_000)
     assert exc.value.code == "cms_malformed"
+    # What asn1crypto parses is bounded too (found by fuzz/fuzz_cms.py: 4 MiB of two-byte values took it 13 s,
+    # 2,000 nested SEQUENCEs recursed past Python's limit).
+    with pytest.raises(CmsError) as exc:
+        ber.cut_content(_enveloped(_tlv(0x80, b"x"), recipients=b"\x04\x00" * (ber.MAX_STRUCTURE_VALUES + 10)))
+    assert exc.value.code == "cms_too_complex"
+    nested = b""
+    for _ in range(ber.MAX_DEPTH + 5):
+        nested = _tlv(0x30, nested)
+    with pytest.raises(CmsError) as exc:
+        ber.cut_content(_enveloped(_tlv(0x80, b"x"), recipients=nested))
+    assert exc.value.code == "cms_too_complex"
     monkeypatch.setattr(ber, "MAX_STRUCTURE", 16)
     with pytest.raises(CmsError) as exc:
         ber.cut_content(_enveloped(_tlv(0x80, b"x")))

@@ -24,6 +24,7 @@ from tokenbridge.formats.cms_asn1 import Buffer, CmsError, malformed, parse_cont
 MAX_VALUES = 1_000_000
 MAX_DEPTH = 64
 MAX_STRUCTURE = 4 * 1024 * 1024  # everything but the content: certificates, CRLs, signer and recipient infos
+MAX_STRUCTURE_VALUES = 100_000  # in that part: a chain of certificates is a few thousand
 
 # DER of the content-type OIDs whose content this module cuts out.
 _SIGNED = bytes.fromhex("06092a864886f70d010702")
@@ -193,13 +194,41 @@ def cut_content(data: Buffer) -> Cut:
     structure = _rebuild(buf, [root, wrapper, body, info], content)
     if len(structure) > MAX_STRUCTURE:
         raise _too_large()
+    _bounded(memoryview(structure))
     return Cut(structure, pieces)
 
 
 def _whole(data: Buffer, stop: int) -> Cut:
     if stop > MAX_STRUCTURE:
         raise _too_large()
+    _bounded(memoryview(data)[:stop])
     return Cut(data, None)
+
+
+def _bounded(buf: memoryview) -> None:
+    """What asn1crypto will parse, counted and measured in one pass: at most ``MAX_STRUCTURE_VALUES`` values
+    (4 MiB of two-byte values took asn1crypto 13 s) nested at most ``MAX_DEPTH`` deep (2,000 nested
+    SEQUENCEs made it recurse past Python's limit). Both found by fuzz/fuzz_cms.py."""
+    reader = _Reader(buf)
+    enclosing: list[tuple[int, int]] = []  # (where to go on, where it ends) for each open constructed value
+    pos, end = 0, len(buf)
+    while True:
+        if pos >= end:
+            if not enclosing:
+                return
+            pos, end = enclosing.pop()
+            continue
+        if reader.values > MAX_STRUCTURE_VALUES:
+            raise CmsError("cms_too_complex", "the message's structure outside its content has more than "
+                                              f"{MAX_STRUCTURE_VALUES:,} BER values")
+        value = reader.tlv(pos, end, len(enclosing))
+        if value.constructed and value.body < value.end:
+            if len(enclosing) >= MAX_DEPTH:
+                raise CmsError("cms_too_complex", f"the message nests deeper than {MAX_DEPTH} levels")
+            enclosing.append((value.stop, end))
+            pos, end = value.body, value.end
+        else:
+            pos = value.stop
 
 
 def _too_large() -> CmsError:

@@ -102,7 +102,8 @@ def malformed(what: str) -> CmsError:
 # --- helpers ----------------------------------------------------------------------------------
 
 # What asn1crypto raises on bad input, lazily, wherever a field is first read.
-PARSE_ERRORS = (ValueError, TypeError, KeyError, IndexError, OverflowError, AttributeError, InvalidVersion)
+PARSE_ERRORS = (ValueError, TypeError, KeyError, IndexError, OverflowError, AttributeError, InvalidVersion,
+                RecursionError)
 
 HASH_OIDS = {"sha1": "sha1", "sha224": "sha224", "sha256": "sha256", "sha384": "sha384", "sha512": "sha512"}
 

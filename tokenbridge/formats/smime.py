@@ -45,10 +45,11 @@ def check_part_count(message: bytes | bytearray) -> None:
     """Refuse a message with more than ``MAX_PARTS`` parts, before any parser sees it (linear, in C).
 
     Every part starts with a delimiter line ``--boundary``: counting lines that start with ``--`` bounds
-    the number of parts from above (a text line starting with ``--`` only makes the count larger).
+    the number of parts from above (a text line starting with ``--``, or the closing delimiter of a nested
+    multipart, only makes the count larger: the limit is on the side of refusing).
     """
     count = message.count(b"\n--") + int(message.startswith(b"--"))
-    if count > 2 * MAX_PARTS + 2:  # an opening and a closing delimiter per level, generously
+    if count > MAX_PARTS + 1:  # one delimiter line per part, and the closing one
         raise CmsError("mime_too_many_parts", f"the message has more than {MAX_PARTS} MIME parts "
                                               f"({count} delimiter lines)")
 _BLANK_LINE = re.compile(rb"\r?\n\r?\n")
