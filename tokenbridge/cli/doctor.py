@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 from rich.console import Console
+from rich.text import Text
 
 from tokenbridge.client import Client, TokenbridgeError
 from tokenbridge.config import Settings
@@ -25,15 +26,15 @@ class Report:
         self.warnings = 0
 
     def ok(self, msg: str) -> None:
-        self.console.print(f"[green]ok[/green]    {msg}")
+        self.console.print(Text.assemble(("ok", "green"), "    ", msg))
 
     def warn(self, msg: str) -> None:
         self.warnings += 1
-        self.console.print(f"[yellow]warn[/yellow]  {msg}")
+        self.console.print(Text.assemble(("warn", "yellow"), "  ", msg))
 
     def fail(self, msg: str) -> None:
         self.errors += 1
-        self.console.print(f"[red]FAIL[/red]  {msg}")
+        self.console.print(Text.assemble(("FAIL", "red"), "  ", msg))
 
 
 def _from_service(settings: Settings) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:

@@ -165,7 +165,9 @@ def relay(hub: Annotated[str, typer.Option(help="The hub's URL, e.g. https://hub
     from tokenbridge.relay.app import RelayError, run_relay
 
     if password_file is not None:
-        password: str | None = password_file.read_text(encoding="utf-8-sig").strip()
+        from tokenbridge.cli.common import read_secret_file
+
+        password: str | None = read_secret_file(password_file, "password")
     else:
         password = os.environ.get("TOKENBRIDGE_CREDENTIAL_PASSWORD")
     if password is None:

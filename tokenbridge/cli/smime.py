@@ -1,8 +1,9 @@
 """``tokenbridge smime send|open``: S/MIME mail through a running service, as a counter's software would.
 
-The service URL comes from ``--url``, ``$TOKENBRIDGE_URL``, the configuration's
-``service_url`` or its ``[server]`` address; the client secret from
-``--secret``, ``$TOKENBRIDGE_SECRET`` or ``--secret-file``.
+The service URL comes from ``--url``, ``$TOKENBRIDGE_SERVICE_URL`` (or the older ``$TOKENBRIDGE_URL``),
+the configuration's ``service_url`` or its ``[server]`` address (https when the service serves TLS); an
+https service is verified with ``--cacert``, else the bridge CA (DATA_DIR/tls/ca.pem) and the system's CAs.
+The client secret comes from ``--secret``, ``$TOKENBRIDGE_SECRET`` or ``--secret-file``.
 """
 
 from __future__ import annotations
@@ -10,56 +11,44 @@ from __future__ import annotations
 import base64
 import json
 import mimetypes
-import os
 import re
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 
-from tokenbridge.client import Client, TokenbridgeError
-from tokenbridge.config import load_settings
+from tokenbridge.cli.common import (
+    BRIDGE_CA_HELP,
+    URL_HELP,
+    CliClient,
+    call,
+    console,
+    fail,
+    read_secret_file,
+    remote,
+)
 
-app = typer.Typer(help="S/MIME mail through the running service (sign, encrypt, send, open).",
+app = typer.Typer(help="S/MIME mail through the running service: send (sign, encrypt and send a message) and "
+                       "open (decrypt and verify one). The service is reached over HTTP(S) with a client "
+                       "secret; for a service on TLS, --cacert DATA_DIR/tls/ca.pem trusts the bridge CA.",
                   no_args_is_help=True)
-console = Console()
-err = Console(stderr=True)
 
-ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML file.", show_default=False)]
-UrlOpt = Annotated[str | None, typer.Option("--url", help="Service URL (default: config / $TOKENBRIDGE_URL).")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML file (for the service's address "
+                                                                       "and the bridge CA).", show_default=False)]
+UrlOpt = Annotated[str | None, typer.Option("--url", help=URL_HELP, show_default=False)]
+CacertOpt = Annotated[Path | None, typer.Option("--cacert", help=BRIDGE_CA_HELP, show_default=False)]
 SecretOpt = Annotated[str | None, typer.Option("--secret", envvar="TOKENBRIDGE_SECRET", show_envvar=True,
                                                help="Client secret.")]
 SecretFileOpt = Annotated[Path | None, typer.Option("--secret-file", help="File holding the client secret.")]
 
 
-def _fail(message: str) -> Any:
-    err.print(f"[red]error:[/red] {message}")
-    raise typer.Exit(1)
-
-
-def _client(config: Path | None, url: str | None, secret: str | None, secret_file: Path | None) -> Client:
-    base = url or os.environ.get("TOKENBRIDGE_URL")
-    if base is None:
-        try:
-            settings = load_settings(config)
-        except (FileNotFoundError, ValueError) as exc:
-            _fail(f"no --url and no usable configuration: {exc}")
-        base = settings.service_url or f"http://{settings.server.host}:{settings.server.port}"
+def _client(config: Path | None, url: str | None, secret: str | None, secret_file: Path | None,
+            cacert: Path | None) -> CliClient:
     if secret is None and secret_file is not None:
-        secret = secret_file.read_text().strip()
+        secret = read_secret_file(secret_file, "secret")
     if not secret:
-        _fail("no client secret: --secret, $TOKENBRIDGE_SECRET or --secret-file")
-    return Client(base, secret)
-
-
-def _call(fn: Any, *args: Any) -> Any:
-    try:
-        return fn(*args)
-    except TokenbridgeError as exc:
-        _fail(f"{exc.detail} ({exc.code})")
-    except OSError as exc:
-        _fail(f"cannot reach the service: {exc}")
+        fail("no client secret: --secret, $TOKENBRIDGE_SECRET or --secret-file")
+    return remote(config, url, secret, cacert)
 
 
 @app.command("send")
@@ -74,14 +63,14 @@ def send(to: Annotated[list[str], typer.Option("--to", help="E-mail address (rep
          save: Annotated[Path | None, typer.Option(help="Only compose, and write the .eml here.")] = None,
          as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
          config: ConfigOpt = None, url: UrlOpt = None, secret: SecretOpt = None,
-         secret_file: SecretFileOpt = None) -> None:
+         secret_file: SecretFileOpt = None, cacert: CacertOpt = None) -> None:
     """Compose a signed message encrypted to RECIPIENT (and the organisation), and send it."""
     attachments = []
     for path in attach or []:
         try:
             data = path.read_bytes()
         except OSError as exc:
-            _fail(f"cannot read {path}: {exc.strerror}")
+            fail(f"cannot read {path}: {exc.strerror}")
         content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
         attachments.append({"filename": path.name, "content_type": content_type,
                             "data": base64.b64encode(data).decode()})
@@ -89,12 +78,16 @@ def send(to: Annotated[list[str], typer.Option("--to", help="E-mail address (rep
                                "sign_key": sign_key, "encrypt_to": recipient}
     if sender:
         message["from"] = sender
-    with _client(config, url, secret, secret_file) as client:
+    with _client(config, url, secret, secret_file, cacert) as client:
         if save is not None:
-            save.write_bytes(_call(client.smime_compose, message))
+            composed = call(client.smime_compose, message)
+            try:
+                save.write_bytes(composed)
+            except OSError as exc:
+                fail(f"cannot write {save}: {exc.strerror}")
             console.print(f"written {save}")
             return
-        result = _call(client.smime_send, message)
+        result = call(client.smime_send, message)
     if as_json:
         print(json.dumps(result))
     else:
@@ -109,20 +102,23 @@ def open_(message: Annotated[Path, typer.Argument(help="The .eml to open.")],
           output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the attachments here.")] = None,
           as_json: Annotated[bool, typer.Option("--json", help="Print the service's JSON.")] = False,
           config: ConfigOpt = None, url: UrlOpt = None, secret: SecretOpt = None,
-          secret_file: SecretFileOpt = None) -> None:
-    """Decrypt and verify a message; print who signed it; write its attachments to DIR."""
+          secret_file: SecretFileOpt = None, cacert: CacertOpt = None) -> None:
+    """Decrypt and verify a message; print who signed it; write its attachments to --output DIR."""
     try:
         raw = message.read_bytes()
     except OSError as exc:
-        _fail(f"cannot read {message}: {exc.strerror}")
-    with _client(config, url, secret, secret_file) as client:
-        result = _call(client.smime_open, raw)
+        fail(f"cannot read {message}: {exc.strerror}")
+    with _client(config, url, secret, secret_file, cacert) as client:
+        result = call(client.smime_open, raw)
     written = []
     if output is not None:
         import email
         import email.policy
 
-        output.mkdir(parents=True, exist_ok=True)
+        try:
+            output.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            fail(f"cannot create the directory {output}: {exc.strerror}")
         inner = email.message_from_bytes(base64.b64decode(result["message"]), policy=email.policy.default)
         for i, part in enumerate(p for p in inner.walk() if not p.is_multipart()):
             name = part.get_filename()
@@ -130,7 +126,10 @@ def open_(message: Annotated[Path, typer.Argument(help="The .eml to open.")],
                 continue
             safe = _SAFE.sub("_", Path(name or f"attachment-{i}").name).lstrip(".") or f"attachment-{i}"
             payload = part.get_payload(decode=True)
-            (output / safe).write_bytes(payload if isinstance(payload, bytes) else b"")
+            try:
+                (output / safe).write_bytes(payload if isinstance(payload, bytes) else b"")
+            except OSError as exc:
+                fail(f"cannot write {output / safe}: {exc.strerror}")
             written.append(str(output / safe))
     if as_json:
         print(json.dumps({**result, "written": written}))

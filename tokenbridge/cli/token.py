@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from tokenbridge.cli.common import ConfigOpt, admin, call, console, err, fail, load
+from tokenbridge.cli.common import ConfigOpt, admin, call, console, err, fail, load, read_secret_file
 
 cert_app = typer.Typer(help="Certificates on the token.", no_args_is_help=True)
 
@@ -64,7 +64,10 @@ def cert_export(key: str,
     with admin(load(config)) as c:
         data = call(c.certificate, key, format)
     if output:
-        output.write_bytes(data)
+        try:
+            output.write_bytes(data)
+        except OSError as exc:
+            fail(f"cannot write {output}: {exc.strerror}")
         err.print(f"wrote {output}")
     else:
         sys.stdout.buffer.write(data)
@@ -78,16 +81,16 @@ def login(config: ConfigOpt = None,
           final_try: Annotated[bool, typer.Option("--final-try", help="Try even though the token says this is "
                                                                       "the PIN's last try.")] = False) -> None:
     """Give the running service a new PIN (after a failed login), or accept a replaced token."""
-    settings = load(config)
+    client = admin(load(config))  # before asking for the PIN: nothing to ask if the service is not running
     if pinpad:
         pin = "<pinpad>"
     elif pin_file:
-        pin = pin_file.read_text().strip()
+        pin = read_secret_file(pin_file, "PIN")
     elif sys.stdin.isatty():
         pin = getpass.getpass("User PIN: ")
     else:
         pin = sys.stdin.readline().strip()
-    with admin(settings) as c:
+    with client as c:
         status = call(c.login, pin or None, accept_new_token=accept_new_token, final_try=final_try)
     console.print(f"token {status['label']}: {status['state']}")
 
