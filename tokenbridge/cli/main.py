@@ -16,7 +16,7 @@ from typing import Annotated
 
 import typer
 
-from tokenbridge.cli import lan, softhsm, token
+from tokenbridge.cli import backup, lan, softhsm, token
 from tokenbridge.cli.audit import audit_app
 from tokenbridge.cli.clients import clients_app
 from tokenbridge.cli.common import ConfigOpt, console, err, fail, load
@@ -66,6 +66,8 @@ app.command()(token.keys)
 app.command()(token.login)
 app.command()(softhsm.drivers)
 app.command("relay")(lan.relay)
+app.command()(backup.backup)
+app.command()(backup.restore)
 
 
 @app.command()

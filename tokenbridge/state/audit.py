@@ -13,7 +13,7 @@ import hashlib
 import json
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -48,6 +48,49 @@ class AuditEntry:
 def entry_hash(prev_hash: str, fields: dict[str, object]) -> str:
     canonical = json.dumps([fields[f] for f in FIELDS], separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256((prev_hash + canonical).encode()).hexdigest()
+
+
+Query = Callable[[str, tuple[object, ...]], Sequence[sqlite3.Row]]
+
+
+def iter_entries(query: Query, since: str | None = None, until: str | None = None,
+                 batch: int = 1000) -> Iterator[AuditEntry]:
+    """Entries in order, ``since <= ts < until`` (ISO UTC strings, as stored), read a page at a time: an
+    export of years of log does not hold it all in memory. ``query`` runs SQL on a store or a connection."""
+    last = 0
+    while True:
+        rows = query("SELECT * FROM audit WHERE seq > ? AND (? IS NULL OR ts >= ?) AND (? IS NULL OR ts < ?) "
+                     "ORDER BY seq LIMIT ?", (last, since, since, until, until, batch))
+        for row in rows:
+            yield AuditEntry(**dict(row))
+        if len(rows) < batch:
+            return
+        last = rows[-1]["seq"]
+
+
+def verify_chain(entries: Iterable[AuditEntry], whole: bool = True) -> tuple[bool, int, str | None]:
+    """Walk a chain; return (ok, entries checked, first problem).
+
+    ``whole``: it must start at entry 1. Otherwise (an exported range) it may start anywhere: its first
+    entry's ``prev_hash`` is taken as given, unless that entry is the first of all."""
+    prev: str | None = GENESIS if whole else None
+    expected_seq: int | None = 1 if whole else None
+    count = 0
+    for entry in entries:
+        if expected_seq is None:
+            expected_seq = entry.seq
+            prev = GENESIS if entry.seq == 1 else entry.prev_hash
+        if entry.seq != expected_seq:
+            return False, count, f"entry {expected_seq} is missing (next is {entry.seq})"
+        if entry.prev_hash != prev:
+            return False, count, f"entry {entry.seq} does not follow entry {entry.seq - 1}"
+        fields = {f: getattr(entry, f) for f in FIELDS}
+        if entry_hash(entry.prev_hash, fields) != entry.hash:
+            return False, count, f"entry {entry.seq} was altered"
+        prev = entry.hash
+        expected_seq += 1
+        count += 1
+    return True, count, None
 
 
 class AuditLog:
@@ -120,24 +163,9 @@ class AuditLog:
         rows = self._store.query("SELECT * FROM audit ORDER BY seq DESC LIMIT ?", (count,))
         return [AuditEntry(**dict(r)) for r in reversed(rows)]
 
-    def entries(self) -> Iterator[AuditEntry]:
-        for row in self._store.query("SELECT * FROM audit ORDER BY seq"):
-            yield AuditEntry(**dict(row))
+    def entries(self, since: str | None = None, until: str | None = None) -> Iterator[AuditEntry]:
+        return iter_entries(self._store.query, since, until)
 
     def verify(self) -> tuple[bool, int, str | None]:
         """Walk the chain; return (ok, entries checked, first problem)."""
-        prev = GENESIS
-        expected_seq = 1
-        count = 0
-        for entry in self.entries():
-            if entry.seq != expected_seq:
-                return False, count, f"entry {expected_seq} is missing (next is {entry.seq})"
-            if entry.prev_hash != prev:
-                return False, count, f"entry {entry.seq} does not follow entry {entry.seq - 1}"
-            fields = {f: getattr(entry, f) for f in FIELDS}
-            if entry_hash(prev, fields) != entry.hash:
-                return False, count, f"entry {entry.seq} was altered"
-            prev = entry.hash
-            expected_seq += 1
-            count += 1
-        return True, count, None
+        return verify_chain(self.entries())
