@@ -25,7 +25,11 @@ DEFAULT_PORT = 8155
 
 
 def default_data_dir() -> Path:
-    """Where the demo token and its configuration live when nothing else is said."""
+    """Where the demo token and its configuration live when nothing else is said: ``$TOKENBRIDGE_DEMO_DIR``
+    (as ``scripts/bootstrap.sh serve``), else ``$XDG_DATA_HOME/tokenbridge/demo``."""
+    demo = os.environ.get("TOKENBRIDGE_DEMO_DIR")
+    if demo:
+        return Path(demo).expanduser().resolve()
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(base) / "tokenbridge" / "demo"
 
