@@ -48,21 +48,47 @@ def _from_service(settings: Settings) -> tuple[dict[str, Any], list[dict[str, An
         return None
 
 
-def _in_process(settings: Settings) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def _in_process(settings: Settings) -> tuple[dict[str, Any], list[dict[str, Any]], str | None]:
+    """The token's status and keys, opened here; and why there is no PIN to try, if there is none."""
     from tokenbridge.api.v1 import token_view
     from tokenbridge.services.bridge import Bridge, PinUnavailable, read_pin
     from tokenbridge.services.keys import key_view
 
+    no_pin = None
     try:
         pin = read_pin(settings.token)
-    except PinUnavailable:
-        pin = None
+    except PinUnavailable as exc:
+        pin, no_pin = None, str(exc)
     bridge = Bridge(settings, pin=pin)
     try:
         bridge.start()
-        return token_view(bridge.owner.status()), [key_view(k) for k in bridge.owner.list_keys()]
+        return token_view(bridge.owner.status()), [key_view(k) for k in bridge.owner.list_keys()], no_pin
     finally:
         bridge.stop()
+
+
+def _pin_flags(pin: dict[str, bool]) -> str:
+    """What the token says of its user PIN (PKCS#11 gives flags, not a number of tries left)."""
+    if pin["locked"]:
+        said = "LOCKED (CKF_USER_PIN_LOCKED): no try left"
+    elif pin["final_try"]:
+        said = "one try left (CKF_USER_PIN_FINAL_TRY)"
+    elif pin["count_low"]:
+        said = "fewer tries left than in full (CKF_USER_PIN_COUNT_LOW: a wrong PIN was entered since the last " \
+               "right one)"
+    else:
+        said = "no failed try reported"
+    return f"the token reports for the user PIN: {said}; the card does not say how many tries are left"
+
+
+def _fix_the_pin(settings: Settings) -> str:
+    t = settings.token
+    where = {"file": f"the PIN file {t.pin_file}", "env": f"${t.pin_env}"}.get(t.pin_source)
+    if where is None:
+        return "give the right PIN with `tokenbridge login` while the service runs"
+    return (f"fix {where} before the service next starts: it tries the configured PIN once at each start "
+            "and each refusal uses one of the card's tries; while it runs, `tokenbridge login` gives it the "
+            "right PIN")
 
 
 def run_doctor(settings: Settings, console: Console) -> int:
@@ -74,11 +100,12 @@ def run_doctor(settings: Settings, console: Console) -> int:
         r.fail(str(exc))
         return 1
     found = _from_service(settings)
+    no_pin = None
     if found is not None:
         r.ok("service is running; asking it (no second login)")
         token, keys = found
     else:
-        token, keys = _in_process(settings)
+        token, keys, no_pin = _in_process(settings)
     state = token["state"]
     if state == "error":
         r.fail(f"module or token unusable: {token['message']}")
@@ -96,8 +123,12 @@ def run_doctor(settings: Settings, console: Console) -> int:
         r.warn("user PIN retry counter is low: a wrong PIN was entered recently")
     if state == "ready":
         r.ok("PIN accepted, logged in")
+    elif no_pin is not None:
+        r.fail(f"not logged in: {no_pin}")
     else:
         r.fail(f"not logged in ({state}): {token['message']}")
+        if state == "needs_pin" and ("refused" in token["message"] or "failed" in token["message"]):
+            r.fail(f"{_pin_flags(pin)}; {_fix_the_pin(settings)}")
     if not keys and state == "ready":
         r.fail("no private key found on the token")
     for k in keys:

@@ -45,6 +45,9 @@ def read_pin(token: TokenSettings, prompted: str | None = None) -> str | None:
         raise PinUnavailable("pin_source is 'file' but token.pin_file is not set")
     try:
         return token.pin_file.read_text().strip()
+    except FileNotFoundError as exc:
+        raise PinUnavailable(f"the PIN file {token.pin_file} does not exist (token.pin_file; pin_source is "
+                             "'file')") from exc
     except OSError as exc:
         raise PinUnavailable(f"cannot read the PIN file {token.pin_file}: {exc.strerror}") from exc
 

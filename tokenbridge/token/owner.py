@@ -225,16 +225,29 @@ class TokenOwner:
 
     def _find_token(self) -> Any | None:
         sel = self.selector
+        self._seen: list[str] = []  # the tokens present, to name them when none matches
         for slot in self._lib.get_slots(token_present=True):
+            try:
+                token = slot.get_token()
+            except p11e.PKCS11Error:
+                if sel.slot is None or slot.slot_id == sel.slot:
+                    raise
+                continue  # a slot that was not asked for
+            self._seen.append(f"{token.label!r} (serial {token.serial.decode(errors='replace').strip()}, "
+                              f"slot {slot.slot_id})")
             if sel.slot is not None and slot.slot_id != sel.slot:
                 continue
-            token = slot.get_token()
             if sel.label is not None and token.label != sel.label:
                 continue
             if sel.serial is not None and token.serial.decode(errors="replace") != sel.serial:
                 continue
             return token
         return None
+
+    def _no_match(self) -> str:
+        seen = getattr(self, "_seen", [])
+        return (f"no token matching {self.selector.describe()}; "
+                + (f"tokens present: {', '.join(seen)}" if seen else "no token is present in any slot"))
 
     def _connect(self) -> None:
         """Open, check identity, log in and discover keys. Never retries a failed PIN."""
@@ -244,7 +257,7 @@ class TokenOwner:
             self._set_state(TokenState.ABSENT, f"slot list failed: {type(exc).__name__}")
             return
         if token is None:
-            self._set_state(TokenState.ABSENT, f"no token matching {self.selector.describe()}")
+            self._set_state(TokenState.ABSENT, self._no_match())
             return
         flags = token.flags
         info = dict(
@@ -373,7 +386,7 @@ class TokenOwner:
         try:
             token = self._find_token()
             if token is None:
-                self._set_state(TokenState.ABSENT, f"no token matching {self.selector.describe()}")
+                self._set_state(TokenState.ABSENT, self._no_match())
                 return self.status()
             public = token.open()
             identity = (token.serial.decode(errors="replace"), self._certificate_fingerprints(public))
