@@ -8,29 +8,79 @@ from __future__ import annotations
 import json
 from typing import Annotated
 
+import httpx
 import typer
 from rich.table import Table
+from rich.text import Text
 
-from tokenbridge.cli.common import ConfigOpt, console, fail, load
+from tokenbridge.cli.common import ConfigOpt, console, err, fail, load
+from tokenbridge.client import Client, TokenbridgeError
+from tokenbridge.config import Settings
 
 clients_app = typer.Typer(help="API clients: their grants and secrets.", no_args_is_help=True)
+
+
+KEYS_HELP = ("Comma-separated key ids or labels (default: every key). They are checked against the token's "
+             "keys through the running service; a name that matches no key is refused.")
+FORCE_HELP = ("Store the --keys names without checking them: when the service is not running (or its token is "
+              "not ready), or for a key that is not on the token yet.")
+
+
+def check_keys(settings: Settings, names: list[str], force: bool) -> None:
+    """Refuse key names that match no key on the token (asked of the running service), listing its keys.
+    When they cannot be checked, refuse unless ``force``; with ``force``, warn and go on."""
+    if not names:
+        return
+    path = settings.server.admin_socket
+    problem = None
+    if path is None or not path.exists():
+        problem = f"the service is not running (no admin socket at {path})"
+    else:
+        try:
+            with Client(uds=str(path), timeout=10) as c:
+                keys = c.keys()
+            if not keys:
+                problem = "the service's token shows no keys (is it logged in? see `tokenbridge tokens`)"
+        except TokenbridgeError as exc:
+            problem = f"the service cannot list the token's keys: {exc.detail} ({exc.code})"
+        except (OSError, httpx.HTTPError, ValueError) as exc:
+            problem = f"the service does not answer on {path} ({exc})"
+    if problem is not None:
+        if force:
+            err.print(Text(f"warning: {problem}, so the key names {', '.join(names)} were not checked against "
+                           "the token (--force)"))
+            return
+        fail(f"{problem}, so the key names {', '.join(names)} cannot be checked against the token: start the "
+             "service, or give --force to store them unchecked")
+    known = {k["id"] for k in keys} | {k["label"] for k in keys}
+    unknown = [n for n in names if n not in known]
+    if not unknown:
+        return
+    present = ", ".join(f"{k['label']} ({k['id']})" for k in keys) or "none"
+    if force:
+        err.print(Text(f"warning: no key named {', '.join(unknown)} on the token (its keys: {present}); stored "
+                       "anyway (--force)"))
+        return
+    fail(f"no key named {', '.join(unknown)} on the token; its keys (label and id): {present}")
 
 
 @clients_app.command("add")
 def clients_add(name: str,
                 grant: Annotated[str, typer.Option(help="Comma-separated: sign, decrypt, admin.")],
-                keys: Annotated[str | None, typer.Option("--keys", help="Comma-separated key ids or labels "
-                                                                          "(default: every key).")] = None,
+                keys: Annotated[str | None, typer.Option("--keys", help=KEYS_HELP)] = None,
                 config: ConfigOpt = None,
-                as_json: Annotated[bool, typer.Option("--json", help="Print {name, secret}.")] = False) -> None:
+                as_json: Annotated[bool, typer.Option("--json", help="Print {name, secret}.")] = False,
+                force: Annotated[bool, typer.Option("--force", help=FORCE_HELP)] = False) -> None:
     """Create a client; its secret is shown once."""
     from tokenbridge.services.bridge import open_state
     from tokenbridge.state.clients import ClientError
 
-    _, audit, registry = open_state(load(config))
+    settings = load(config)
+    key_names = [k.strip() for k in (keys or "").split(",") if k.strip()]
+    check_keys(settings, key_names, force)
+    _, audit, registry = open_state(settings)
     try:
-        client, secret = registry.add(name, [g.strip() for g in grant.split(",") if g.strip()],
-                                      [k.strip() for k in (keys or "").split(",") if k.strip()])
+        client, secret = registry.add(name, [g.strip() for g in grant.split(",") if g.strip()], key_names)
     except ClientError as exc:
         fail(str(exc))
     audit.record("operator", "client_added", "ok", detail=f"name={name}, grants={','.join(sorted(client.grants))}"

@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from tokenbridge.cli.clients import FORCE_HELP, KEYS_HELP, check_keys
 from tokenbridge.cli.common import ConfigOpt, console, fail, load
 from tokenbridge.config import Settings
 
@@ -37,19 +38,21 @@ def tls_init(hostname: Annotated[list[str], typer.Option("--hostname", help="DNS
 @workstations_app.command("enroll")
 def enroll(name: str,
            grant: Annotated[str, typer.Option(help="Comma-separated grants (sign, decrypt, ...).")],
-           keys: Annotated[str | None, typer.Option("--keys", help="Comma-separated key ids or labels.")] = None,
+           keys: Annotated[str | None, typer.Option("--keys", help=KEYS_HELP)] = None,
            output: Annotated[Path | None, typer.Option("-o", "--output", help="PKCS#12 file to write.")] = None,
            config: ConfigOpt = None,
-           as_json: Annotated[bool, typer.Option("--json", help="Print {name, credential, password}.")] = False
-           ) -> None:
+           as_json: Annotated[bool, typer.Option("--json", help="Print {name, credential, password}.")] = False,
+           force: Annotated[bool, typer.Option("--force", help=FORCE_HELP)] = False) -> None:
     """Issue a workstation certificate (PKCS#12 with a one-time password); it authenticates by mutual TLS."""
     from tokenbridge.services.bridge import open_state
 
     settings = load(config)
+    key_names = [k.strip() for k in (keys or "").split(",") if k.strip()]
+    check_keys(settings, key_names, force)
     _, audit, registry = open_state(settings)
     target, password, sha256 = _issue(settings, name, output, lambda sha256: registry.add(
-        name, [g.strip() for g in grant.split(",") if g.strip()],
-        [k.strip() for k in (keys or "").split(",") if k.strip()], kind="workstation", cert_sha256=sha256))
+        name, [g.strip() for g in grant.split(",") if g.strip()], key_names, kind="workstation",
+        cert_sha256=sha256))
     audit.record("operator", "workstation_enrolled", "ok", detail=f"name={name}, grants={grant}, "
                  f"cert_sha256={sha256}")
     _show_credential(name, target, password, as_json)
