@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, TextIO
 
 import typer
-from rich.table import Table
 
 from tokenbridge.cli.common import ConfigOpt, console, err, fail, load, shown
 
@@ -36,13 +35,17 @@ def audit_tail(config: ConfigOpt = None,
         for e in entries:
             print(json.dumps(e.__dict__))
         return
-    table = Table(title="audit")
-    for col in ("seq", "time", "actor", "event", "key", "algorithm", "input sha256", "outcome", "detail"):
-        table.add_column(col)
-    for e in entries:  # fields clients wrote: shown, never interpreted (no escape sequences, no markup)
-        table.add_row(*(shown(v) for v in (str(e.seq), e.ts[:23], e.actor, e.event, e.key or "", e.algorithm or "",
-                                           (e.input_sha256 or "")[:16], e.outcome, e.detail or "")))
-    console.print(table)
+    if not entries:
+        console.print("no audit entry")
+    # One line per entry, wrapped by the terminal rather than cut into columns (readable at 80 columns). Fields
+    # clients wrote are shown, never interpreted (no escape sequences, no markup).
+    for e in entries:
+        line = f"{e.seq:>6}  {e.ts[:19].replace('T', ' ')}  {e.actor}  {e.event}  {e.outcome}"
+        extra = [f"key={e.key}" if e.key else "", f"alg={e.algorithm}" if e.algorithm else "",
+                 f"sha256={e.input_sha256[:16]}" if e.input_sha256 else "", e.detail or ""]
+        if any(extra):
+            line += "  — " + "  ".join(x for x in extra if x)
+        console.print(shown(line), soft_wrap=True)
 
 
 @audit_app.command("verify")

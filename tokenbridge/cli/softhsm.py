@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
+from rich.padding import Padding
+from rich.text import Text
 
 from tokenbridge.cli.common import console, fail
 from tokenbridge.config import default_data_dir
@@ -44,10 +45,11 @@ def drivers(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")]
         print(json.dumps([{"name": p.name, "description": p.description, "installed": str(installed[p.name])
                            if p.name in installed else None} for p in profiles]))
         return
-    table = Table(title="PKCS#11 drivers")
-    for col in ("name", "description", "installed at"):
-        table.add_column(col)
+    # Two lines per profile, nothing cut at 80 columns: the name and where the module is (a path to copy whole),
+    # then the description, indented and wrapped at words.
     for p in profiles:
-        table.add_row(p.name, p.description, str(installed.get(p.name, "")) or "[dim]not found[/dim]")
-    console.print(table)
+        where = installed.get(p.name)
+        console.print(Text.assemble((f"{p.name:<15}", "bold"), " ",
+                                    f"installed at {where}" if where else ("not found", "dim")), soft_wrap=True)
+        console.print(Padding(Text(p.description), (0, 0, 0, 16)))
 
