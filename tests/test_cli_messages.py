@@ -4,6 +4,7 @@ service, a TLS-only service and an address where nothing answers."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import ssl
@@ -144,3 +145,108 @@ def test_smime_help_names_only_real_commands_and_the_documented_variable() -> No
         assert "--cacert" in text and "DATA_DIR/tls/ca.pem" in text
     listed = " ".join(run(["--help"], {"COLUMNS": "200"}).stdout.split())
     assert "(sign, encrypt, send, open)" not in listed
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The environment without any TOKENBRIDGE_* variable of the test run, plus ``extra``."""
+    return {**{k: v for k, v in os.environ.items() if not k.startswith("TOKENBRIDGE_")}, **extra}
+
+
+def run_clean(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*TB, *args], env={**env, "COLUMNS": "80"}, capture_output=True, text=True, input="",
+                          timeout=120)
+
+
+def test_the_cli_finds_the_demo_in_tokenbridge_demo_dir(tmp_path: Path) -> None:
+    """As after `TOKENBRIDGE_DEMO_DIR=... bash scripts/bootstrap.sh serve`: `tokenbridge tokens` (no --config)
+    reads the demo configuration in that directory and reaches its service."""
+    demo_dir = tmp_path / "demo"
+    env = clean_env(TOKENBRIDGE_DEMO_DIR=str(demo_dir), XDG_DATA_HOME=str(tmp_path / "elsewhere"))
+    r = run_clean(["softhsm", "init"], env)
+    assert r.returncode == 0 and str(demo_dir) in " ".join(r.stdout.split()), r.stdout + r.stderr
+    svc = start_service(demo_dir / "tokenbridge.toml", demo_dir)
+    try:
+        r = run_clean(["tokens", "--json"], env)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert json.loads(r.stdout)[0]["state"] == "ready"
+    finally:
+        svc.stop()
+
+
+def test_unknown_setting_is_one_line_with_a_suggestion(tmp_path: Path) -> None:
+    config = tmp_path / "tokenbridge.toml"
+    config.write_text('data_dir = "."\n[server]\nprot = 8200\n[token]\nlabl = "x"\n')
+    for command in (["clients", "list"], ["serve"], ["doctor"]):
+        r = run_clean([*command, "--config", str(config)], clean_env())
+        text = sentence(r, f"unknown setting `prot` in {config} [server]; did you mean `port`?",
+                        f"unknown setting `labl` in {config} [token]; did you mean `label`?")
+        assert r.returncode == 2
+        assert "http" not in text and "pydantic" not in text and "Extra inputs" not in text
+        assert len(text.strip().splitlines()) == 2, text
+    r = run_clean(["clients", "list"], clean_env(TOKENBRIDGE_CONFIG=str(tmp_path / "none.toml"),
+                                                 TOKENBRIDGE_SERVER__PROT="1", TOKENBRIDGE_DATA_DIR=str(tmp_path)))
+    sentence(r, "not found")
+    config.write_text('data_dir = "."\n')
+    r = run_clean(["clients", "list", "--config", str(config)], clean_env(TOKENBRIDGE_SERVER__PROT="1"))
+    sentence(r, "unknown setting `prot` in the environment variable TOKENBRIDGE_SERVER__PROT; did you mean `port`?")
+    assert r.returncode == 2
+    config.write_text('data_dir = "."\n[server]\nport = "eighty"\n')
+    r = run_clean(["clients", "list", "--config", str(config)], clean_env())
+    text = sentence(r, "invalid configuration", f"`port` in {config} [server]", "'eighty'")
+    assert "https://" not in text and len(text.strip().splitlines()) == 1
+
+
+def test_a_missing_pin_file_is_named(demo, tmp_path: Path) -> None:
+    missing = tmp_path / "pin"
+    env = clean_env(TOKENBRIDGE_DATA_DIR=str(tmp_path), TOKENBRIDGE_TOKEN__PIN_FILE=str(missing))
+    r = run_clean(["doctor", "--config", str(demo.config_file)], env)
+    assert r.returncode == 1 and "Traceback" not in r.stdout + r.stderr
+    assert f"the PIN file {missing} does not exist" in " ".join(r.stdout.split()), r.stdout
+    assert "no PIN configured" not in r.stdout
+    sentence(run_clean(["serve", "--config", str(demo.config_file)], env), f"the PIN file {missing} does not exist")
+
+
+def test_a_wrong_label_lists_the_tokens_present(demo, tmp_path: Path) -> None:
+    env = clean_env(TOKENBRIDGE_DATA_DIR=str(tmp_path), TOKENBRIDGE_TOKEN__LABEL="HLM Habitat")
+    r = run_clean(["doctor", "--config", str(demo.config_file)], env)
+    out = " ".join(r.stdout.split())
+    assert r.returncode == 1 and "Traceback" not in out + r.stderr
+    assert "no token matching label='HLM Habitat'; tokens present: 'tokenbridge-demo' (serial " in out, out
+
+
+def test_doctor_after_a_wrong_pin_shows_the_flags_and_what_to_fix(demo, tmp_path: Path) -> None:
+    wrong = tmp_path / "pin"
+    wrong.write_text("0000\n")
+    env = clean_env(TOKENBRIDGE_DATA_DIR=str(tmp_path), TOKENBRIDGE_TOKEN__PIN_FILE=str(wrong))
+    r = run_clean(["doctor", "--config", str(demo.config_file)], env)
+    out = " ".join(r.stdout.split())
+    assert r.returncode == 1 and "PIN was refused" in out, out
+    assert "the token reports for the user PIN:" in out and "CKF_USER_PIN_COUNT_LOW" in out, out
+    assert f"fix the PIN file {wrong} before the service next starts" in out, out
+
+
+def test_clients_add_refuses_keys_that_are_not_on_the_token(service: Service, demo, tmp_path: Path) -> None:
+    text = sentence(service.cli("clients", "add", "x1", "--grant", "sign", "--keys", "nosuchkey", check=False),
+                    "no key named nosuchkey on the token")
+    for label in ("sign-rsa", "encrypt-rsa", "auth-ec"):
+        assert label in text
+    assert service.cli("clients", "add", "x2", "--grant", "sign", "--keys", "sign-rsa", check=False).returncode == 0
+    r = service.cli("workstations", "enroll", "w1", "--grant", "sign", "--keys", "nosuchkey", check=False)
+    sentence(r, "no key named nosuchkey")
+    # service stopped: the names cannot be checked; refused unless --force, which says it did not check them
+    env = clean_env(TOKENBRIDGE_DATA_DIR=str(tmp_path))
+    args = ["clients", "add", "x3", "--grant", "sign", "--keys", "sign-rsa", "--config", str(demo.config_file)]
+    sentence(run_clean(args, env), "not running", "cannot be checked", "--force")
+    r = run_clean([*args, "--force"], env)
+    assert r.returncode == 0 and "not checked" in " ".join(r.stderr.split()), r.stdout + r.stderr
+
+
+def test_audit_tail_and_drivers_are_readable_at_80_columns(service: Service) -> None:
+    service.add_client("a-rather-long-client-name-for-the-counter-3", "sign")
+    r = run(["audit", "tail", "-n", "5"], service.env)
+    assert r.returncode == 0 and "…" not in r.stdout, r.stdout
+    assert "client_added" in r.stdout and "a-rather-long-client-name-for-the-counter-3" in r.stdout
+    r = run(["drivers"], {})
+    assert r.returncode == 0 and "…" not in r.stdout, r.stdout
+    assert "/usr/lib/softhsm/libsofthsm2.so" in r.stdout or "libsofthsm2.so" in r.stdout
+    assert all(len(line) <= 80 for line in r.stdout.splitlines() if "installed at" not in line)
