@@ -147,7 +147,10 @@ def test_a_secret_through_a_workstation_never_gets_more_keys_than_both_allow(hub
     # Each alone keeps its own list; a list naming no key allows none.
     with httpx.Client(base_url=hub.url, verify=ws5.context(ca)) as c:
         assert [k["label"] for k in c.get("/v1/keys").json()] == ["auth-ec"]
-    with hub.http(secret("typo", "sign-rsa-old")) as c:
+    # A name that matches no key (refused by `clients add` unless --force: stored as is, it allows nothing).
+    typo = json.loads(cli(hub.data_dir, hub.config, "clients", "add", "typo", "--grant", "sign", "--keys",
+                          "sign-rsa-old", "--force", "--json").stdout)["secret"]
+    with hub.http(typo) as c:
         assert c.get("/v1/keys").json() == []
         assert c.post("/v1/keys/sign-rsa/sign", json=SIGN).status_code == 403
 
