@@ -16,6 +16,7 @@ from rich.text import Text
 from tokenbridge.cli.common import ConfigOpt, console, err, fail, load
 from tokenbridge.client import Client, TokenbridgeError
 from tokenbridge.config import Settings
+from tokenbridge.state.clients import GRANTS
 
 clients_app = typer.Typer(help="API clients: their grants and secrets.", no_args_is_help=True)
 
@@ -66,7 +67,7 @@ def check_keys(settings: Settings, names: list[str], force: bool) -> None:
 
 @clients_app.command("add")
 def clients_add(name: str,
-                grant: Annotated[str, typer.Option(help="Comma-separated: sign, decrypt, admin.")],
+                grant: Annotated[str, typer.Option(help=f"Comma-separated, among: {', '.join(GRANTS)}.")],
                 keys: Annotated[str | None, typer.Option("--keys", help=KEYS_HELP)] = None,
                 config: ConfigOpt = None,
                 as_json: Annotated[bool, typer.Option("--json", help="Print {name, secret}.")] = False,
