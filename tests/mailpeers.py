@@ -7,7 +7,8 @@ by :func:`skip_unless_available`.
 
 - :class:`Dovecot`: the organisation's IMAP mailbox. Users (full addresses) and their plain passwords in a
   passwd-file, Maildirs under the directory, IMAP with STARTTLS and optionally IMAPS, an auth socket that
-  Postfix uses for SMTP AUTH. Foreground ``dovecot -F``, a child of this process.
+  Postfix uses for SMTP AUTH. Foreground ``dovecot -F``, a child of this process. Optionally OAuth2 bearers
+  too (SASL XOAUTH2 and OAUTHBEARER, as Microsoft 365), checked by an :class:`OAuth2Introspection` endpoint.
 - :class:`Postfix`: the organisation's mail server and smarthost. Mail for the local domains goes into the
   Dovecot Maildirs (Postfix's ``virtual`` delivery agent); mail for a routed domain (``national.example``)
   goes to a next hop set by :meth:`Postfix.set_route` (``transport_maps``). Ports: ``smtp_port`` (the
@@ -277,6 +278,157 @@ def make_tls(directory: Path, hostname: str = f"mail.{ORG_DOMAIN}", names: Seque
     return files
 
 
+# --- OAuth2 ---------------------------------------------------------------------------------------------------------
+
+INTROSPECTION_MODES = ("post", "get", "auth")
+
+
+@dataclass(frozen=True)
+class Introspected:
+    """One question Dovecot asked the introspection endpoint, and the answer it got."""
+
+    token: str
+    active: bool
+    username: str | None
+    method: str
+
+
+class OAuth2Introspection:
+    """An OAuth2 token introspection endpoint (RFC 7662) on 127.0.0.1: the identity provider Dovecot asks.
+
+    It answers ``{"active": true, "username": ADDRESS}`` for a token it issued and has not revoked, and
+    ``{"active": false}`` for any other. ``mode`` is how Dovecot hands it the token (Dovecot's
+    ``introspection_mode``): ``post`` (a form field ``token``), ``get`` (``?token=`` in the URL) or ``auth``
+    (an ``Authorization: Bearer`` header); all three are understood whatever the mode. ``introspected`` lists
+    every question asked, in order. http.server in a daemon thread; :meth:`start` picks a free port.
+    """
+
+    def __init__(self, mode: str = "post") -> None:
+        if mode not in INTROSPECTION_MODES:
+            raise ValueError(f"mode must be one of {INTROSPECTION_MODES}")
+        self.mode = mode
+        self.port = 0
+        self.introspected: list[Introspected] = []
+        self._tokens: dict[str, str] = {}  # token -> address
+        self._lock = threading.Lock()
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        """What Dovecot is given as ``introspection_url`` (in ``get`` mode it appends the token to it)."""
+        return f"http://{LOCALHOST}:{self.port}/introspect" + ("?token=" if self.mode == "get" else "")
+
+    @property
+    def running(self) -> bool:
+        return self._server is not None
+
+    # tokens
+
+    def issue(self, address: str, token: str | None = None, *, length: int = 48) -> str:
+        """A new token valid for address (the address's other tokens stay valid); returns it.
+        ``length`` is in random bytes: Microsoft 365's tokens are JWTs of 1.5 to 2.5 KB."""
+        token = token or secrets.token_urlsafe(length)
+        with self._lock:
+            self._tokens[token] = address
+        return token
+
+    def rotate(self, address: str, *, length: int = 48) -> str:
+        """Revoke every token of address and issue a new one (what a token refresh amounts to)."""
+        with self._lock:
+            for token in [t for t, a in self._tokens.items() if a == address]:
+                del self._tokens[token]
+        return self.issue(address, length=length)
+
+    def revoke(self, token: str) -> None:
+        with self._lock:
+            self._tokens.pop(token, None)
+
+    def valid(self, token: str) -> str | None:
+        """The address a token is valid for, or None."""
+        with self._lock:
+            return self._tokens.get(token)
+
+    def asked(self, token: str, active: bool | None = None) -> int:
+        """How many times Dovecot asked about token (and got that answer, when active is given)."""
+        with self._lock:
+            return sum(1 for q in self.introspected if q.token == token and active in (None, q.active))
+
+    # life cycle
+
+    def start(self) -> OAuth2Introspection:
+        """Serve on a free loopback port (a second call while running does nothing)."""
+        if self._server is not None:
+            return self
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import parse_qs, urlsplit
+
+        endpoint = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self, token: str | None) -> None:
+                address = endpoint.valid(token) if token else None
+                with endpoint._lock:
+                    endpoint.introspected.append(Introspected(token or "", address is not None, address,
+                                                              self.command))
+                body = json.dumps({"active": True, "username": address} if address else {"active": False})
+                data = body.encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _token(self, form: str) -> str | None:
+                header = self.headers.get("Authorization", "")
+                if header.lower().startswith("bearer "):
+                    return header[7:].strip()
+                values = parse_qs(form, keep_blank_values=True).get("token")
+                return values[0] if values else None
+
+            def do_GET(self) -> None:
+                self._answer(self._token(urlsplit(self.path).query))
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                form = self.rfile.read(length).decode("utf-8", "replace") if length else ""
+                self._answer(self._token(form))
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass  # the questions are in `introspected`
+
+        server = ThreadingHTTPServer((LOCALHOST, 0), Handler)
+        server.daemon_threads = True
+        self._server = server
+        self.port = int(server.server_address[1])
+        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
+                                        name="oauth2-introspection", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+        if self._thread is not None:
+            self._thread.join(10)
+            self._thread = None
+
+    def __enter__(self) -> OAuth2Introspection:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def log(self, lines: int = 20) -> str:
+        with self._lock:
+            last = self.introspected[-lines:]
+        text = "\n".join(f"{q.method} token={q.token[:8]}... -> "
+                         f"{'active, ' + str(q.username) if q.active else 'inactive'}" for q in last)
+        return f"---- OAuth2 introspection ({self.url}, last {lines} questions) ----\n{text or '(none)'}"
+
+
 # --- Dovecot --------------------------------------------------------------------------------------------------------
 
 def _mail_ids() -> tuple[int, int]:
@@ -300,10 +452,18 @@ class Dovecot:
     ``maildir(address)``; folders use ``/`` as separator. ``imap_port`` speaks plain IMAP with STARTTLS
     (when TLS is set), ``imaps_port`` implicit TLS (None without TLS or with ``imaps=False``).
     ``auth_socket`` is the SASL socket Postfix authenticates its submission clients with.
+
+    With ``oauth2`` (an introspection mode: ``"post"``, ``"get"`` or ``"auth"``), users may also log in with
+    an OAuth2 bearer, by SASL XOAUTH2 or OAUTHBEARER (``imap(address, bearer=...)``): Dovecot checks it with
+    ``introspection``, an :class:`OAuth2Introspection` endpoint this Dovecot starts and stops with itself
+    (``introspection.issue(address)`` gives a valid token). Passwords keep working for PLAIN and LOGIN
+    (Dovecot 2.3: two passdbs, passwd-file for PLAIN/LOGIN and oauth2 for the bearer mechanisms; 2.4: the
+    bearer mechanisms use the global ``oauth2_*`` settings, not a passdb).
     """
 
     def __init__(self, root: Path | None = None, *, users: Iterable[str] = (f"alice@{ORG_DOMAIN}",),
-                 tls: TlsFiles | None = None, imaps: bool = True, hostname: str = f"mail.{ORG_DOMAIN}") -> None:
+                 tls: TlsFiles | None = None, imaps: bool = True, hostname: str = f"mail.{ORG_DOMAIN}",
+                 oauth2: str | None = None) -> None:
         self.root, self._own_root = _make_root(root, "dovecot")
         self.dir = self.root / "dovecot"
         self.tls = tls
@@ -316,6 +476,8 @@ class Dovecot:
         self.mail_root = self.root / "mail"
         self.base_dir = self.dir / "run"
         self.auth_socket = self.base_dir / "auth-postfix"
+        self.oauth2_file = self.dir / "oauth2.conf.ext"  # Dovecot 2.3's oauth2 passdb settings
+        self.introspection = OAuth2Introspection(oauth2) if oauth2 is not None else None
         self.imap_port = 0
         self.imaps_port: int | None = None
         self.users: dict[str, str] = {}
@@ -404,10 +566,13 @@ hostname = {self.hostname}
 first_valid_uid = {self.uid}
 last_valid_uid = {self.uid}
 first_valid_gid = {self.gid}
-auth_mechanisms = plain login
+auth_mechanisms = plain login{" xoauth2 oauthbearer" if self.introspection else ""}
 default_internal_user = dovecot
 default_login_user = dovenull
 """
+        if self.introspection:
+            common += "auth_verbose = yes\n"  # a refused token: why, in the log
+        oauth2 = self._oauth2_settings(v24)
         if v24:
             tls = (f"ssl = yes\nssl_server_cert_file = {self.tls.cert}\nssl_server_key_file = {self.tls.key}\n"
                    if self.tls else "ssl = no\n")
@@ -423,24 +588,46 @@ passdb passwd-file {{
 userdb passwd-file {{
   passwd_file_path = {self.passwd_file}
 }}
-{services}"""
+{oauth2}{services}"""
         tls = (f"ssl = yes\nssl_cert = <{self.tls.cert}\nssl_key = <{self.tls.key}\n"
                if self.tls else "ssl = no\n")
+        passwd_mechanisms = "  mechanisms = plain login\n" if self.introspection else ""
         return f"""{common}{tls}disable_plaintext_auth = no
 mail_location = maildir:~/Maildir
 passdb {{
   driver = passwd-file
   args = {self.passwd_file}
-}}
-userdb {{
+{passwd_mechanisms}}}
+{oauth2}userdb {{
   driver = passwd-file
   args = {self.passwd_file}
 }}
 {services}"""
 
+    def _oauth2_settings(self, v24: bool) -> str:
+        """The bearer check: the introspection endpoint, the user a token is for, whether it is active."""
+        intro = self.introspection
+        if intro is None:
+            return ""
+        settings = {"introspection_mode": intro.mode, "introspection_url": intro.url,
+                    "username_attribute": "username", "active_attribute": "active", "active_value": "true"}
+        if v24:  # global settings, read by the XOAUTH2 and OAUTHBEARER mechanisms themselves
+            return "".join(f"oauth2_{k} = {v}\n" for k, v in settings.items())
+        settings["timeout_msecs"] = "10000"
+        self.oauth2_file.write_text("".join(f"{k} = {v}\n" for k, v in settings.items()))
+        self.oauth2_file.chmod(0o644)  # read by the auth process
+        return f"""passdb {{
+  driver = oauth2
+  mechanisms = xoauth2 oauthbearer
+  args = {self.oauth2_file}
+}}
+"""
+
     # life cycle
 
     def start(self, timeout: float = 30) -> Dovecot:
+        if self.introspection is not None:
+            self.introspection.start()  # its URL goes into the configuration
         last: PeerError | None = None
         for _ in range(3):  # a port taken between free_port() and the bind: try new ports
             self.imap_port = free_port()
@@ -492,6 +679,8 @@ userdb {{
                     proc.kill()
                     proc.wait(10)
             _kill_session(proc.pid)
+        if self.introspection is not None:
+            self.introspection.stop()
         _RUNNING.discard(self)
         if remove and self._own_root and not os.environ.get("MAILPEERS_KEEP"):
             shutil.rmtree(self.root, ignore_errors=True)
@@ -510,6 +699,8 @@ userdb {{
         text = f"---- Dovecot log ({self.log_file}, last {lines} lines) ----\n{tail(self.log_file, lines)}"
         if self.stderr_file.exists() and self.stderr_file.stat().st_size:
             text += f"\n---- Dovecot stderr ----\n{tail(self.stderr_file, lines)}"
+        if self.introspection is not None:
+            text += "\n" + self.introspection.log()
         return text
 
     def _error(self, message: str) -> PeerError:
@@ -517,8 +708,10 @@ userdb {{
 
     # IMAP
 
-    def imap(self, address: str, *, security: str = "starttls", timeout: float = 30) -> Any:
-        """A logged-in IMAPClient (use it in a ``with``). security: "starttls", "imaps" or "plain"."""
+    def imap(self, address: str, *, security: str = "starttls", timeout: float = 30, bearer: str | None = None,
+             mechanism: str = "XOAUTH2") -> Any:
+        """A logged-in IMAPClient (use it in a ``with``). security: "starttls", "imaps" or "plain".
+        With bearer: logged in with that OAuth2 token by ``mechanism`` (XOAUTH2 or OAUTHBEARER), not the password."""
         import imapclient
 
         ctx = self.tls.client_context() if self.tls else None
@@ -535,8 +728,24 @@ userdb {{
                 client.starttls(ctx)
             elif security != "plain":
                 raise ValueError(f"unknown security {security!r}")
-        client.login(address, self.users[address])
+        try:
+            if bearer is None:
+                client.login(address, self.users[address])
+            elif mechanism.upper() == "OAUTHBEARER":
+                client.oauthbearer_login(address, bearer)
+            else:
+                client.oauth2_login(address, bearer, mech=mechanism.upper())
+        except BaseException:
+            with contextlib.suppress(Exception):
+                client.shutdown()
+            raise
         return client
+
+    def kick(self, address: str) -> None:
+        """End the user's IMAP sessions (``doveadm kick``): their clients must connect and log in again."""
+        result = _run([which("doveadm") or "doveadm", "-c", str(self.config_file), "kick", address], timeout=30)
+        if result.returncode not in (0, 68):  # 68 (EX_NOUSER): nobody was logged in
+            raise self._error(f"doveadm kick {address} failed ({result.returncode}):\n{result.stdout}{result.stderr}")
 
     def folders(self, address: str) -> list[str]:
         with self.imap(address) as c:
@@ -909,15 +1118,16 @@ class Postfix:
 class MailPeers:
     """Dovecot and Postfix together, with one TLS certificate (``tls``, ``tls.ca`` for clients), in one directory.
 
-    ``routes`` as for :class:`Postfix`; ``users`` are addresses (a bare name gets ``@org.example``).
+    ``routes`` as for :class:`Postfix`; ``users`` are addresses (a bare name gets ``@org.example``);
+    ``oauth2`` as for :class:`Dovecot` (bearer logins to the mailbox).
     """
 
     def __init__(self, root: Path | None = None, *, users: Iterable[str] = (f"alice@{ORG_DOMAIN}",),
                  routes: dict[str, tuple[str, int]] | None = None, imaps: bool = True,
-                 hostname: str = f"mail.{ORG_DOMAIN}", **postfix_options: Any) -> None:
+                 hostname: str = f"mail.{ORG_DOMAIN}", oauth2: str | None = None, **postfix_options: Any) -> None:
         self.root, self._own_root = _make_root(root, "peers")
         self.tls = make_tls(self.root / "tls", hostname)
-        self.dovecot = Dovecot(self.root, users=users, tls=self.tls, imaps=imaps, hostname=hostname)
+        self.dovecot = Dovecot(self.root, users=users, tls=self.tls, imaps=imaps, hostname=hostname, oauth2=oauth2)
         self.dovecot._own_root = False
         self.postfix = Postfix(self.root, dovecot=self.dovecot, routes=routes, tls=self.tls, hostname=hostname,
                                **postfix_options)

@@ -46,11 +46,11 @@ class Mailbox:
         s = self.settings
         assert s.host is not None
         context = tls_context(s.ca)
+        token = self._bearer()  # first: a token command may take a while, and without a bearer there is no login
         client = IMAPClient(s.host, port=s.port, ssl=s.security == "tls", ssl_context=context, timeout=60)
         try:
             if s.security == "starttls":
                 client.starttls(context)
-            token = self._bearer()
             if token is not None:
                 client.oauth2_login(s.username, token)
             else:
@@ -66,13 +66,25 @@ class Mailbox:
         return self.settings.password_file.read_text().strip()
 
     def _bearer(self) -> str | None:
+        """The bearer to log in with, read now (whatever refreshes it needs no restart). Without one, say so
+        before anything is sent: an empty bearer is only a failed login at the server, and failed logins make
+        servers slow down or lock the account. A failing command's reason goes into the error (the log)."""
         s = self.settings
         if s.oauth2_token_file is not None:
-            return s.oauth2_token_file.read_text().strip()
+            token = s.oauth2_token_file.read_text().strip()
+            if not token:
+                raise ValueError(f"oauth2_token_file {s.oauth2_token_file} is empty")
+            return token
         if s.oauth2_token_command:
             out = subprocess.run(shlex.split(s.oauth2_token_command), capture_output=True, text=True, timeout=60,
-                                 check=True)
-            return out.stdout.strip()
+                                 check=False)
+            if out.returncode != 0:
+                raise subprocess.SubprocessError(f"oauth2_token_command exited with status {out.returncode}: "
+                                                 f"{_last_line(out.stderr) or 'nothing on stderr'}")
+            token = out.stdout.strip()
+            if not token:
+                raise ValueError("oauth2_token_command printed no token")
+            return token
         return None
 
     # ------------------------------------------------------------------ fetch
@@ -157,6 +169,12 @@ class Mailbox:
 def _field(head: Any, name: str) -> str | None:
     value = head.get(name)
     return " ".join(str(value).split()) if value else None
+
+
+def _last_line(text: str, limit: int = 300) -> str:
+    """The last non-empty line of a command's stderr (where it says why), cut to limit characters."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1][:limit] if lines else ""
 
 
 def _quietly_logout(client: IMAPClient) -> None:
