@@ -52,6 +52,7 @@ def test_sigkill_loses_no_accepted_message(demo: DemoInfo, tmp_path) -> None:
     service = start_service(config, state)
     accepted: list[bytes] = []
     refused: list[str] = []
+    refused_ids: list[bytes] = []
 
     def submit() -> None:
         for n in range(MESSAGES):
@@ -62,6 +63,7 @@ def test_sigkill_loses_no_accepted_message(demo: DemoInfo, tmp_path) -> None:
                 accepted.append(msg["Message-ID"].encode())
             except (OSError, smtplib.SMTPException) as exc:  # the service is down: the client keeps it
                 refused.append(f"{n}: {exc}")
+                refused_ids.append(msg["Message-ID"].encode())
                 time.sleep(0.05)
 
     sender = threading.Thread(target=submit)
@@ -86,7 +88,10 @@ def test_sigkill_loses_no_accepted_message(demo: DemoInfo, tmp_path) -> None:
         lost = set(accepted) - set(delivered)
         assert not lost, (f"{len(lost)} accepted messages lost (killed after {killed_at[0]} accepted, "
                           f"{killed_at[1]} delivered)\n{service.output()[-3000:]}")
-        assert set(delivered) <= set(accepted)  # nothing that was not accepted (e.g. a refused one) went out
+        # Nothing else went out, but the message whose 250 the kill cut off: it was on disk, its client did not
+        # hear so and would send it again (RFC 5321 6.1: at least once, with the same Message-ID).
+        extra = set(delivered) - set(accepted)
+        assert extra <= set(refused_ids[:1]), extra
         duplicates = len(delivered) - len(set(delivered))
         assert duplicates <= 16, f"{duplicates} messages sent twice: more than the ones in flight at the kill"
         assert len(accepted) + len(refused) == MESSAGES
