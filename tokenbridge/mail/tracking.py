@@ -51,38 +51,34 @@ def registration_number(settings: TrackingSettings, *texts: str | None) -> str |
 
 def overdue_notice(hostname: str, to: str, late: list[Outbound], reply_due: float) -> tuple[bytes, str]:
     """A plain message telling the administrator which applications have no reply yet."""
-    msg = EmailMessage(policy=SMTP)
-    msg["From"] = f"Passerelle tokenbridge <mailer-daemon@{hostname}>"
-    msg["To"] = to
-    msg["Subject"] = f"{len(late)} demande(s) sans réponse après {reply_due / 3600:.0f} h"
-    msg["Date"] = format_datetime(datetime.now(UTC))
-    message_id = make_msgid(domain=hostname)
-    msg["Message-ID"] = message_id
-    msg["Auto-Submitted"] = "auto-generated"
     lines = [f"Ces demandes n'ont pas reçu de réponse du système national dans les {reply_due / 3600:.0f} heures :",
              ""]
     for app in late:
         lines.append(f"  n° {app.id}  envoyée le {time.strftime('%d/%m/%Y %H:%M', time.localtime(app.sent or 0))}  "
                      f"par {app.submitter}  « {app.subject or '(sans objet)'} »  {app.message_id}")
     lines += ["", "Détail : tokenbridge mail show N° ; liste : tokenbridge mail list --state overdue", ""]
-    msg.set_content("\n".join(lines), charset="utf-8", cte="quoted-printable")
-    return msg.as_bytes(), message_id
+    return _notice(hostname, to, f"{len(late)} demande(s) sans réponse après {reply_due / 3600:.0f} h", lines)
 
 
 def failure_notice(hostname: str, to: str, app: Outbound, failures: list[tuple[str, str]]) -> tuple[bytes, str]:
     """A plain message telling the administrator that an application bounced (its sender got the report)."""
-    msg = EmailMessage(policy=SMTP)
-    msg["From"] = f"Passerelle tokenbridge <mailer-daemon@{hostname}>"
-    msg["To"] = to
-    msg["Subject"] = f"Demande non remise : {app.subject or app.message_id}"
-    msg["Date"] = format_datetime(datetime.now(UTC))
-    message_id = make_msgid(domain=hostname)
-    msg["Message-ID"] = message_id
-    msg["Auto-Submitted"] = "auto-generated"
     lines = [f"La demande n° {app.id} (« {app.subject or '(sans objet)'} », envoyée par {app.submitter}, "
              f"{app.message_id}) n'a pas pu être remise :", ""]
     lines += [f"  {recipient} : {why}" for recipient, why in failures]
     lines += ["", f"L'expéditeur ({app.envelope_from}) a reçu un avis de non-remise. Après correction : "
               f"tokenbridge mail retry {app.id}", ""]
+    return _notice(hostname, to, f"Demande non remise : {app.subject or app.message_id}", lines)
+
+
+def _notice(hostname: str, to: str, subject: str, lines: list[str]) -> tuple[bytes, str]:
+    """A message from the gateway to the administrator (sent with the null sender), and its Message-ID."""
+    msg = EmailMessage(policy=SMTP)
+    msg["From"] = f"Passerelle tokenbridge <mailer-daemon@{hostname}>"
+    msg["To"] = to
+    msg["Subject"] = subject
+    msg["Date"] = format_datetime(datetime.now(UTC))
+    message_id = make_msgid(domain=hostname)
+    msg["Message-ID"] = message_id
+    msg["Auto-Submitted"] = "auto-generated"
     msg.set_content("\n".join(lines), charset="utf-8", cte="quoted-printable")
     return msg.as_bytes(), message_id
