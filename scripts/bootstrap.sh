@@ -13,10 +13,11 @@ VENV=${TOKENBRIDGE_VENV:-$ROOT/.venv}
 # Everything the service and the tests use, including what a minimal Debian root lacks: e2fsprogs (chattr)
 # and util-linux (prlimit) for the store's fault tests, ca-certificates for pip behind a TLS-inspecting proxy.
 # postfix, dovecot-imapd and swaks (with libnet-ssleay-perl for its STARTTLS) are the mail gateway's test peers
-# (tests/mailpeers.py starts its own instances; the system's are neither configured nor used).
+# (tests/mailpeers.py starts its own instances; the system's are neither configured nor used). gpgsm only
+# recommends gpg-agent, which it cannot work without (Debian 12; 13 depends on it).
 APT_PACKAGES=(python3 python3-venv python3-dev gcc openssl softhsm2 opensc libnss3-tools gpgsm curl libp11-kit-dev
               chromium nginx e2fsprogs util-linux procps ca-certificates
-              postfix dovecot-imapd swaks libnet-ssleay-perl)
+              postfix dovecot-imapd swaks libnet-ssleay-perl gpg-agent)
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 

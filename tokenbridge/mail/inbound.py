@@ -28,6 +28,8 @@ from tokenbridge.state.mail import Inbound, MailQueue
 
 log = logging.getLogger("tokenbridge.mail")
 
+MAX_ATTEMPTS = 5  # unexpected failures on one reply before it is quarantined
+
 # (folder or None for the SMTP path, message bytes, the original's recipients) -> delivered
 Deliver = Callable[[str | None, bytes, list[str]], Awaitable[None]]
 
@@ -73,6 +75,15 @@ class InboundWorker:
                                         min(3600.0, 60.0 * 2 ** msg.attempts))
                 return
             await self.quarantine(msg, f"cannot be opened: {exc.detail}", encrypted=None, signed=None)
+            return
+        except Exception as exc:  # a bug: logged, tried a few times, then quarantined (kept, never dropped)
+            log.exception("reply %s: opening failed unexpectedly", msg.id)
+            if msg.attempts < MAX_ATTEMPTS:
+                await asyncio.to_thread(self.queue.inbound_retry_later, msg.id, f"{type(exc).__name__}: {exc}",
+                                        min(3600.0, 60.0 * 2 ** msg.attempts))
+            else:
+                await self.quarantine(msg, f"could not be processed ({type(exc).__name__}); see the log",
+                                      encrypted=None, signed=None)
             return
         signer = view["signer"]["subject"] if view.get("signer") else None
         if not opened.signed:

@@ -22,6 +22,7 @@ from tokenbridge.config import Settings
 from tokenbridge.errors import Problem
 from tokenbridge.formats import dsn
 from tokenbridge.formats import smime as fmt
+from tokenbridge.formats.cms_asn1 import CmsError
 from tokenbridge.mail import smtp_client, tracking
 from tokenbridge.services.principal import Principal
 from tokenbridge.services.smime import SmimeService
@@ -75,8 +76,8 @@ class OutboundWorker:
         principal = gateway_principal(msg.submitter)
         policy = self.settings.mail.policy
         key = policy.sign_key or self.settings.smime.sign_key
-        raw, attachments = await self.smime.cms.workers.sized(len(msg.raw))(lambda: _read(msg.raw or b""))
         try:
+            raw, attachments = await self.smime.cms.workers.sized(len(msg.raw))(lambda: _read(msg.raw or b""))
             if msg.policy == "sign-encrypt":
                 parts = await self.smime.sign_and_encrypt_message(
                     principal, raw, msg.encrypt_to, key, None, "rsa-pkcs1v15", "aes256-cbc", canonical=True)
@@ -89,6 +90,13 @@ class OutboundWorker:
             else:  # the gateway will never sign it as it is (no key, expired certificate, bad message)
                 await self._bounce(msg, {r: ("5.7.0", f"the gateway cannot sign this message: {exc.detail}")
                                          for r in msg.pending})
+            return
+        except CmsError as exc:  # the message itself cannot be read as MIME: it will never be signed
+            await self._bounce(msg, {r: ("5.6.0", f"the message cannot be read: {exc.message}") for r in msg.pending})
+            return
+        except Exception as exc:  # a bug: logged with its traceback, tried again later, bounced at the lifetime
+            log.exception("mail %s: signing failed unexpectedly", msg.id)
+            await self._later(msg, f"unexpected error: {type(exc).__name__}: {exc}")
             return
         await asyncio.to_thread(self.queue.prepared, msg.id, prepared, attachments)
         msg.prepared, msg.state = prepared, "queued"
@@ -116,6 +124,10 @@ class OutboundWorker:
 
     async def _later(self, msg: Outbound, error: str) -> None:
         policy = self.settings.mail.policy
+        if time.time() - msg.received > policy.lifetime:  # tried for as long as allowed: it bounces
+            await self._bounce(msg, {r: ("4.4.7", f"not delivered for {_days(msg.received)}; last error: {error}")
+                                     for r in msg.pending})
+            return
         delay = min(policy.retry_max, policy.retry_first * 2 ** msg.attempts)
         await asyncio.to_thread(self.queue.retry_later, msg.id, error, delay)
         log.warning("mail %s (%s): retry in %.0fs: %s", msg.id, msg.message_id, delay, error)
