@@ -5,7 +5,8 @@ from __future__ import annotations
 import smtplib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,3 +88,39 @@ retry_max = 1
         text += f'\n[mail.inbound]\nlisten = "127.0.0.1:{inbound}"\n'
     config.write_text(text + "\n" + extra)
     return config
+
+
+@dataclass
+class RunningGateway:
+    """A service running the gateway, its smarthost (which forwards national mail to the simulator), the
+    simulator (which answers to the gateway's inbound listener), and the ports."""
+
+    service: Any
+    smarthost: Smarthost
+    submission: int
+    inbound: int
+    simulator: Any
+
+
+@contextmanager
+def running_gateway(demo: DemoInfo, name: str, state: Path) -> Iterator[RunningGateway]:
+    from aiosmtpd.controller import Controller
+
+    from tests.conftest import free_port, start_service
+    from tokenbridge.tools.registry_sim import RegistrySimulator
+
+    submission, inbound, relay_port, sim_port = free_port(), free_port(), free_port(), free_port()
+    smarthost = Smarthost(forward_to=sim_port)
+    relay = Controller(smarthost, hostname="127.0.0.1", port=relay_port)
+    relay.start()
+    simulator = RegistrySimulator(demo.pki_dir, reply_host="127.0.0.1", reply_port=inbound, port=sim_port)
+    simulator.start()
+    config = gateway_config(demo, name, relay_port, submission=submission, inbound=inbound,
+                            extra='[mail.tracking]\nreference_pattern = "Dossier ([0-9]+)"\n')
+    service = start_service(config, state)
+    try:
+        yield RunningGateway(service, smarthost, submission, inbound, simulator)
+    finally:
+        service.stop()
+        simulator.stop()
+        relay.stop()

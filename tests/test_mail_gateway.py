@@ -21,7 +21,7 @@ import pytest
 from aiosmtpd.controller import Controller
 
 from tests.conftest import Service, free_port, start_service
-from tests.mail_sink import Smarthost, gateway_config
+from tests.mail_sink import Smarthost, gateway_config, running_gateway
 from tokenbridge.tools.demo import DemoInfo
 from tokenbridge.tools.demo_pki import ORG_EMAIL
 from tokenbridge.tools.registry_sim import NATIONAL_EMAIL, RegistrySimulator
@@ -61,23 +61,10 @@ class Mail:
 
 @pytest.fixture(scope="module")
 def mail(demo: DemoInfo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mail]:
-    tmp = tmp_path_factory.mktemp("mail")
-    submission, inbound, relay_port, sim_port = free_port(), free_port(), free_port(), free_port()
-    smarthost = Smarthost(forward_to=sim_port)
-    relay = Controller(smarthost, hostname="127.0.0.1", port=relay_port)
-    relay.start()
-    simulator = RegistrySimulator(demo.pki_dir, reply_host="127.0.0.1", reply_port=inbound, port=sim_port)
-    simulator.start()
-    config = gateway_config(demo, "mail-gateway.toml", relay_port, submission=submission, inbound=inbound,
-                            extra='[mail.tracking]\nreference_pattern = "Dossier ([0-9]+)"\n')
-    service = start_service(config, tmp / "state")
-    try:
-        yield Mail(service, smarthost, submission, inbound, simulator,
+    with running_gateway(demo, "mail-gateway.toml", tmp_path_factory.mktemp("mail") / "state") as gw:
+        service = gw.service
+        yield Mail(service, gw.smarthost, gw.submission, gw.inbound, gw.simulator,
                    service.http(service.add_client("suivi", "mail")), service.http(service.add_client("chef", "admin")))
-    finally:
-        service.stop()
-        simulator.stop()
-        relay.stop()
 
 
 def _application(subject: str, zip_name: str = "demande.zip") -> tuple[EmailMessage, bytes]:

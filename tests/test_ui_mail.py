@@ -25,14 +25,13 @@ from typing import Any
 
 import httpx
 import pytest
-from aiosmtpd.controller import Controller
 
-from tests.conftest import Service, free_port, start_service
-from tests.mail_sink import Smarthost, gateway_config
+from tests.conftest import Service
+from tests.mail_sink import Smarthost, running_gateway
 from tests.test_ui import browser_page, ui_service  # noqa: F401  (fixtures: Debian's chromium; a fresh service)
 from tokenbridge.tools.demo import DemoInfo
 from tokenbridge.tools.demo_pki import ORG_EMAIL
-from tokenbridge.tools.registry_sim import NATIONAL_EMAIL, RegistrySimulator
+from tokenbridge.tools.registry_sim import NATIONAL_EMAIL
 
 REFUSED = "550 5.1.1 <sne@national.example>: unknown user"
 
@@ -86,23 +85,10 @@ class Gateway:
 
 @pytest.fixture
 def gateway(demo: DemoInfo, tmp_path: Path) -> Iterator[Gateway]:
-    submission, inbound, relay_port, sim_port = free_port(), free_port(), free_port(), free_port()
-    smarthost = Smarthost(forward_to=sim_port)
-    relay = Controller(smarthost, hostname="127.0.0.1", port=relay_port)
-    relay.start()
-    simulator = RegistrySimulator(demo.pki_dir, reply_host="127.0.0.1", reply_port=inbound, port=sim_port)
-    simulator.start()
-    config = gateway_config(demo, "mail-ui.toml", relay_port, submission=submission, inbound=inbound,
-                            extra='[mail.tracking]\nreference_pattern = "Dossier ([0-9]+)"\n')
-    service = start_service(config, tmp_path / "state")
-    try:
-        secret = service.add_client("ui-admin", "admin")
-        with service.http(secret) as admin:
-            yield Gateway(service, smarthost, submission, inbound, secret, admin)
-    finally:
-        service.stop()
-        simulator.stop()
-        relay.stop()
+    with running_gateway(demo, "mail-ui.toml", tmp_path / "state") as gw:
+        secret = gw.service.add_client("ui-admin", "admin")
+        with gw.service.http(secret) as admin:
+            yield Gateway(gw.service, gw.smarthost, gw.submission, gw.inbound, secret, admin)
 
 
 def _sign_in(page: Any, url: str, secret: str) -> None:
