@@ -187,10 +187,15 @@ class SoftOwner:
             self._keys[kid] = KeyInfo(id=kid, label=label, ckaid=kid, key_type="rsa" if is_rsa else "ec",
                                       size=key.key_size, curve=None if is_rsa else key.curve.name,
                                       public_key=key.public_key(), certificate=cert, can_sign=True,
-                                      can_decrypt=is_rsa)
+                                      can_decrypt=is_rsa, token="main")
             self._priv[kid] = key
         self._status = TokenStatus(state=TokenState.READY, module="software", label="fuzz", logged_in=True)
         self.operations = 0
+        self.name = "main"
+        self.service_time = 0.001
+
+    def queued_by_client(self) -> dict[str, int]:
+        return {}
 
     def status(self) -> Any:
         return self._status
@@ -279,10 +284,9 @@ class App:
         settings = Settings(data_dir=self.dir, ca_files=[root_pem], recipients={"peer": peer},
                             token={"module": "softhsm2", "pin_source": "env"},
                             keys={"sign-rsa": {"allow_rsa_pkcs1v15_decrypt": True}})
-        self.bridge = Bridge(settings, pin="unused")  # the module is only resolved, never loaded
+        self.bridge = Bridge(settings, {"main": "unused"})  # the module is only resolved, never loaded
         self.owner = SoftOwner(self.pki)
-        self.bridge.owner = self.owner  # type: ignore[assignment]
-        self.bridge.operations.owner = self.owner  # type: ignore[assignment]
+        self.bridge.tokens.processes["main"] = self.owner  # type: ignore[assignment]
         self.app = create_app(self.bridge, manage=False)
         grants = ["sign", "decrypt", "admin", "cms-sign", "cms-encrypt", "cms-decrypt", "cms-verify"]
         _, self.secret = self.bridge.clients.add("fuzzer", grants)

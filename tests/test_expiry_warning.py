@@ -7,6 +7,7 @@ the admin page's data and `tokenbridge doctor` warn, with the dates; with the wi
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import os
 import re
@@ -26,7 +27,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import Service, start_service
 from tests.test_ui import browser_page  # noqa: F401  (the fixture: Debian's chromium under Playwright)
 from tokenbridge.services.keys import Validity, certificate_validity, validity
+from tokenbridge.config import Settings
 from tokenbridge.services.metrics import Metrics
+from tokenbridge.services.tokens import TokenSet
 from tokenbridge.token.model import KeyInfo, TokenState, TokenStatus
 from tokenbridge.tools.demo import TOKEN_LABEL, DemoInfo, find_softhsm_module, init_demo
 
@@ -224,9 +227,10 @@ def test_the_rule_at_its_edges() -> None:
 
 
 class _Owner:
-    """What the metrics collector reads of the token owner, without a token."""
+    """What the metrics collector reads of a token process, without a token."""
 
     service_time = 0.0
+    name = "main"
 
     def __init__(self, keys: list[KeyInfo]) -> None:
         self.keys = keys
@@ -248,11 +252,11 @@ def test_metric_labels_are_escaped_and_values_exact() -> None:
     odd = 'so"on\\ly\nnext{x="1"}'
     key = _key(odd, now - dt.timedelta(days=1), now + dt.timedelta(days=3))
     metrics = Metrics(expiry_warning_days=7)
-    metrics.watch(_Owner([key]))  # type: ignore[arg-type]
+    metrics.watch(TokenSet(Settings(), {"main": _Owner([dataclasses.replace(key, token="main")])}))  # type: ignore[dict-item]
     text = generate_latest(metrics.registry).decode()
     families = {f.name: f for f in text_string_to_metric_families(text)}
     (sample,) = families["tokenbridge_certificate_not_after_seconds"].samples
-    assert sample.labels == {"key": "00ff", "label": odd}
+    assert sample.labels == {"key": "00ff", "label": odd, "token": "main"}
     assert key.certificate is not None and sample.value == key.certificate.not_valid_after_utc.timestamp()
     (flag,) = families["tokenbridge_certificate_expiring"].samples
     assert flag.labels["label"] == odd and flag.value == 1.0

@@ -250,7 +250,7 @@ def test_metrics_and_readiness(service: Service) -> None:
     text = scraper.get("/metrics").text
     assert 'tokenbridge_operations_total{client="metered",key="auth-ec",operation="sign",outcome="ok"} 1.0' in text
     assert "tokenbridge_queue_wait_seconds_bucket" in text and "tokenbridge_token_seconds_bucket" in text
-    assert "tokenbridge_token_logged_in 1.0" in text
+    assert 'tokenbridge_token_logged_in{token="main"} 1.0' in text
     assert 'tokenbridge_certificate_days_left{key=' in text
     with service.http() as anonymous:
         assert anonymous.get("/v1/ready").json() == {"status": "ready"}

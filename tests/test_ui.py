@@ -310,7 +310,7 @@ def test_api_documentation_works_without_internet_under_a_strict_policy(service:
     policy = response.headers["content-security-policy"]
     assert "script-src 'self'" in policy and "unsafe-inline'" not in policy.split("script-src")[1].split(";")[0]
     expect(page.get_by_text("/v1/keys/{key}/sign").first).to_be_visible()  # Swagger UI rendered the spec
-    expect(page.get_by_text("Keys on the token that the caller may use").first).to_be_visible()
+    expect(page.get_by_text("Keys on the tokens that the caller may use").first).to_be_visible()
     outside = [url for url in requested if not url.startswith((service.url, "data:", "blob:"))]
     assert requested and outside == [], outside
     assert violations == [], violations

@@ -111,11 +111,16 @@ class Client:
                             json={"algorithm": algorithm, "ciphertext": base64.b64encode(ciphertext).decode()})
         return base64.b64decode(result["plaintext"])
 
+    def renewal(self) -> dict[str, Any]:
+        return self._json("GET", "/v1/admin/renewal")
+
     def login(self, pin: str | None = None, *, accept_new_token: bool = False,
-              final_try: bool = False) -> dict[str, Any]:
-        """Operator only, over the admin socket."""
-        return self._json("POST", "/v1/admin/login",
-                          json={"pin": pin, "accept_new_token": accept_new_token, "final_try": final_try})
+              final_try: bool = False, token: str | None = None) -> dict[str, Any]:
+        """Operator only, over the admin socket. ``token``: its name, when the service has several."""
+        body: dict[str, Any] = {"pin": pin, "accept_new_token": accept_new_token, "final_try": final_try}
+        if token is not None:
+            body["token"] = token
+        return self._json("POST", "/v1/admin/login", json=body)
 
     def _raw(self, path: str, content: bytes, params: Any = None, accept: str = "application/octet-stream",
              content_type: str = "application/octet-stream") -> bytes:

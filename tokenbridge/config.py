@@ -8,8 +8,10 @@ Every setting is documented in ``docs/configuration.md``.
 
 from __future__ import annotations
 
+import datetime
 import ipaddress
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,6 +24,8 @@ from pydantic_settings import (
 )
 
 DEFAULT_PORT = 8155
+SINGLE_TOKEN = "main"  # the name of the token a plain [token] table configures
+TOKEN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,31}")
 
 
 def default_data_dir() -> Path:
@@ -59,6 +63,12 @@ class TokenSettings(BaseModel):
     )
     operation_timeout: float = Field(30.0, gt=0, description="Seconds a request may wait in all.")
     presence_interval: float = Field(1.0, gt=0, description="Seconds between checks while absent.")
+    required: bool = Field(True, description="/v1/ready waits for this token (false: the hub is ready without "
+                                             "it, e.g. a card only plugged in for renewal).")
+    retiring: bool = Field(False, description="Renewal: this token's keys only decrypt (replies still on their "
+                                              "way to the old certificate); docs/renewal.md.")
+    retiring_until: datetime.date | None = Field(
+        None, description="With retiring: after this day the keys are not used at all (default: no end).")
 
 
 def is_loopback(host: str) -> bool:
@@ -128,6 +138,9 @@ class KeyPolicy(BaseModel):
         False, description="Sign CMS/S-MIME and authenticate TLS with this key although its certificate is "
                            "expired or not yet valid (off: refused with certificate_expired)."
     )
+    retiring: bool = Field(False, description="Renewal: this key only decrypts; docs/renewal.md.")
+    retiring_until: datetime.date | None = Field(
+        None, description="With retiring: after this day the key is not used at all (default: no end).")
 
 
 class SmtpSettings(BaseModel):
@@ -288,7 +301,9 @@ class Settings(BaseSettings):
     )
 
     data_dir: Path = Field(default_factory=default_data_dir, description="State, audit and sockets.")
-    token: TokenSettings = Field(default_factory=TokenSettings)
+    token: TokenSettings = Field(default_factory=TokenSettings, description="The one token (see tokens).")
+    tokens: dict[str, TokenSettings] = Field(
+        default_factory=dict, description="Several tokens, by name ([tokens.NAME] tables); replaces [token].")
     server: ServerSettings = Field(default_factory=ServerSettings)
     keys: dict[str, KeyPolicy] = Field(default_factory=dict)
     ca_files: list[Path] = Field(default_factory=list, description="CA certificates for /chain.")
@@ -328,7 +343,15 @@ class Settings(BaseSettings):
             return (p if p.is_absolute() else (base / p)).resolve()
 
         self.data_dir = fix(self.data_dir) or self.data_dir
+        if self.tokens and "token" in self.model_fields_set:
+            raise ValueError("give either [token] (one token) or [tokens.NAME] tables (several), not both")
+        for name in self.tokens:
+            if not TOKEN_NAME.fullmatch(name):
+                raise ValueError(f"token name {name!r}: use letters, digits, '-' and '_' (it is written "
+                                 "before a key's label, as in NAME/label)")
         self.token.pin_file = fix(self.token.pin_file)
+        for t in self.tokens.values():
+            t.pin_file = fix(t.pin_file)
         tls_dir = self.data_dir / "tls"
         self.server.tls_cert = fix(self.server.tls_cert) or _existing(tls_dir / "server.pem")
         self.server.tls_key = fix(self.server.tls_key) or _existing(tls_dir / "server.key")
@@ -347,11 +370,17 @@ class Settings(BaseSettings):
         return self
 
     @property
+    def token_tables(self) -> dict[str, TokenSettings]:
+        """Every token by name: the ``[tokens.NAME]`` tables, or ``[token]`` alone as ``main``."""
+        return dict(self.tokens) if self.tokens else {SINGLE_TOKEN: self.token}
+
+    @property
     def store_path(self) -> Path:
         return self.data_dir / "state.db"
 
-    def key_policy(self, key_id: str, label: str) -> KeyPolicy:
-        return self.keys.get(key_id) or self.keys.get(label) or KeyPolicy()
+    def key_policy(self, key_id: str, label: str, token: str = "") -> KeyPolicy:
+        """``[keys.X]`` where X is the key's id, ``TOKEN/label`` or its label, in that order."""
+        return self.keys.get(key_id) or self.keys.get(f"{token}/{label}") or self.keys.get(label) or KeyPolicy()
 
 
 _CURRENT_FILE: dict[str, Path | None] = {"path": None}

@@ -1,6 +1,6 @@
 """The admin page: ``GET /v1/admin/overview`` (grant ``admin``) and the static page at ``/ui``.
 
-The overview is built from cached state only: the token owner's last known
+The overview is built from cached state only: the token processes' last known
 status and keys, its queue, the client registry, the audit log and the mail
 gateway's counts (its own database, when there is one). It never calls the
 token, so refreshing the page every two seconds costs the card nothing. The
@@ -263,23 +263,39 @@ def overview(bridge: Bridge, counts: _DayCounts, now: datetime | None = None) ->
     """The whole page's data, from cached state only (no token call)."""
     now = now or datetime.now(UTC)
     warning_days = bridge.settings.server.expiry_warning_days
-    keys = sorted(bridge.owner.list_keys(), key=lambda k: k.label)
+    tokens = bridge.tokens
+    keys = sorted(tokens.list_keys(), key=lambda k: (k.label, k.token))
     labels = {k.id: k.label for k in keys}
     since = _local_midnight_utc(now)
     per_actor = counts.update(bridge.store, since)
-    status = bridge.owner.status()
-    by_client = bridge.owner.queued_by_client()
+    statuses = tokens.statuses()
+    status = next(iter(statuses.values()))
+    by_client: dict[str, int] = {}
+    for process in tokens:
+        for actor, n in process.queued_by_client().items():
+            by_client[actor] = by_client.get(actor, 0) + n
+    certificates = []
+    for k in keys:
+        view = certificate_overview(k, now, warning_days)
+        if view is not None:
+            retirement = tokens.retirement(k)
+            view["token"] = k.token
+            view["key_state"] = retirement.state.value
+            view["retiring_until"] = retirement.until.isoformat() if retirement.until else None
+            certificates.append(view)
     return {
         "generated": now.isoformat(timespec="seconds"),
         "version": __version__,
         "token": token_overview(status),
-        "certificates": [c for k in keys if (c := certificate_overview(k, now, warning_days)) is not None],
+        "tokens": [{"name": name, "required": tokens.tables[name].required, "retiring": tokens.tables[name].retiring,
+                    "queue_depth": s.queue_depth, **token_overview(s)} for name, s in statuses.items()],
+        "certificates": certificates,
         "clients": [client_overview(c, per_actor) for c in bridge.clients.list()],
         "operations_today_since": since,
         "queue": {
-            "depth": status.queue_depth,
+            "depth": sum(s.queue_depth for s in statuses.values()),
             "by_client": [{"actor": actor, "who": who(actor), "depth": n} for actor, n in sorted(by_client.items())],
-            "service_time_ms": round(bridge.owner.service_time * 1000, 2),
+            "service_time_ms": round(next(iter(tokens)).service_time * 1000, 2),
         },
         "audit": [audit_overview(e, labels) for e in reversed(bridge.audit.tail(AUDIT_ENTRIES))],
     }

@@ -46,9 +46,10 @@ def create_app(bridge: Bridge, manage: bool = True, mail: bool = False) -> FastA
                 gateway = MailGateway(bridge)
                 await gateway.start()
                 app.state.mail = gateway
-            status = bridge.owner.status()
-            # systemd (Type=notify): ready to serve, even if the token still needs an operator.
-            notify(f"READY=1\nSTATUS=token {status.label or '?'}: {status.state.value}")
+            states = ", ".join(f"token {p.name} ({s.label or '?'}): {s.state.value}"
+                               for p in bridge.tokens if (s := p.status()))
+            # systemd (Type=notify): ready to serve, even if a token still needs an operator.
+            notify(f"READY=1\nSTATUS={states}")
         try:
             yield
         finally:

@@ -13,7 +13,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from tokenbridge.api.problems import problem_response
 from tokenbridge.errors import Problem
 from tokenbridge.services.bridge import Bridge
-from tokenbridge.services.principal import OPERATOR, Principal, resolve_keys, restrict
+from tokenbridge.services.principal import OPERATOR, Principal, restrict
 from tokenbridge.state.audit import AuditUnavailable
 from tokenbridge.state.clients import Client
 
@@ -86,17 +86,17 @@ async def principal(request: Request) -> Principal:
         raise _unauthorized("send 'Authorization: Bearer <secret>' (create one with `tokenbridge clients add`)")
     # Key lists name keys by id or label: resolved to ids before they are combined (an empty overlap allows
     # no key; only a list left empty by the operator means every key).
-    token_keys = bridge.owner.list_keys
+    granted = bridge.tokens.granted
     if client is not None and workstation is not None:
         # Through a workstation, a client can do no more than the workstation itself may.
-        keys = restrict(resolve_keys(client.keys, token_keys), resolve_keys(workstation.keys, token_keys))
+        keys = restrict(granted(client.keys), granted(workstation.keys))
         return Principal(name=client.name, grants=client.grants & workstation.grants, keys=keys,
                          via=workstation.name)
     if client is not None:
-        return Principal(name=client.name, grants=client.grants, keys=resolve_keys(client.keys, token_keys))
+        return Principal(name=client.name, grants=client.grants, keys=granted(client.keys))
     assert workstation is not None
     return Principal(name=workstation.name, grants=workstation.grants,
-                     keys=resolve_keys(workstation.keys, token_keys), kind="workstation")
+                     keys=granted(workstation.keys), kind="workstation")
 
 
 async def operator(request: Request) -> Principal:

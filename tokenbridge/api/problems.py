@@ -78,8 +78,8 @@ def install(app: FastAPI) -> None:
         if isinstance(exc, TokenUnavailable) and "state" not in extra:
             # Which state (absent, needs_pin, locked...), for a client to tell waiting from calling someone.
             bridge = getattr(request.app.state, "bridge", None)
-            if bridge is not None:
-                extra = {**extra, "state": bridge.owner.status().state.value}
+            if bridge is not None and len(bridge.tokens) == 1:  # with several, the raiser names the token
+                extra = {**extra, "state": next(iter(bridge.tokens)).status().state.value}
         return problem_response(exc.status, exc.code, exc.title, exc.detail, request.url.path, exc.headers,
                                 **extra)
 

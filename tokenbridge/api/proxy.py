@@ -25,7 +25,7 @@ from tokenbridge.api.auth import Caller, bridge_of
 from tokenbridge.config import Settings
 from tokenbridge.errors import Problem, ServeError
 from tokenbridge.loopback import LoopbackGuard
-from tokenbridge.services.principal import Principal, resolve_keys
+from tokenbridge.services.principal import Principal
 from tokenbridge.services.proxy import ProxyResponse, proxy_service
 
 log = logging.getLogger("tokenbridge.proxy")
@@ -94,7 +94,7 @@ def listener_app(bridge: Any, name: str, client_name: str) -> FastAPI:
                           f"{client_name} --grant proxy`)", code="listener_client_unknown", status=403,
                           title="Forbidden")
         caller = Principal(name=client.name, grants=client.grants,
-                           keys=resolve_keys(client.keys, bridge.owner.list_keys))
+                           keys=bridge.tokens.granted(client.keys))
         service = proxy_service(bridge)
         resp = await service.forward(caller, name, request.method, _rest_of_path(request, 0),
                                      request.scope.get("query_string", b""), list(request.headers.raw),

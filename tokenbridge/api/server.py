@@ -35,7 +35,7 @@ from tokenbridge.api.app import create_app
 from tokenbridge.api.proxy import start_listeners
 from tokenbridge.config import Settings, is_loopback
 from tokenbridge.errors import ServeError
-from tokenbridge.services.bridge import Bridge, read_pin
+from tokenbridge.services.bridge import Bridge, read_pins
 
 log = logging.getLogger("tokenbridge")
 
@@ -260,11 +260,11 @@ async def _with_tls(app: Any, peer_der: bytes | None, scope: dict[str, Any], rec
 
 
 def serve(settings: Settings, *, host: str | None = None, port: int | None = None,
-          prompted_pin: str | None = None, log_level: str = "info") -> None:
+          prompted_pins: dict[str, str] | None = None, log_level: str = "info") -> None:
     host = host or settings.server.host
     port = port if port is not None else settings.server.port
     ssl_context = tls_context(settings) if wants_tls(host, settings) else None
-    read_pin(settings.token, prompted_pin)  # fail early, before binding anything
+    read_pins(settings, prompted_pins)  # fail early, before binding anything
     _check_mail_listeners(settings)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
@@ -281,9 +281,9 @@ def serve(settings: Settings, *, host: str | None = None, port: int | None = Non
     log.info("tokenbridge API on %s://%s:%d, admin socket %s", scheme, host, port, settings.server.admin_socket)
     workers = settings.server.workers
     if workers == 1:
-        _run_worker(settings, prompted_pin, tcp, admin, ssl_context, log_level)
+        _run_worker(settings, prompted_pins, tcp, admin, ssl_context, log_level)
         return
-    _run_workers(workers, settings, prompted_pin, tcp, admin, ssl_context, log_level)
+    _run_workers(workers, settings, prompted_pins, tcp, admin, ssl_context, log_level)
 
 
 def _check_mail_listeners(settings: Settings) -> None:
@@ -308,13 +308,13 @@ def _check_mail_listeners(settings: Settings) -> None:
             raise ServeError(f"{name}: cannot listen on {listen}: {exc.strerror}") from exc
 
 
-def _run_worker(settings: Settings, prompted_pin: str | None, tcp: socket.socket, admin: socket.socket | None,
-                ssl_context: ssl.SSLContext | None, log_level: str) -> None:
+def _run_worker(settings: Settings, prompted_pins: dict[str, str] | None, tcp: socket.socket,
+                admin: socket.socket | None, ssl_context: ssl.SSLContext | None, log_level: str) -> None:
     # Each request hands work between the event loop, the token owner and the audit writer. CPython lets a
     # thread that wants the GIL wait up to the switch interval (5 ms by default) while a busy event loop keeps
     # it: under load that wait, not the token, set the latency. Hand-offs are short here; switch sooner.
     sys.setswitchinterval(0.0002)
-    bridge = Bridge(settings, pin=read_pin(settings.token, prompted_pin))
+    bridge = Bridge(settings, read_pins(settings, prompted_pins))
     app = create_app(bridge, mail=admin is not None)  # the first worker runs the mail gateway
     common: dict[str, Any] = {"log_level": log_level, "access_log": False, "timeout_keep_alive": 30,
                               "limit_concurrency": 4096, "h11_max_incomplete_event_size": MAX_HEAD_BYTES,
@@ -385,15 +385,15 @@ def _settle_heap() -> None:
     gc.set_threshold(50_000, 20, 20)
 
 
-def _run_workers(n: int, settings: Settings, prompted_pin: str | None, tcp: socket.socket, admin: socket.socket,
-                 ssl_context: ssl.SSLContext | None, log_level: str) -> None:
+def _run_workers(n: int, settings: Settings, prompted_pins: dict[str, str] | None, tcp: socket.socket,
+                 admin: socket.socket, ssl_context: ssl.SSLContext | None, log_level: str) -> None:
     """Fork n workers sharing the listener; worker 0 also serves the admin socket."""
     children: list[int] = []
     for i in range(n):
         pid = os.fork()
         if pid == 0:
             try:
-                _run_worker(settings, prompted_pin, tcp, admin if i == 0 else None, ssl_context, log_level)
+                _run_worker(settings, prompted_pins, tcp, admin if i == 0 else None, ssl_context, log_level)
             finally:
                 os._exit(0)
         children.append(pid)

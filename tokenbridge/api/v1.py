@@ -17,7 +17,9 @@ from tokenbridge.formats import x509 as x509h
 from tokenbridge.services.bridge import Bridge
 from tokenbridge.services.keys import key_view, require_certificate
 from tokenbridge.services.principal import Principal
-from tokenbridge.token.model import KeyInfo, TokenState, TokenStatus, TokenUnavailable, unavailable_detail
+from tokenbridge.services.renewal import renewal_report
+from tokenbridge.services.tokens import KeyState
+from tokenbridge.token.model import KeyInfo, TokenStatus, TokenUnavailable, unavailable_detail
 
 router = APIRouter(prefix="/v1")
 # The private-key operations: the hot routes, on a lean route class (api/fast_route.py), matched first.
@@ -43,8 +45,28 @@ def token_view(status: TokenStatus) -> dict[str, Any]:
     }
 
 
+def named_token_view(bridge: Bridge, name: str, status: TokenStatus) -> dict[str, Any]:
+    """A token's view with its name in the configuration and its role in renewal."""
+    table = bridge.tokens.tables[name]
+    return {"name": name, **token_view(status), "required": table.required, "retiring": table.retiring,
+            "retiring_until": table.retiring_until.isoformat() if table.retiring_until else None}
+
+
 def _view(bridge: Bridge, key: KeyInfo) -> dict[str, Any]:
-    return key_view(key, bridge.settings.key_policy(key.id, key.label).allow_rsa_pkcs1v15_decrypt)
+    retirement = bridge.tokens.retirement(key)
+    view = key_view(key, bridge.settings.key_policy(key.id, key.label, key.token).allow_rsa_pkcs1v15_decrypt)
+    view["token"] = key.token
+    view["state"] = retirement.state.value
+    view["retiring_until"] = retirement.until.isoformat() if retirement.until else None
+    if retirement.state is not KeyState.ACTIVE:
+        view["operations"] = [op for op in view["operations"] if op == "decrypt"] \
+            if retirement.state is KeyState.RETIRING else []
+        view["sign_algorithms"] = []
+    return view
+
+
+def key_views(bridge: Bridge) -> list[dict[str, Any]]:
+    return [_view(bridge, k) for k in bridge.tokens.list_keys()]
 
 
 # They return their JSON directly; the response models document it.
@@ -64,7 +86,7 @@ class SignResponse(BaseModel):
     key_label: str
 
 
-@key_operations.post("/keys/{key}/sign", summary="Sign data or a digest with the key", response_model=SignResponse)
+@key_operations.post("/keys/{key:path}/sign", summary="Sign data or a digest with the key", response_model=SignResponse)
 async def sign(request: Request, key: str, body: SignRequest, caller: Caller) -> Response:
     data = b64.decode(body.data, "'data'") if body.data is not None else None
     digest = b64.decode(body.digest, "'digest'") if body.digest is not None else None
@@ -86,7 +108,7 @@ class DecryptResponse(BaseModel):
     key: str
 
 
-@key_operations.post("/keys/{key}/decrypt", summary="Decrypt an RSA ciphertext with the key",
+@key_operations.post("/keys/{key:path}/decrypt", summary="Decrypt an RSA ciphertext with the key",
                      response_model=DecryptResponse)
 async def decrypt(request: Request, key: str, body: DecryptRequest, caller: Caller) -> Response:
     ciphertext = b64.decode(body.ciphertext, "'ciphertext'")
@@ -96,48 +118,60 @@ async def decrypt(request: Request, key: str, body: DecryptRequest, caller: Call
                          "key": ops.resolve_key(caller, key).id})
 
 
-@router.get("/health", summary="Service and token state (no authentication)")
+def _brief(status: TokenStatus) -> dict[str, Any]:
+    return {"state": status.state.value, "logged_in": status.logged_in, "label": status.label,
+            "message": status.message, "queue_depth": status.queue_depth}
+
+
+@router.get("/health", summary="Service and tokens' state (no authentication)")
 async def health(request: Request) -> dict[str, Any]:
-    status = bridge_of(request).owner.status()
-    return {"status": "ok" if status.state is TokenState.READY else "degraded", "version": __version__,
-            "token": {"state": status.state.value, "logged_in": status.logged_in, "label": status.label,
-                      "message": status.message, "queue_depth": status.queue_depth}}
+    """``token``: the first token (the only one of a plain ``[token]`` configuration); ``tokens``: each, by
+    name. ``degraded`` while a required token cannot serve."""
+    statuses = bridge_of(request).tokens.statuses()
+    first = next(iter(statuses.values()))
+    return {"status": "degraded" if bridge_of(request).tokens.not_ready() else "ok", "version": __version__,
+            "token": _brief(first), "tokens": {name: _brief(s) for name, s in statuses.items()}}
 
 
-@router.get("/ready", summary="Readiness: 200 when the token is logged in and usable (no authentication)")
+@router.get("/ready", summary="Readiness: 200 when every required token is logged in and usable (no "
+                              "authentication)")
 async def ready(request: Request) -> dict[str, Any]:
-    status = bridge_of(request).owner.status()
-    if status.state is not TokenState.READY:
-        raise Problem(f"token state is {status.state.value}" + (f": {status.message}" if status.message else ""),
-                      code="not_ready", status=503, title="Not ready")
+    tokens = bridge_of(request).tokens
+    waiting = tokens.not_ready()
+    if waiting:
+        several = len(tokens) > 1
+        reasons = "; ".join((f"token {name!r}: " if several else "") + f"token state is {s.state.value}"
+                            + (f": {s.message}" if s.message else "") for name, s in waiting.items())
+        raise Problem(reasons, code="not_ready", status=503, title="Not ready",
+                      extra={"tokens": {name: s.state.value for name, s in waiting.items()}})
     return {"status": "ready"}
 
 
-@router.get("/tokens", summary="The token this service owns")
+@router.get("/tokens", summary="The tokens this service owns")
 async def tokens(request: Request, caller: Caller) -> list[dict[str, Any]]:
-    status = bridge_of(request).owner.status()
-    view = token_view(status)
-    view["mechanisms"] = sorted(status.mechanisms)
-    return [view]
+    bridge = bridge_of(request)
+    views = []
+    for name, status in bridge.tokens.statuses().items():
+        view = named_token_view(bridge, name, status)
+        view["mechanisms"] = sorted(status.mechanisms)
+        views.append(view)
+    return views
 
 
-@router.get("/keys", summary="Keys on the token that the caller may use")
+@router.get("/keys", summary="Keys on the tokens that the caller may use")
 async def keys(request: Request, caller: Caller) -> list[dict[str, Any]]:
-    """503 ``token_unavailable`` while the token is not ready: an empty list would read as "no keys"."""
+    """503 ``token_unavailable`` while a required token is not ready and has shown no keys: an empty or
+    partial list would read as "no such key"."""
     bridge = bridge_of(request)
-    status = bridge.owner.status()
-    if status.state is not TokenState.READY:
-        raise TokenUnavailable(unavailable_detail(status), extra={"state": status.state.value})
-    return [_view(bridge, k) for k in bridge.owner.list_keys() if caller.may_use(k)]
+    for name, status in bridge.tokens.not_ready().items():
+        if not bridge.tokens.process(name).list_keys():
+            detail = unavailable_detail(status)
+            raise TokenUnavailable(detail if len(bridge.tokens) == 1 else f"token {name!r}: {detail}",
+                                   extra={"state": status.state.value, "token": name})
+    return [_view(bridge, k) for k in bridge.tokens.list_keys() if caller.may_use(k)]
 
 
-@router.get("/keys/{key}", summary="One key, by id or label")
-async def key(request: Request, key: str, caller: Caller) -> dict[str, Any]:
-    bridge = bridge_of(request)
-    return _view(bridge, bridge.operations.resolve_key(caller, key))
-
-
-@router.get("/keys/{key}/certificate", summary="The key's certificate, PEM or DER",
+@router.get("/keys/{key:path}/certificate", summary="The key's certificate, PEM or DER",
             response_class=Response,
             responses={200: {"content": {"application/x-pem-file": {}, "application/pkix-cert": {}}}})
 async def certificate(request: Request, key: str, caller: Caller,
@@ -148,19 +182,27 @@ async def certificate(request: Request, key: str, caller: Caller,
     return Response(x509h.to_pem(cert), media_type="application/x-pem-file")
 
 
-@router.get("/keys/{key}/chain", summary="PEM bundle: the certificate, then its issuers",
+@router.get("/keys/{key:path}/chain", summary="PEM bundle: the certificate, then its issuers",
             response_class=Response, responses={200: {"content": {"application/x-pem-file": {}}}})
 async def chain(request: Request, key: str, caller: Caller) -> Response:
     bridge = bridge_of(request)
     k = bridge.operations.resolve_key(caller, key)
     cert = require_certificate(k)
-    pool = [c for other in bridge.owner.list_keys() if (c := other.certificate) is not None] + bridge.ca_pool
+    pool = [c for other in bridge.tokens.list_keys() if (c := other.certificate) is not None] + bridge.ca_pool
     chain = x509h.build_chain(cert, pool)
     return Response(b"".join(x509h.to_pem(c) for c in chain), media_type="application/x-pem-file")
 
 
+# After .../certificate and .../chain: a reference may hold a '/' (TOKEN/label), and routes match in order.
+@router.get("/keys/{key:path}", summary="One key, by id, label or TOKEN/label")
+async def key(request: Request, key: str, caller: Caller) -> dict[str, Any]:
+    bridge = bridge_of(request)
+    return _view(bridge, bridge.operations.resolve_key(caller, key))
+
+
 class LoginRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    token: str | None = Field(None, description="the token's name (needed when the service has several)")
     pin: str | None = Field(None, description="new PIN; omit to use the pin pad or keep the current one")
     accept_new_token: bool = False
     final_try: bool = False
@@ -170,9 +212,21 @@ class LoginRequest(BaseModel):
              include_in_schema=False)
 async def login(request: Request, body: LoginRequest, who: Operator) -> dict[str, Any]:
     bridge = bridge_of(request)
-    status = await bridge.owner.login(body.pin, accept_new_token=body.accept_new_token,
-                                      allow_final_try=body.final_try)
-    return token_view(status)
+    if body.token is None and len(bridge.tokens) > 1:
+        raise Problem(f"this service has several tokens ({', '.join(bridge.tokens.names)}): say which one",
+                      code="token_required", status=422, title="Which token?")
+    name = body.token or bridge.tokens.names[0]
+    status = await bridge.tokens.process(name).login(body.pin, accept_new_token=body.accept_new_token,
+                                                     allow_final_try=body.final_try)
+    return named_token_view(bridge, name, status)
+
+
+@router.get("/admin/renewal", summary="Renewal: what still points at a retiring key, and the encryption "
+                                     "certificate to send to the national system (grant: admin)")
+async def renewal(request: Request, caller: Caller) -> dict[str, Any]:
+    caller.require("admin")
+    bridge = bridge_of(request)
+    return renewal_report(bridge.tokens, bridge.clients).as_dict()
 
 
 @router.get("/admin/audit", summary="Latest audit entries", include_in_schema=True)

@@ -53,11 +53,22 @@ def check_keys(settings: Settings, names: list[str], force: bool) -> None:
             return
         fail(f"{problem}, so the key names {', '.join(names)} cannot be checked against the token: start the "
              "service, or give --force to store them unchecked")
-    known = {k["id"] for k in keys} | {k["label"] for k in keys}
+    several = len({k.get("token") for k in keys}) > 1
+    known = {k["id"] for k in keys} | {k["label"] for k in keys} \
+        | {f"{k.get('token')}/{k[field]}" for k in keys for field in ("label", "id")}
+    for name in names:  # a bare label on two tokens' keys in service allows nothing (services/tokens.py)
+        in_service = [k for k in keys if k["label"] == name and k.get("state", "active") == "active"]
+        if len({k.get("token") for k in in_service}) > 1:
+            candidates = ", ".join(f"{k['token']}/{k['label']} ({k['id']})" for k in in_service)
+            said = f"{name!r} names keys on several tokens: {candidates}"
+            if not force:
+                fail(f"{said}; write TOKEN/label or the key's id")
+            err.print(Text(f"warning: {said}; stored anyway (--force), it allows none of them while it is "
+                           "ambiguous"))
     unknown = [n for n in names if n not in known]
     if not unknown:
         return
-    present = ", ".join(f"{k['label']} ({k['id']})" for k in keys) or "none"
+    present = ", ".join((f"{k['token']}/" if several else "") + f"{k['label']} ({k['id']})" for k in keys) or "none"
     if force:
         err.print(Text(f"warning: no key named {', '.join(unknown)} on the token (its keys: {present}); stored "
                        "anyway (--force)"))

@@ -21,6 +21,7 @@ from tokenbridge.cli.audit import audit_app
 from tokenbridge.cli.clients import clients_app
 from tokenbridge.cli.common import ConfigOpt, console, err, fail, load
 from tokenbridge.cli.mail import mail_app
+from tokenbridge.cli.renew import renew_app
 from tokenbridge.cli.smime import app as smime_app
 
 app = typer.Typer(help="Share one PKCS#11 certificate between many workstations.", no_args_is_help=True,
@@ -33,6 +34,7 @@ app.add_typer(smime_app, name="smime")
 app.add_typer(lan.tls_app, name="tls")
 app.add_typer(lan.workstations_app, name="workstations")
 app.add_typer(mail_app, name="mail")
+app.add_typer(renew_app, name="renew")
 
 
 @app.command()
@@ -47,13 +49,15 @@ def serve(config: ConfigOpt = None,
     from tokenbridge.services.bridge import PinUnavailable
 
     settings = load(config)
-    prompted = None
-    if settings.token.pin_source == "prompt":
-        if not sys.stdin.isatty():
-            fail("pin_source is 'prompt' but there is no terminal to ask on")
-        prompted = getpass.getpass(f"User PIN for token {settings.token.label or ''}: ")
+    prompted: dict[str, str] = {}
+    for name, table in settings.token_tables.items():
+        if table.pin_source == "prompt":
+            if not sys.stdin.isatty():
+                fail("pin_source is 'prompt' but there is no terminal to ask on")
+            which = f"{name} ({table.label})" if len(settings.token_tables) > 1 else table.label or ""
+            prompted[name] = getpass.getpass(f"User PIN for token {which}: ")
     try:
-        run(settings, host=host, port=port, prompted_pin=prompted, log_level=log_level)
+        run(settings, host=host, port=port, prompted_pins=prompted, log_level=log_level)
     except (ServeError, PinUnavailable, DriverNotFound) as exc:
         fail(str(exc))
     except FileNotFoundError as exc:

@@ -9,13 +9,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from pathlib import Path
+from collections.abc import Callable
 
 from tokenbridge.config import Settings, TokenSettings
 from tokenbridge.drivers import resolve_module
 from tokenbridge.services.keys import load_ca_pool
 from tokenbridge.services.metrics import Metrics
 from tokenbridge.services.operations import Operations
+from tokenbridge.services.tokens import TokenSet
 from tokenbridge.services.workers import Workers
 from tokenbridge.state.audit import AuditLog, AuditUnavailable
 from tokenbridge.state.clients import ClientRegistry
@@ -57,44 +58,67 @@ def open_state(settings: Settings) -> tuple[Store, AuditLog, ClientRegistry]:
     return store, AuditLog(store), ClientRegistry(store)
 
 
+def read_pins(settings: Settings, prompted: dict[str, str] | None = None) -> dict[str, str | None]:
+    """Every token's PIN, by token name; PinUnavailable names the token when there are several."""
+    pins: dict[str, str | None] = {}
+    tables = settings.token_tables
+    for name, table in tables.items():
+        try:
+            pins[name] = read_pin(table, (prompted or {}).get(name))
+        except PinUnavailable as exc:
+            if len(tables) == 1:
+                raise
+            raise PinUnavailable(f"token {name!r}: {exc}".replace("token.pin_file", f"tokens.{name}.pin_file")) \
+                from exc
+    return pins
+
+
 class Bridge:
-    def __init__(self, settings: Settings, pin: str | None = None) -> None:
+    def __init__(self, settings: Settings, pins: dict[str, str | None] | None = None) -> None:
+        """``pins``: by token name (``read_pins``); a token without one waits for `tokenbridge login`."""
         self.settings = settings
         self.store, self.audit, self.clients = open_state(settings)
         self.metrics = Metrics(settings.server.expiry_warning_days)
-        module_path, self.driver = resolve_module(settings.token.module)
-        self.module_path = Path(module_path)
-        t = settings.token
-        self.owner = TokenProcess(
-            str(module_path),
-            TokenSelector(label=t.label, serial=t.serial, slot=t.slot),
-            pin,
-            queue_size=t.queue_size,
-            per_client_queue=t.client_queue_size,
-            client_rate=t.client_rate,
-            client_burst=t.client_burst,
-            operation_timeout=t.operation_timeout,
-            presence_interval=t.presence_interval,
-            environment=t.environment,
-            on_event=self._token_event,
-            observer=self.metrics.observe_job,
-            log_level=logging.getLevelName(log.getEffectiveLevel()),
-        )
-        self.metrics.watch(self.owner)
-        self.operations = Operations(self.owner, self.audit, settings, self.metrics)
+        processes: dict[str, TokenProcess] = {}
+        for name, t in settings.token_tables.items():
+            module_path, _profile = resolve_module(t.module)
+            processes[name] = TokenProcess(
+                str(module_path),
+                TokenSelector(label=t.label, serial=t.serial, slot=t.slot),
+                (pins or {}).get(name),
+                queue_size=t.queue_size,
+                per_client_queue=t.client_queue_size,
+                client_rate=t.client_rate,
+                client_burst=t.client_burst,
+                operation_timeout=t.operation_timeout,
+                presence_interval=t.presence_interval,
+                environment=t.environment,
+                on_event=self._token_event_of(name, len(settings.token_tables) > 1),
+                observer=self.metrics.observe_job,
+                log_level=logging.getLevelName(log.getEffectiveLevel()),
+                name=name,
+            )
+        self.tokens = TokenSet(settings, processes)
+        self.metrics.watch(self.tokens)
+        self.operations = Operations(self.tokens, self.audit, settings, self.metrics)
         self.ca_pool = load_ca_pool(settings.ca_files)
         self.workers = Workers(settings.server.parse_threads)
 
     def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
-        """``loop``: the service's event loop, which then reads the token's answers itself."""
-        status = self.owner.start(loop=loop)
-        log.info("token %s: %s%s", status.label or "?", status.state,
-                 f" ({status.message})" if status.message else "")
+        """``loop``: the service's event loop, which then reads the tokens' answers itself."""
+        for name, status in self.tokens.start(loop=loop).items():
+            log.info("token %s (%s): %s%s", name, status.label or "?", status.state,
+                     f" ({status.message})" if status.message else "")
 
     def stop(self) -> None:
-        self.owner.stop()
+        self.tokens.stop()
         self.workers.close()
         self.store.close()
+
+    def _token_event_of(self, name: str, several: bool) -> Callable[[str, dict[str, object]], None]:
+        def on_event(event: str, data: dict[str, object]) -> None:
+            self._token_event(event, {"token": name, **data} if several else data)
+        return on_event
 
     def _token_event(self, event: str, data: dict[str, object]) -> None:
         """Login attempts and state changes go to the audit log."""

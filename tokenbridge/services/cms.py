@@ -22,13 +22,19 @@ from tokenbridge.errors import Problem
 from tokenbridge.formats import cms_envelope, cms_sign, cms_verify
 from tokenbridge.formats import x509 as x509h
 from tokenbridge.formats.cms_asn1 import Buffer, CmsError, asn1_cert
-from tokenbridge.services.keys import load_ca_pool, may_decrypt, may_sign, require_current_certificate
+from tokenbridge.services.keys import (
+    is_email_key,
+    load_ca_pool,
+    may_decrypt,
+    may_sign,
+    require_current_certificate,
+)
 from tokenbridge.services.operations import Operations
 from tokenbridge.services.principal import Principal
+from tokenbridge.services.tokens import KeyState, TokenSet
 from tokenbridge.services.workers import Workers
 from tokenbridge.state.audit import AuditLog, AuditUnavailable
 from tokenbridge.token.model import DecryptionFailed, KeyInfo
-from tokenbridge.token.process import TokenProcess
 
 # Status for each format-layer error code; anything else is a 422.
 _STATUS = {"cms_malformed": 400, "mime_malformed": 400, "invalid_certificate": 400}
@@ -56,19 +62,12 @@ def default_algorithm(key: KeyInfo) -> str:
     return "ecdsa-sha256" if key.key_type == "ec" else "rsa-pkcs1v15-sha256"
 
 
-def _is_email_key(key: KeyInfo) -> bool:
-    if key.certificate is None:
-        return False
-    eku = x509h.extended_key_usages(key.certificate)
-    return not eku or "emailProtection" in eku
-
-
 class CmsService:
     def __init__(self, operations: Operations, ca_pool: list[x509.Certificate], workers: Workers | None = None
                  ) -> None:
         self.ops = operations
         self.workers = workers or Workers(1)
-        self.owner: TokenProcess = operations.owner
+        self.tokens: TokenSet = operations.tokens
         self.audit: AuditLog = operations.audit
         self.settings: Settings = operations.settings
         self.ca_pool = ca_pool
@@ -82,25 +81,27 @@ class CmsService:
     # ------------------------------------------------------------------ keys and certificates
 
     def sign_key(self, principal: Principal, ref: str | None) -> KeyInfo:
-        """The named key, else the configured one, else the first e-mail signing key the client may use."""
+        """The named key, else the configured one, else the first e-mail signing key in service the client
+        may use (a retiring key only decrypts)."""
         ref = ref or self.settings.smime.sign_key
         if ref:
             return self.ops.resolve_key(principal, ref)
-        for key in self.owner.list_keys():
-            if principal.may_use(key) and may_sign(key)[0] and _is_email_key(key):
+        for key in self.tokens.active():
+            if principal.may_use(key) and may_sign(key)[0] and is_email_key(key):
                 return key
         raise Problem("no e-mail signing key with a certificate on the token for this client; name one with "
                       "'key'", code="no_signing_key", status=422, title="No signing key")
 
     def encryption_key(self) -> KeyInfo | None:
-        """The organisation's encryption key: always a recipient, and the replies' target."""
+        """The organisation's encryption key: always a recipient, and the replies' target (announced in each
+        signature). By default the first decryption key in service: after a renewal, the new card's."""
         ref = self.settings.smime.encryption_key
         if ref:
-            return self.owner.find_key(ref)
-        return next((k for k in self.owner.list_keys() if may_decrypt(k)[0] and k.certificate is not None), None)
+            return self.tokens.find_key(ref)
+        return next((k for k in self.tokens.active() if may_decrypt(k)[0] and k.certificate is not None), None)
 
     def intermediates(self, cert: x509.Certificate) -> list[x509.Certificate]:
-        pool = [c for k in self.owner.list_keys() if (c := k.certificate) is not None] + self.ca_pool
+        pool = [c for k in self.tokens.list_keys() if (c := k.certificate) is not None] + self.ca_pool
         return [c for c in x509h.build_chain(cert, pool)[1:] if c.issuer != c.subject]
 
     def signer(self, principal: Principal, key: KeyInfo, algorithm: str | None) -> cms_sign.Signer:
@@ -108,7 +109,8 @@ class CmsService:
         if key.certificate is None:
             raise Problem(f"key {key.label!r} has no certificate on the token: it cannot sign CMS",
                           code="no_certificate", status=422, title="No certificate")
-        require_current_certificate(key, self.settings.key_policy(key.id, key.label).allow_expired_certificate)
+        policy = self.settings.key_policy(key.id, key.label, key.token)
+        require_current_certificate(key, policy.allow_expired_certificate)
         enc = self.encryption_key()
 
         async def sign_digest(digest: bytes) -> bytes:
@@ -236,12 +238,15 @@ class CmsService:
 
     async def decrypt(self, principal: Principal, data: bytes) -> cms_envelope.Decrypted:
         principal.require("cms-decrypt")
-        keys = [cms_envelope.RecipientKey(k.id, k.certificate) for k in self.owner.list_keys()
-                if k.certificate is not None and principal.may_use(k) and may_decrypt(k)[0]]
+        # Every token's decryption keys, retiring ones too: a reply on its way to the old card opens.
+        usable = {k.id: k for k in self.tokens.list_keys()
+                  if k.certificate is not None and principal.may_use(k) and may_decrypt(k)[0]
+                  and self.tokens.state(k) is not KeyState.RETIRED}
+        keys = [cms_envelope.RecipientKey(k.id, c) for k in usable.values() if (c := k.certificate) is not None]
 
         async def unwrap(rk: cms_envelope.RecipientKey, scheme: str, hash_name: str | None,
                          encrypted_key: bytes, key_len: int) -> bytes:
-            key = self.owner.find_key(rk.ref)
+            key = usable[rk.ref]
             try:
                 return await self.ops.unwrap_key_transport(principal, key, scheme, hash_name, encrypted_key,
                                                            key_len=key_len)

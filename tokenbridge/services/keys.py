@@ -44,6 +44,14 @@ def may_decrypt(key: KeyInfo) -> tuple[bool, str]:
     return True, ""
 
 
+def is_email_key(key: KeyInfo) -> bool:
+    """A key for S/MIME: its certificate has no extended key usage, or emailProtection among them."""
+    if key.certificate is None:
+        return False
+    eku = x509h.extended_key_usages(key.certificate)
+    return not eku or "emailProtection" in eku
+
+
 def require_usage(ok_reason: tuple[bool, str]) -> None:
     ok, reason = ok_reason
     if not ok:

@@ -15,38 +15,45 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from tokenbridge.services.keys import Validity, certificate_validity
+from tokenbridge.services.tokens import KeyState
 
 if TYPE_CHECKING:
-    from tokenbridge.token.process import TokenProcess
+    from tokenbridge.services.tokens import TokenSet
 
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 class _TokenCollector(Collector):
-    def __init__(self, owner: TokenProcess, expiry_warning_days: int) -> None:
-        self.owner = owner
+    """Each token's gauges carry its name (``token``): one hub may own several cards."""
+
+    def __init__(self, tokens: TokenSet, expiry_warning_days: int) -> None:
+        self.tokens = tokens
         self.expiry_warning_days = expiry_warning_days
 
     def collect(self) -> Iterable[Metric]:
-        status = self.owner.status()
-        present = GaugeMetricFamily("tokenbridge_token_present", "1 when the token is present")
-        present.add_metric([], 0.0 if status.state.value in ("absent", "error", "starting") else 1.0)
-        logged = GaugeMetricFamily("tokenbridge_token_logged_in", "1 when the service is logged in")
-        logged.add_metric([], 1.0 if status.logged_in else 0.0)
-        state = GaugeMetricFamily("tokenbridge_token_state", "current token state", labels=["state"])
-        state.add_metric([status.state.value], 1.0)
-        depth = GaugeMetricFamily("tokenbridge_queue_depth", "requests waiting for the token", labels=["client"])
-        depth.add_metric(["all"], float(status.queue_depth))
-        for client, n in self.owner.queued_by_client().items():
-            depth.add_metric([client], float(n))
-        service = GaugeMetricFamily("tokenbridge_token_service_seconds", "moving average of one token operation")
-        service.add_metric([], self.owner.service_time)
+        present = GaugeMetricFamily("tokenbridge_token_present", "1 when the token is present", labels=["token"])
+        logged = GaugeMetricFamily("tokenbridge_token_logged_in", "1 when the service is logged in",
+                                   labels=["token"])
+        state = GaugeMetricFamily("tokenbridge_token_state", "current token state", labels=["token", "state"])
+        depth = GaugeMetricFamily("tokenbridge_queue_depth", "requests waiting for the token",
+                                  labels=["token", "client"])
+        service = GaugeMetricFamily("tokenbridge_token_service_seconds", "moving average of one token operation",
+                                    labels=["token"])
+        for process in self.tokens:
+            name, status = process.name, process.status()
+            present.add_metric([name], 0.0 if status.state.value in ("absent", "error", "starting") else 1.0)
+            logged.add_metric([name], 1.0 if status.logged_in else 0.0)
+            state.add_metric([name, status.state.value], 1.0)
+            depth.add_metric([name, "all"], float(status.queue_depth))
+            for client, n in process.queued_by_client().items():
+                depth.add_metric([name, client], float(n))
+            service.add_metric([name], process.service_time)
         yield from (present, logged, state, depth, service)
         yield from self._certificates()
 
     def _certificates(self) -> Iterable[Metric]:
         """Dates as Unix timestamps, so that alert rules can compare them with ``time()`` themselves."""
-        labels = ["key", "label"]
+        labels = ["key", "label", "token"]
         days = GaugeMetricFamily("tokenbridge_certificate_days_left", "days until the certificate expires",
                                  labels=labels)
         not_after = GaugeMetricFamily("tokenbridge_certificate_not_after_seconds",
@@ -55,18 +62,23 @@ class _TokenCollector(Collector):
                                        "the certificate's notBefore, as a Unix timestamp", labels=labels)
         expiring = GaugeMetricFamily("tokenbridge_certificate_expiring",
                                      "1 when the certificate expires within server.expiry_warning_days "
-                                     "or has expired: renew it", labels=labels)
-        for key in self.owner.list_keys():
+                                     "or has expired: renew it (0 for a retiring key)", labels=labels)
+        retiring = GaugeMetricFamily("tokenbridge_key_retiring", "1 when the key is retiring or retired "
+                                     "(renewal: it only decrypts, or is no longer used)", labels=labels)
+        for key in self.tokens.list_keys():
+            values = [key.id, key.label, key.token]
+            old = self.tokens.state(key) is not KeyState.ACTIVE
+            retiring.add_metric(values, 1.0 if old else 0.0)
             check = certificate_validity(key, self.expiry_warning_days)
             if check is None:
                 continue
-            values = [key.id, key.label]
             days.add_metric(values, float(check.days_left))
             not_after.add_metric(values, check.not_after.timestamp())
             not_before.add_metric(values, check.not_before.timestamp())
-            soon = check.state in (Validity.EXPIRING, Validity.EXPIRED)
+            # The old card's certificate expiring is what renewal is for: no alert once it is retiring.
+            soon = check.state in (Validity.EXPIRING, Validity.EXPIRED) and not old
             expiring.add_metric(values, 1.0 if soon else 0.0)
-        yield from (days, not_after, not_before, expiring)
+        yield from (days, not_after, not_before, expiring, retiring)
 
 
 class Metrics:
@@ -94,8 +106,8 @@ class Metrics:
             child = self._counters[labels] = self.operations.labels(*labels)
         child.inc()
 
-    def watch(self, owner: TokenProcess) -> None:
-        self.registry.register(_TokenCollector(owner, self.expiry_warning_days))
+    def watch(self, tokens: TokenSet) -> None:
+        self.registry.register(_TokenCollector(tokens, self.expiry_warning_days))
 
     def observe_job(self, client: str, kind: str, wait: float, token: float, outcome: str) -> None:
         """Called on the event loop for each answer from the token: two histogram updates, nothing else."""

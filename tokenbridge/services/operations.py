@@ -26,9 +26,9 @@ from tokenbridge.formats.text import printable
 from tokenbridge.services.keys import may_decrypt, may_sign, require_usage
 from tokenbridge.services.metrics import Metrics
 from tokenbridge.services.principal import Principal
+from tokenbridge.services.tokens import TokenSet
 from tokenbridge.state.audit import AuditLog, AuditUnavailable
 from tokenbridge.token.model import DecryptionFailed, KeyInfo, TokenError
-from tokenbridge.token.process import TokenProcess
 
 T = TypeVar("T")
 
@@ -55,9 +55,9 @@ async def _hash(hash_name: str, data: bytes) -> bytes:
 
 
 class Operations:
-    def __init__(self, owner: TokenProcess, audit: AuditLog, settings: Settings,
+    def __init__(self, tokens: TokenSet, audit: AuditLog, settings: Settings,
                  metrics: Metrics | None = None) -> None:
-        self.owner = owner
+        self.tokens = tokens
         self.audit = audit
         self.settings = settings
         self.metrics = metrics
@@ -73,7 +73,7 @@ class Operations:
         return alg
 
     def resolve_key(self, principal: Principal, ref: str) -> KeyInfo:
-        key = self.owner.find_key(ref)
+        key = self.tokens.find_key(ref)
         principal.require_key(key)
         return key
 
@@ -92,8 +92,8 @@ class Operations:
         the request's URL, and ``audit tail`` prints it in an operator's terminal)."""
         if ref is None:
             return None
-        for key in self.owner.list_keys():
-            if ref in (key.id, key.label):
+        for key in self.tokens.list_keys():
+            if ref in (key.id, key.label, f"{key.token}/{key.label}", f"{key.token}/{key.id}"):
                 return key.id
         return "name:" + printable(ref, 64)
 
@@ -117,6 +117,7 @@ class Operations:
                           f"{key.key_type.upper()}", code="algorithm_key_mismatch", status=422,
                           title="Algorithm does not fit the key")
         require_usage(may_sign(key))
+        self.tokens.require_in_service(key, "sign")
         if (data is None) == (digest is None):
             raise Problem("give exactly one of 'data' or 'digest'", code="invalid_request", status=422,
                           title="Invalid request")
@@ -130,7 +131,7 @@ class Operations:
                               code="invalid_digest", status=422, title="Invalid digest")
             input_hash = hashlib.sha256(digest).hexdigest()
         signature = await self._run(principal, event, key, alg.name, input_hash,
-                                    lambda: self.owner.sign(key, alg.scheme, alg.hash, digest,
+                                    lambda: self.tokens.sign(key, alg.scheme, alg.hash, digest,
                                                                     client=principal.actor))
         if alg.scheme == "ecdsa" and not raw_ecdsa:
             half = len(signature) // 2
@@ -156,7 +157,8 @@ class Operations:
                           code="unknown_algorithm", status=422, title="Unknown algorithm")
         key = self.resolve_key(principal, key_ref)
         require_usage(may_decrypt(key))
-        if alg.scheme == "rsa-pkcs1v15" and not self.settings.key_policy(key.id, key.label) \
+        self.tokens.require_in_service(key, "decrypt")
+        if alg.scheme == "rsa-pkcs1v15" and not self.settings.key_policy(key.id, key.label, key.token) \
                 .allow_rsa_pkcs1v15_decrypt:
             raise Problem("raw RSA PKCS#1 v1.5 decryption is a padding oracle and is disabled for this key; "
                           "use rsa-oaep-sha256, or enable it in the key's configuration "
@@ -164,7 +166,7 @@ class Operations:
                           title="Algorithm disabled")
         input_hash = hashlib.sha256(ciphertext).hexdigest()
         return await self._run(principal, event, key, alg.name, input_hash,
-                               lambda: self.owner.decrypt(key, alg.scheme, alg.hash, ciphertext,
+                               lambda: self.tokens.decrypt(key, alg.scheme, alg.hash, ciphertext,
                                                                        client=principal.actor))
 
     async def unwrap_key_transport(self, principal: Principal, key: KeyInfo, scheme: str, hash_name: str | None,
@@ -181,7 +183,8 @@ class Operations:
         principal.require(grant)
         principal.require_key(key)
         require_usage(may_decrypt(key))
-        if scheme == "rsa-pkcs1v15" and key_len is not None and self.owner.has_mechanism("RSA_X_509"):
+        self.tokens.require_in_service(key, "decrypt")
+        if scheme == "rsa-pkcs1v15" and key_len is not None and self.tokens.has_mechanism(key, "RSA_X_509"):
             return await self._unwrap_implicit(principal, key, encrypted_key, key_len, event)
         algorithm = "rsa-pkcs1v15" if scheme == "rsa-pkcs1v15" else f"rsa-oaep-{hash_name}"
         alg = DECRYPT_ALGORITHMS.get(algorithm)
@@ -192,7 +195,7 @@ class Operations:
 
         async def unwrap() -> bytes | None:
             try:
-                return await self.owner.decrypt(key, alg.scheme, alg.hash, encrypted_key, client=principal.actor)
+                return await self.tokens.decrypt(key, alg.scheme, alg.hash, encrypted_key, client=principal.actor)
             except DecryptionFailed:
                 return None
 
@@ -211,7 +214,7 @@ class Operations:
 
         async def unwrap() -> bytes | None:
             try:
-                block = await self.owner.decrypt(key, "rsa-x509", None, encrypted_key, client=principal.actor)
+                block = await self.tokens.decrypt(key, "rsa-x509", None, encrypted_key, client=principal.actor)
             except DecryptionFailed:  # only a ciphertext of the wrong size or >= n: already public
                 return None
             return pkcs1v15_implicit(block, (key.size + 7) // 8, key_len, substitute)

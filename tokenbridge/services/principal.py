@@ -2,25 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from tokenbridge.errors import Problem
 from tokenbridge.token.model import KeyInfo
 
 ANY_KEY = None  # a principal's ``keys``: no restriction. Never an empty set, which means "no key at all".
-
-
-def resolve_keys(refs: frozenset[str], keys: Callable[[], Iterable[KeyInfo]]) -> frozenset[str] | None:
-    """A stored key list (ids or labels, as an operator typed them) as the ids of the keys it names.
-
-    An empty stored list is "every key" (``ANY_KEY``). A list whose names match no key resolves to the
-    empty set, which allows no key: a name can never widen what a caller may use. ``keys`` is called only
-    when there is a list to resolve: most callers have none, and key operations pass here on every request.
-    """
-    if not refs:
-        return ANY_KEY
-    return frozenset(k.id for k in keys() if k.id in refs or k.label in refs)
+# Key lists as operators type them become ids in services/tokens.py (TokenSet.granted).
 
 
 def restrict(a: frozenset[str] | None, b: frozenset[str] | None) -> frozenset[str] | None:

@@ -2,7 +2,7 @@
 
 Every upstream has one ``ssl.SSLContext`` (from a ``KeySource``) whose client
 key signs through ``TokenProcess.sign_prepared_blocking``: the handshake
-signature is one more job in the owner's queue, audited and counted like any
+signature is one more job in its token's queue, audited and counted like any
 other. Connections are made and used on worker threads (httpcore's sync pool),
 never on the event loop, because the card may take a second to sign.
 
@@ -126,8 +126,9 @@ class ProxyService:
         if allowed and not principal.operator and principal.name not in allowed:
             raise Problem(f"client {principal.name!r} may not use upstream {up.name!r}",
                           code="upstream_not_granted", status=403, title="Forbidden")
-        key = self.bridge.owner.find_key(up.settings.key)
+        key = self.bridge.tokens.find_key(up.settings.key)
         principal.require_key(key)
+        self.bridge.tokens.require_in_service(key, "authenticate")
         return key
 
     # ------------------------------------------------------------------ context and pool
@@ -166,7 +167,7 @@ class ProxyService:
             options = ContextOptions(cafile=str(s.ca), minimum_version=_VERSIONS[s.min_tls],
                                      maximum_version=_VERSIONS[s.max_tls])
             identity = ClientIdentity(certificate=key.certificate, public_key=key.public_key, chain=chain,
-                                      rsa_raw=self.bridge.owner.has_mechanism("RSA_X_509"))
+                                      rsa_raw=self.bridge.tokens.has_mechanism(key, "RSA_X_509"))
             context, info = self.key_source.make_context(identity, options, self._signer(up, key))
             keep_sessions_resumable(context)
             return context, info
@@ -183,7 +184,8 @@ class ProxyService:
             actor = calling.actor
             try:  # checked at each handshake: the context outlives renewal day
                 require_current_certificate(
-                    key, bridge.settings.key_policy(key.id, key.label).allow_expired_certificate)
+                    key, bridge.settings.key_policy(key.id, key.label, key.token).allow_expired_certificate)
+                bridge.tokens.require_in_service(key, "authenticate")
             except Problem as exc:
                 calling.error = exc
                 raise
@@ -194,7 +196,7 @@ class ProxyService:
                                        status=503, title="Audit log unavailable")
                 raise
             try:
-                signature: bytes = bridge.owner.sign_prepared_blocking(key, mechanism, data, client=calling.client)
+                signature: bytes = bridge.tokens.sign_prepared_blocking(key, mechanism, data, client=calling.client)
             except Exception as exc:
                 calling.error = exc
                 with up.lock:
@@ -321,7 +323,7 @@ class ProxyService:
         up = self.upstream(name)
         result: dict[str, Any] = {"upstream": name, "url": up.settings.url}
         try:
-            key = self.bridge.owner.find_key(up.settings.key)
+            key = self.bridge.tokens.find_key(up.settings.key)
             self._ensure_pool(up, key)
             assert up.context is not None and up.info is not None
             result["limited"] = up.info.limited_reason
@@ -459,13 +461,13 @@ def _checks_from_service(settings: Any) -> list[dict[str, Any]] | None:
 
 
 def _checks_in_process(settings: Any) -> list[dict[str, Any]]:
-    from tokenbridge.services.bridge import Bridge, PinUnavailable, read_pin
+    from tokenbridge.services.bridge import Bridge, PinUnavailable, read_pins
 
     try:
-        pin = read_pin(settings.token)
+        pins = read_pins(settings)
     except PinUnavailable:
-        pin = None
-    bridge = Bridge(settings, pin=pin)
+        pins = {}
+    bridge = Bridge(settings, pins)
     service: ProxyService | None = None
     try:
         bridge.start()

@@ -47,6 +47,7 @@ class KeyInfo:
     can_decrypt: bool = False  # CKA_DECRYPT on the private key
     sensitive: bool = True
     extractable: bool = False
+    token: str = ""  # the name of the token it is on (set by the service: [tokens.NAME], or "main")
 
 
 @dataclass(frozen=True)

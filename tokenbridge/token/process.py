@@ -109,7 +109,9 @@ class TokenProcess:
         client_burst: int = 10,
         observer: Callable[[str, str, float, float, str], None] | None = None,
         log_level: str = "INFO",
+        name: str = "main",
     ) -> None:
+        self.name = name  # the token's name in the configuration; written into each KeyInfo
         self.module_path = module_path
         self.selector = selector
         self._limits = QueueLimits(queue_size, per_client_queue)
@@ -480,7 +482,7 @@ class TokenProcess:
         if kind == "done":
             self._done(*message[1:])
         elif kind == "keys":
-            self._keys = {k.id: k for k in map(wire.decode_key, message[1])}
+            self._keys = {k.id: replace(k, token=self.name) for k in map(wire.decode_key, message[1])}
         elif kind == "status":
             status, identity = wire.decode_status(message[1]), wire.decode_identity(message[2])
             held, seen, login_failed = message[3:]  # types checked by wire.check
