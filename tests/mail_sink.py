@@ -65,11 +65,9 @@ def _forward(port: int, mail_from: str, rcpts: list[str], data: bytes) -> None:
         c.sendmail(mail_from, rcpts, data)
 
 
-def gateway_config(demo: DemoInfo, name: str, smarthost_port: int, *, submission: int | None = None,
-                   inbound: int | None = None, extra: str = "") -> Path:
-    """The demo configuration plus a gateway: beside it, so that its relative paths hold."""
-    config = demo.config_file.parent / name
-    text = demo.config_file.read_text() + f"""
+def gateway_settings(smarthost_port: int, *, submission: int | None = None, inbound: int | None = None) -> str:
+    """The TOML that turns the gateway on: the smarthost, quick retries, and the listeners asked for."""
+    text = f"""
 [smime.smtp]
 host = "127.0.0.1"
 port = {smarthost_port}
@@ -86,6 +84,14 @@ retry_max = 1
         text += f'\n[mail.submission]\nlisten = "127.0.0.1:{submission}"\n'
     if inbound:
         text += f'\n[mail.inbound]\nlisten = "127.0.0.1:{inbound}"\n'
+    return text
+
+
+def gateway_config(demo: DemoInfo, name: str, smarthost_port: int, *, submission: int | None = None,
+                   inbound: int | None = None, extra: str = "") -> Path:
+    """The demo configuration plus a gateway: beside it, so that its relative paths hold."""
+    config = demo.config_file.parent / name
+    text = demo.config_file.read_text() + gateway_settings(smarthost_port, submission=submission, inbound=inbound)
     config.write_text(text + "\n" + extra)
     return config
 

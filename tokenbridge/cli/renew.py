@@ -33,29 +33,34 @@ def check(config: ConfigOpt = None,
         raise typer.Exit(1 if report["todo"] else 0)
     for k in report["retiring"]:
         until = f" until {k['retiring_until']}" if k["retiring_until"] else ""
-        console.print(Text(f"retiring  {k['token']}/{k['label']} ({k['id']}): {k['state']}{until}, "
+        say(Text(f"retiring  {k['token']}/{k['label']} ({k['id']}): {k['state']}{until}, "
                            f"{k.get('subject', 'no certificate')}"))
     for k in report["in_service"]:
-        console.print(Text(f"in service  {k['token']}/{k['label']} ({k['id']}): {k.get('subject', 'no certificate')}"
+        say(Text(f"in service  {k['token']}/{k['label']} ({k['id']}): {k.get('subject', 'no certificate')}"
                            + (f", until {k['not_after'][:10]}" if "not_after" in k else "")))
     for ref in report["references"]:
         target = ref.get("key") or ref.get("error")
-        console.print(Text(f"{ref['setting']} ({ref['use']}) -> {target}"
+        say(Text(f"{ref['setting']} ({ref['use']}) -> {target}"
                            + (f" [{ref['state']}]" if ref.get("state") not in (None, "active") else "")))
     if enc is not None:
-        console.print(Text(f"encryption certificate for the national system: {enc['token']}/{enc['label']}\n"
+        say(Text(f"encryption certificate for the national system: {enc['token']}/{enc['label']}\n"
                            f"  subject {enc['subject']}\n  serial  {enc['serial']}\n"
                            f"  valid   {enc['not_before'][:10]} to {enc['not_after'][:10]}\n"
                            f"  SHA-256 {enc['sha256']}"))
     for path in written:
-        console.print(Text(f"wrote {path}"))
+        say(Text(f"wrote {path}"))
     if enc is not None and out is None:
-        console.print(Text("(--out DIR writes it as PEM and DER)"))
+        say(Text("(--out DIR writes it as PEM and DER)"))
     for item in report["todo"]:
-        console.print(Text.assemble(("to do", "yellow"), f"  {item}"))
+        say(Text.assemble(("to do", "yellow"), f"  {item}"))
     if not report["todo"]:
-        console.print(Text.assemble(("ok", "green"), "  nothing points at a retiring certificate"))
+        say(Text.assemble(("ok", "green"), "  nothing points at a retiring certificate"))
     raise typer.Exit(1 if report["todo"] else 0)
+
+
+def say(text: Text) -> None:
+    """One line each, never folded: fingerprints and subjects are copied from here."""
+    console.print(text, soft_wrap=True)
 
 
 def _write(out: Path, enc: dict[str, Any]) -> list[Path]:

@@ -1,0 +1,191 @@
+"""Renewal day, end to end: the organisation's certificate moves from one card to another while the national
+system's replies are still on their way to the old one (docs/renewal.md).
+
+Two SoftHSM tokens stand for the old and the new card. The mail gateway sends applications through a
+smarthost to the registry simulator; its replies are held "in flight" (a second SMTP sink) across the
+renewal, then delivered to the hub, which must open them with the old card without anyone naming it.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import email.utils
+import io
+import smtplib
+import subprocess
+import time
+import zipfile
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+import httpx
+from aiosmtpd.controller import Controller
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+
+from tests.conftest import Service, free_port, start_service
+from tests.mail_sink import Smarthost, gateway_settings
+from tests.several_tokens import write_config
+from tests.test_tokens import demos, wait_tokens  # noqa: F401  (the fixture: three SoftHSM tokens)
+from tokenbridge.tools.demo import DemoInfo
+from tokenbridge.tools.demo_pki import ORG_EMAIL
+from tokenbridge.tools.registry_sim import NATIONAL_EMAIL, RegistrySimulator
+
+SIGN = {"algorithm": "rsa-pkcs1v15-sha256", "data": base64.b64encode(b"attestation").decode()}
+
+
+def application(number: int) -> EmailMessage:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("demande.xml", f"<demande numero='{number}'/>")
+    msg = EmailMessage()
+    msg["From"] = f"Guichet 1 <{ORG_EMAIL}>"
+    msg["To"] = NATIONAL_EMAIL
+    msg["Subject"] = f"Dossier {number} : demande de logement"
+    msg["Message-ID"] = email.utils.make_msgid(domain="guichet1.org.example")
+    msg.set_content("Bonjour,\nci-joint la demande.\n")
+    msg.add_attachment(buf.getvalue(), maintype="application", subtype="zip", filename="demande.zip")
+    return msg
+
+
+def submit(port: int, msg: EmailMessage) -> None:
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as c:
+        c.send_message(msg)
+
+
+def wait_message(reader: httpx.Client, message_id: str, state: str, timeout: float = 30) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    found: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        found = [m for m in reader.get("/v1/mail/messages").json() if m["message_id"] == message_id]
+        if found and found[0]["state"] == state:
+            return found[0]
+        time.sleep(0.2)
+    raise AssertionError(f"message {message_id} not {state}: {found}")
+
+
+def signer_of(sent: bytes, national: Path, work: Path) -> x509.Certificate:
+    """The certificate that signed what went to the national system (OpenSSL opens it)."""
+    inner = subprocess.run(["openssl", "cms", "-decrypt", "-recip", str(national / "national.pem"), "-inkey",
+                            str(national / "national.key")], input=sent, capture_output=True, check=True).stdout
+    signer = work / "signer.pem"
+    subprocess.run(["openssl", "cms", "-verify", "-noverify", "-signer", str(signer), "-out", "/dev/null"],
+                   input=inner, capture_output=True, check=True)
+    return x509.load_pem_x509_certificate(signer.read_bytes())
+
+
+def decrypt_keys(admin: httpx.Client) -> list[str]:
+    """Which keys opened replies, from the audit log (cms-decrypt entries), oldest first."""
+    entries = admin.get("/v1/admin/audit", params={"count": 1000}).json()
+    return [e["key"] for e in entries if e["event"] == "cms-decrypt"]
+
+
+def test_renewal_from_one_card_to_another_with_replies_in_flight(demos: list[DemoInfo],  # noqa: F811
+                                                                  tmp_path: Path) -> None:
+    old, new = demos[0], demos[1]
+    relay_port, sim_port, held_port, submission, inbound, hub = (free_port() for _ in range(6))
+    smarthost, held = Smarthost(forward_to=sim_port), Smarthost()
+    relay, holder = Controller(smarthost, hostname="127.0.0.1", port=relay_port), \
+        Controller(held, hostname="127.0.0.1", port=held_port)
+    simulator = RegistrySimulator(old.pki_dir, reply_host="127.0.0.1", reply_port=held_port, port=sim_port)
+    # The national system trusts the new card's issuer as well as the old one's.
+    simulator.roots.append(x509.load_pem_x509_certificate((new.pki_dir / "root-ca.pem").read_bytes()))
+    extra = gateway_settings(relay_port, submission=submission, inbound=inbound) + \
+        '\n[mail.tracking]\nreference_pattern = "Dossier ([0-9]+)"\n'
+    config = tmp_path / "hub" / "tokenbridge.toml"
+    state = tmp_path / "state"
+    relay.start()
+    holder.start()
+    simulator.start()
+    service: Service | None = None
+    try:
+        # The day before: one card. Two applications leave signed by it; their replies are on their way.
+        write_config(config, {"carte-2025": (old, {})}, extra)
+        service = start_service(config, state, port=hub)
+        admin = service.http(service.add_client("chef", "admin,mail,sign,decrypt"))
+        old_sign = admin.get("/v1/keys/sign-rsa").json()["id"]
+        old_enc = admin.get("/v1/keys/encrypt-rsa").json()["id"]
+        before = [application(n) for n in (1001, 1002)]
+        for msg in before:
+            submit(submission, msg)
+        deadline = time.monotonic() + 30
+        while len(held.received) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(held.received) == 2, "the national system answered both (to the old certificate)"
+        for msg in before:
+            wait_message(admin, msg["Message-ID"], "sent")
+        service.stop()
+
+        # Renewal: the new card beside the old, which only decrypts. One configuration change, one restart.
+        write_config(config, {"carte-2025": (old, {"retiring": True}), "carte-2026": (new, {})}, extra)
+        service = start_service(config, state, port=hub)
+        wait_tokens(service, {"carte-2025": "ready", "carte-2026": "ready"})
+        new_sign = admin.get("/v1/keys/carte-2026/sign-rsa").json()["id"]
+        new_enc_cert = x509.load_der_x509_certificate(
+            admin.get("/v1/keys/carte-2026/encrypt-rsa/certificate", params={"format": "der"}).content)
+
+        # What the national administrator must receive, and nothing else pointing at the old card.
+        out = tmp_path / "pour-le-sne"
+        check = service.cli("renew", "check", "--out", str(out), check=False)
+        assert check.returncode == 1, check.stdout  # something is left to do: send the certificate
+        fingerprint = new_enc_cert.fingerprint(hashes.SHA256()).hex(":").upper()
+        assert fingerprint in check.stdout
+        assert "retiring  carte-2025/encrypt-rsa" in check.stdout
+        assert "smime.sign_key (sign S/MIME) -> carte-2026/sign-rsa" in check.stdout
+        assert "smime.encryption_key (receive replies (encryption key)) -> carte-2026/encrypt-rsa" in check.stdout
+        todo = [line for line in check.stdout.splitlines() if line.startswith("to do")]
+        assert len(todo) == 1 and "send the new encryption certificate" in todo[0], todo
+        written = {p.suffix: p for p in out.iterdir()}
+        assert x509.load_der_x509_certificate(written[".der"].read_bytes()) == new_enc_cert
+        assert x509.load_pem_x509_certificate(written[".pem"].read_bytes()) == new_enc_cert
+
+        # The replies in flight arrive now, encrypted to the old card: they open without anyone naming it.
+        for reply in held.received:
+            with smtplib.SMTP("127.0.0.1", inbound, timeout=30) as c:
+                c.sendmail(reply.mail_from, reply.rcpt_tos, reply.data)
+        for msg in before:
+            view = wait_message(admin, msg["Message-ID"], "answered")
+            assert view["registration_number"].startswith("SNE-")
+        assert decrypt_keys(admin)[-2:] == [old_enc, old_enc]
+
+        # After the renewal: applications are signed by the new card and announce its encryption certificate,
+        # so the national system's reply is encrypted to the new card, and opens there.
+        simulator.reply_port = inbound
+        after = application(1003)
+        submit(submission, after)
+        sent = smarthost.wait(lambda d: NATIONAL_EMAIL in d.rcpt_tos and after["Message-ID"].encode() in d.data)
+        assert signer_of(sent.data, old.pki_dir, tmp_path) == x509.load_der_x509_certificate(
+            admin.get("/v1/keys/carte-2026/sign-rsa/certificate", params={"format": "der"}).content)
+        wait_message(admin, after["Message-ID"], "answered")
+        new_enc = admin.get("/v1/keys/carte-2026/encrypt-rsa").json()["id"]
+        assert decrypt_keys(admin)[-1] == new_enc
+
+        # The old card signs nothing any more; the bare label now means the new card's key.
+        r = admin.post(f"/v1/keys/{old_sign}/sign", json=SIGN)
+        assert r.status_code == 409 and r.json()["code"] == "key_retiring", r.text
+        assert "carte-2026/sign-rsa" in r.json()["detail"]
+        r = admin.post("/v1/keys/sign-rsa/sign", json=SIGN)
+        assert r.status_code == 200 and r.json()["key"] == new_sign
+        keys = {(k["token"], k["label"]): k for k in admin.get("/v1/keys").json()}
+        assert keys[("carte-2025", "sign-rsa")]["state"] == "retiring"
+        assert keys[("carte-2025", "encrypt-rsa")]["operations"] == ["decrypt"]
+        service.stop()
+
+        # Once no reply can still be on its way (retiring_until passed), the old card is not used at all.
+        yesterday = (dt.date.today() - dt.timedelta(days=1)).isoformat()
+        write_config(config, {"carte-2025": (old, {"retiring": True, "retiring_until": yesterday}),
+                              "carte-2026": (new, {})}, extra)
+        service = start_service(config, state, port=hub)
+        wait_tokens(service, {"carte-2025": "ready", "carte-2026": "ready"})
+        r = admin.post(f"/v1/keys/{old_enc}/decrypt", json={"algorithm": "rsa-oaep-sha256",
+                                                             "ciphertext": base64.b64encode(b"x" * 256).decode()})
+        assert r.status_code == 409 and "retired on" in r.json()["detail"]
+        assert "retired on" in service.cli("doctor", check=False).stdout
+    finally:
+        if service is not None:
+            service.stop()
+        simulator.stop()
+        holder.stop()
+        relay.stop()
