@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from tests.conftest import TB, Service, start_service
 from tests.faulty import FaultControl, build_module, real_module
 from tests.several_tokens import write_config
+from tests.test_ui import browser_page  # noqa: F401  (the fixture: Debian's chromium under Playwright)
 from tokenbridge.tools.demo import DemoInfo, init_demo
 
 DATA = b"dossier de demande de logement social"
@@ -251,3 +252,30 @@ def test_three_cards_and_a_plain_token_table_still_mean_one(demos: list[DemoInfo
     result = subprocess.run([*TB, "doctor", "--config", str(config)], capture_output=True, text=True, timeout=60)
     assert result.returncode != 0 and "not both" in result.stderr + result.stdout
     assert "Traceback" not in result.stderr
+
+
+def test_the_admin_page_shows_every_card_and_which_one_is_retiring(demos: list[DemoInfo], tmp_path: Path,
+                                                                    browser_page: Any) -> None:  # noqa: F811
+    from playwright.sync_api import expect
+
+    config = write_config(tmp_path / "hub" / "tokenbridge.toml",
+                          {"ancienne": (demos[0], {"retiring": True}), "nouvelle": (demos[1], {})})
+    service = start_service(config, tmp_path / "state")
+    try:
+        wait_tokens(service, {"ancienne": "ready", "nouvelle": "ready"})
+        admin = service.add_client("chef", "admin")
+        page = browser_page
+        page.goto(f"{service.url}/ui")
+        page.get_by_label("API secret").fill(admin)
+        page.get_by_role("button", name="Sign in").click()
+        expect(page.locator("#tokens-section")).to_be_visible()
+        expect(page.locator("#tokens tbody tr")).to_have_count(2)
+        expect(page.locator('#tokens tr[data-token="ancienne"]')).to_contain_text("retiring: decrypts only")
+        expect(page.locator('#tokens tr[data-token="nouvelle"]')).to_contain_text("in service")
+        old = page.locator('#certificates tr[data-token="ancienne"][data-key="sign-rsa"]')
+        expect(old).to_contain_text("ancienne/sign-rsa")
+        expect(old).to_contain_text("retiring: decrypts only")
+        expect(page.locator('#certificates tr[data-token="nouvelle"][data-key="sign-rsa"]')).to_contain_text(
+            "nouvelle/sign-rsa")
+    finally:
+        service.stop()

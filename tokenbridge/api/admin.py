@@ -30,6 +30,7 @@ from tokenbridge.formats import x509 as x509h
 from tokenbridge.mail.gateway import queue_path, wanted
 from tokenbridge.services.bridge import Bridge
 from tokenbridge.services.keys import Validity, certificate_validity
+from tokenbridge.services.tokens import KeyState
 from tokenbridge.state.audit import AuditEntry
 from tokenbridge.state.mail import MailQueue
 from tokenbridge.state.store import Store
@@ -282,6 +283,8 @@ def overview(bridge: Bridge, counts: _DayCounts, now: datetime | None = None) ->
             view["token"] = k.token
             view["key_state"] = retirement.state.value
             view["retiring_until"] = retirement.until.isoformat() if retirement.until else None
+            if retirement.state is not KeyState.ACTIVE:  # the old card's expiry is what renewal is for
+                view["warning"] = False
             certificates.append(view)
     return {
         "generated": now.isoformat(timespec="seconds"),

@@ -132,6 +132,25 @@
     else pinCell.replaceChildren(badge("OK", "ok"));
   }
 
+  // Several cards (a group of organisations, or renewal day): one row each. Hidden with a single token.
+  function renderTokens(tokens) {
+    const several = tokens.length > 1;
+    $("tokens-section").hidden = !several;
+    if (!several) return;
+    const rows = tokens.map((t) => {
+      const [label, tone] = STATE_LABELS[t.state] || [t.state, "neutral"];
+      const role = t.retiring ? badge("retiring: decrypts only", "neutral")
+        : t.required ? badge("in service", "ok") : badge("not required", "neutral");
+      return h("tr", { dataset: { token: t.name, state: t.state } },
+        h("th", { scope: "row" }, t.name),
+        h("td", {}, badge(label, tone), t.message ? h("span", { class: "small" }, t.message) : null),
+        h("td", {}, t.label || "—", h("span", { class: "small" }, t.serial || "")),
+        h("td", {}, role),
+        h("td", { class: "num" }, t.queue_depth));
+    });
+    fillTable("tokens", rows, "No token.", 5);
+  }
+
   function renderQueue(queue) {
     setText("queue-depth", String(queue.depth));
     setText("queue-service-time", `${queue.service_time_ms.toFixed(1)} ms`);
@@ -140,6 +159,8 @@
         h("td", { class: "num" }, q.depth)));
     fillTable("queue", rows, "No request is waiting.", 2);
   }
+
+  let severalTokens = false; // set by render(): certificates then show which token they are on
 
   const daysText = (days) => (days <= 0 ? "less than a day" : days === 1 ? "1 day" : `${days} days`);
 
@@ -182,8 +203,13 @@
     renderCertificateWarnings(certificates);
     const rows = certificates.map((c) => {
       const type = `${c.key_type.toUpperCase()} ${c.key_size}`;
-      return h("tr", { dataset: { key: c.label, status: c.status }, class: c.warning ? "warning" : null },
-        h("th", { scope: "row" }, h("span", { class: "strong" }, c.label), h("span", { class: "small" }, type)),
+      const name = severalTokens ? `${c.token}/${c.label}` : c.label;
+      const retiring = c.key_state && c.key_state !== "active"
+        ? badge(c.key_state === "retiring" ? "retiring: decrypts only" : "retired", "neutral") : null;
+      return h("tr", { dataset: { key: c.label, token: c.token, status: c.status, keyState: c.key_state },
+        class: c.warning ? "warning" : null },
+        h("th", { scope: "row" }, h("span", { class: "strong" }, name), h("span", { class: "small" }, type),
+          retiring),
         h("td", {},
           h("span", { class: "strong" }, c.common_name || c.subject),
           h("span", { class: "small", title: c.issuer ? `Issued by ${c.issuer}` : null }, c.subject)),
@@ -241,7 +267,9 @@
   }
 
   function render(data) {
+    severalTokens = (data.tokens || []).length > 1;
     renderToken(data.token);
+    renderTokens(data.tokens || []);
     renderQueue(data.queue);
     renderCertificates(data.certificates);
     renderClients(data.clients);
