@@ -20,6 +20,7 @@ from tokenbridge.api.systemd import notify
 from tokenbridge.loopback import LoopbackGuard
 from tokenbridge.mail.gateway import MailGateway, wanted
 from tokenbridge.services.bridge import Bridge
+from tokenbridge.token.model import TokenStatus
 
 
 class _App(FastAPI):
@@ -31,6 +32,12 @@ class _App(FastAPI):
         # Outermost: Host, Origin and media types, before any route, direct ones included (tokenbridge/loopback.py).
         return LoopbackGuard(DirectRoutes(self, v1.key_operations.routes, super().build_middleware_stack(),
                                           self.body_limit))
+
+
+def token_line(name: str, status: TokenStatus, several: bool) -> str:
+    """``token LABEL: state``, with the token's name first when the hub has several."""
+    label = status.label or "?"
+    return f"token {f'{name} ({label})' if several else label}: {status.state.value}"
 
 
 def create_app(bridge: Bridge, manage: bool = True, mail: bool = False) -> FastAPI:
@@ -46,8 +53,7 @@ def create_app(bridge: Bridge, manage: bool = True, mail: bool = False) -> FastA
                 gateway = MailGateway(bridge)
                 await gateway.start()
                 app.state.mail = gateway
-            states = ", ".join(f"token {p.name} ({s.label or '?'}): {s.state.value}"
-                               for p in bridge.tokens if (s := p.status()))
+            states = ", ".join(token_line(p.name, p.status(), len(bridge.tokens) > 1) for p in bridge.tokens)
             # systemd (Type=notify): ready to serve, even if a token still needs an operator.
             notify(f"READY=1\nSTATUS={states}")
         try:
