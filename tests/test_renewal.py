@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives import hashes
 from tests.conftest import Service, free_port, start_service
 from tests.mail_sink import Smarthost, gateway_settings
 from tests.several_tokens import write_config
+from tests.test_tls_proxy import s_server, upstream
 from tests.test_tokens import demos, wait_tokens  # noqa: F401  (the fixture: three SoftHSM tokens)
 from tokenbridge.tools.demo import DemoInfo
 from tokenbridge.tools.demo_pki import ORG_EMAIL
@@ -76,6 +77,18 @@ def signer_of(sent: bytes, national: Path, work: Path) -> x509.Certificate:
     return x509.load_pem_x509_certificate(signer.read_bytes())
 
 
+def certificate(demo: DemoInfo, label: str) -> x509.Certificate:
+    return x509.load_pem_x509_certificate((demo.pki_dir / f"{label}.pem").read_bytes())
+
+
+def client_certificate(client: httpx.Client) -> x509.Certificate:
+    """The certificate the national web service received from the hub (s_server -www prints it)."""
+    r = client.get("/v1/proxy/sne/")
+    assert r.status_code == 200, r.text
+    (cert,) = x509.load_pem_x509_certificates(r.text.encode())
+    return cert
+
+
 def decrypt_keys(admin: httpx.Client) -> list[str]:
     """Which keys opened replies, from the audit log (cms-decrypt entries), oldest first."""
     entries = admin.get("/v1/admin/audit", params={"count": 1000}).json()
@@ -92,8 +105,13 @@ def test_renewal_from_one_card_to_another_with_replies_in_flight(demos: list[Dem
     simulator = RegistrySimulator(old.pki_dir, reply_host="127.0.0.1", reply_port=held_port, port=sim_port)
     # The national system trusts the new card's issuer as well as the old one's.
     simulator.roots.append(x509.load_pem_x509_certificate((new.pki_dir / "root-ca.pem").read_bytes()))
+    # The national web service (openssl s_server) accepts either card's issuer; the proxy names the key by label.
+    both_cas = tmp_path / "both-cas.pem"
+    both_cas.write_bytes((old.pki_dir / "ca-chain.pem").read_bytes() + (new.pki_dir / "ca-chain.pem").read_bytes())
+    web = s_server(tmp_path, old.pki_dir / "national-tls.pem", old.pki_dir / "national-tls.key", both_cas, "1.3")
     extra = gateway_settings(relay_port, submission=submission, inbound=inbound) + \
-        '\n[mail.tracking]\nreference_pattern = "Dossier ([0-9]+)"\n'
+        '\n[mail.tracking]\nreference_pattern = "Dossier ([0-9]+)"\n' + \
+        upstream("sne", web.port, "sign-rsa", old.pki_dir / "ca-chain.pem")
     config = tmp_path / "hub" / "tokenbridge.toml"
     state = tmp_path / "state"
     relay.start()
@@ -104,8 +122,9 @@ def test_renewal_from_one_card_to_another_with_replies_in_flight(demos: list[Dem
         # The day before: one card. Two applications leave signed by it; their replies are on their way.
         write_config(config, {"carte-2025": (old, {})}, extra)
         service = start_service(config, state, port=hub)
-        admin = service.http(service.add_client("chef", "admin,mail,sign,decrypt"))
+        admin = service.http(service.add_client("chef", "admin,mail,sign,decrypt,proxy"))
         old_sign = admin.get("/v1/keys/sign-rsa").json()["id"]
+        assert client_certificate(admin) == certificate(old, "sign-rsa")
         old_enc = admin.get("/v1/keys/encrypt-rsa").json()["id"]
         before = [application(n) for n in (1001, 1002)]
         for msg in before:
@@ -168,6 +187,8 @@ def test_renewal_from_one_card_to_another_with_replies_in_flight(demos: list[Dem
         assert "carte-2026/sign-rsa" in r.json()["detail"]
         r = admin.post("/v1/keys/sign-rsa/sign", json=SIGN)
         assert r.status_code == 200 and r.json()["key"] == new_sign
+        # The web services see the new card too: the upstream's "sign-rsa" now names the key in service.
+        assert client_certificate(admin) == certificate(new, "sign-rsa")
         keys = {(k["token"], k["label"]): k for k in admin.get("/v1/keys").json()}
         assert keys[("carte-2025", "sign-rsa")]["state"] == "retiring"
         assert keys[("carte-2025", "encrypt-rsa")]["operations"] == ["decrypt"]
@@ -186,6 +207,7 @@ def test_renewal_from_one_card_to_another_with_replies_in_flight(demos: list[Dem
     finally:
         if service is not None:
             service.stop()
+        web.process.kill()
         simulator.stop()
         holder.stop()
         relay.stop()
