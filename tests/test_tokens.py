@@ -137,6 +137,28 @@ def test_key_lists_and_grants_across_cards(hub: Service) -> None:
     assert vague.post("/v1/keys/hlm-a/sign-rsa/sign", json=SIGN).json()["code"] == "key_not_granted"
 
 
+def test_a_message_opens_on_whichever_card_it_is_addressed_to(hub: Service, demos: list[DemoInfo],
+                                                               tmp_path: Path) -> None:
+    """CMS encrypted by OpenSSL to either card's encryption certificate, by issuer and serial or by subject
+    key identifier, decrypts without the caller naming a key; a counter limited to card A cannot open B's."""
+    both = hub.http(hub.add_client("both", "cms-decrypt"))
+    only_a = hub.http(hub.add_client("only-a", "cms-decrypt", keys="hlm-a/encrypt-rsa"))
+    plain = tmp_path / "plain.bin"
+    plain.write_bytes(DATA)
+    for demo, name in ((demos[0], "hlm-a"), (demos[1], "hlm-b")):
+        for how in ([], ["-keyid"]):
+            out = tmp_path / f"{name}{''.join(how)}.der"
+            subprocess.run(["openssl", "cms", "-encrypt", "-binary", "-aes256", "-in", str(plain), "-outform", "DER",
+                            "-out", str(out), *how, "-recip", str(demo.pki_dir / "encrypt-rsa.pem")], check=True)
+            r = both.post("/v1/cms/decrypt", content=out.read_bytes())
+            assert r.status_code == 200 and base64.b64decode(r.json()["content"]) == DATA, (name, how, r.text)
+            r = only_a.post("/v1/cms/decrypt", content=out.read_bytes())
+            if name == "hlm-a":
+                assert r.status_code == 200, r.text
+            else:
+                assert r.status_code == 422 and r.json()["code"] == "cms_not_addressed", r.text
+
+
 async def _sign_loop(url: str, secret: str, ref: str, stop: asyncio.Event, results: list[tuple[int, float]]) -> None:
     async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {secret}"}, timeout=60) as c:
         while not stop.is_set():
