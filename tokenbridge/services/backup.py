@@ -102,8 +102,12 @@ class _Source:
 
 def _left_out(settings: Settings) -> list[tuple[str, str]]:
     """Secrets that are never backed up: each one alone unlocks the card or a mailbox."""
+    several = len(settings.token_tables) > 1
     named = [
-        (settings.token.pin_file, "the token's user PIN: never backed up; write it again after a restore"),
+        (table.pin_file, (f"the user PIN of token {name}" if several else "the token's user PIN")
+         + ": never backed up; write it again after a restore")
+        for name, table in settings.token_tables.items()
+    ] + [
         (settings.smime.smtp.password_file, "the SMTP password: never backed up"),
         (settings.mail.imap.password_file, "the IMAP password: never backed up"),
         (settings.mail.imap.oauth2_token_file, "the IMAP OAuth2 token: never backed up"),
