@@ -26,8 +26,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Service, start_service
 from tests.test_ui import browser_page  # noqa: F401  (the fixture: Debian's chromium under Playwright)
-from tokenbridge.services.keys import Validity, certificate_validity, validity
 from tokenbridge.config import Settings
+from tokenbridge.services.keys import Validity, certificate_validity, validity
 from tokenbridge.services.metrics import Metrics
 from tokenbridge.services.tokens import TokenSet
 from tokenbridge.token.model import KeyInfo, TokenState, TokenStatus

@@ -111,7 +111,8 @@ def test_renewal_from_one_card_to_another_with_replies_in_flight(demos: list[Dem
     web = s_server(tmp_path, old.pki_dir / "national-tls.pem", old.pki_dir / "national-tls.key", both_cas, "1.3")
     extra = gateway_settings(relay_port, submission=submission, inbound=inbound) + \
         '\n[mail.tracking]\nreference_pattern = "Dossier ([0-9]+)"\n' + \
-        upstream("sne", web.port, "sign-rsa", old.pki_dir / "ca-chain.pem")
+        upstream("sne", web.port, "sign-rsa", old.pki_dir / "ca-chain.pem") + \
+        '[smime]\nsign_key = "carte-2025/sign-rsa"\n'  # named explicitly, a year ago
     config = tmp_path / "hub" / "tokenbridge.toml"
     state = tmp_path / "state"
     relay.start()
@@ -124,6 +125,8 @@ def test_renewal_from_one_card_to_another_with_replies_in_flight(demos: list[Dem
         service = start_service(config, state, port=hub)
         admin = service.http(service.add_client("chef", "admin,mail,sign,decrypt,proxy"))
         old_sign = admin.get("/v1/keys/sign-rsa").json()["id"]
+        # A counter allowed the card's signing key by its id, as an operator typed it a year ago.
+        counter_secret = service.add_client("guichet", "sign", keys=old_sign)
         assert client_certificate(admin) == certificate(old, "sign-rsa")
         old_enc = admin.get("/v1/keys/encrypt-rsa").json()["id"]
         before = [application(n) for n in (1001, 1002)]
@@ -137,8 +140,9 @@ def test_renewal_from_one_card_to_another_with_replies_in_flight(demos: list[Dem
             wait_message(admin, msg["Message-ID"], "sent")
         service.stop()
 
-        # Renewal: the new card beside the old, which only decrypts. One configuration change, one restart.
-        write_config(config, {"carte-2025": (old, {"retiring": True}), "carte-2026": (new, {})}, extra)
+        # Renewal: the new card beside the old, which it replaces (the old one only decrypts now). One
+        # configuration change, one restart.
+        write_config(config, {"carte-2025": (old, {}), "carte-2026": (new, {"replaces": "carte-2025"})}, extra)
         service = start_service(config, state, port=hub)
         wait_tokens(service, {"carte-2025": "ready", "carte-2026": "ready"})
         new_sign = admin.get("/v1/keys/carte-2026/sign-rsa").json()["id"]
@@ -148,14 +152,15 @@ def test_renewal_from_one_card_to_another_with_replies_in_flight(demos: list[Dem
         # What the national administrator must receive, and nothing else pointing at the old card.
         out = tmp_path / "pour-le-sne"
         check = service.cli("renew", "check", "--out", str(out), check=False)
-        assert check.returncode == 1, check.stdout  # something is left to do: send the certificate
+        assert check.returncode == 0, check.stdout  # nothing wrong: only the step people must take
         fingerprint = new_enc_cert.fingerprint(hashes.SHA256()).hex(":").upper()
         assert fingerprint in check.stdout
         assert "retiring  carte-2025/encrypt-rsa" in check.stdout
-        assert "smime.sign_key (sign S/MIME) -> carte-2026/sign-rsa" in check.stdout
+        assert "smime.sign_key (sign S/MIME) -> carte-2026/sign-rsa (instead of carte-2025/sign-rsa, which " \
+            "retires)" in check.stdout
         assert "smime.encryption_key (receive replies (encryption key)) -> carte-2026/encrypt-rsa" in check.stdout
-        todo = [line for line in check.stdout.splitlines() if line.startswith("to do")]
-        assert len(todo) == 1 and "send the new encryption certificate" in todo[0], todo
+        assert not [line for line in check.stdout.splitlines() if line.startswith("to do")], check.stdout
+        assert "step   send the new encryption certificate" in check.stdout
         written = {p.suffix: p for p in out.iterdir()}
         assert x509.load_der_x509_certificate(written[".der"].read_bytes()) == new_enc_cert
         assert x509.load_pem_x509_certificate(written[".pem"].read_bytes()) == new_enc_cert
@@ -187,6 +192,11 @@ def test_renewal_from_one_card_to_another_with_replies_in_flight(demos: list[Dem
         assert "carte-2026/sign-rsa" in r.json()["detail"]
         r = admin.post("/v1/keys/sign-rsa/sign", json=SIGN)
         assert r.status_code == 200 and r.json()["key"] == new_sign
+        # The counter allowed the old key may use its successor, with no change to its key list.
+        with service.http(counter_secret) as counter:
+            r = counter.post("/v1/keys/sign-rsa/sign", json=SIGN)
+            assert r.status_code == 200 and r.json()["key"] == new_sign, r.text
+            assert {k["id"] for k in counter.get("/v1/keys").json()} == {old_sign, new_sign}
         # The web services see the new card too: the upstream's "sign-rsa" now names the key in service.
         assert client_certificate(admin) == certificate(new, "sign-rsa")
         keys = {(k["token"], k["label"]): k for k in admin.get("/v1/keys").json()}
@@ -196,8 +206,8 @@ def test_renewal_from_one_card_to_another_with_replies_in_flight(demos: list[Dem
 
         # Once no reply can still be on its way (retiring_until passed), the old card is not used at all.
         yesterday = (dt.date.today() - dt.timedelta(days=1)).isoformat()
-        write_config(config, {"carte-2025": (old, {"retiring": True, "retiring_until": yesterday}),
-                              "carte-2026": (new, {})}, extra)
+        write_config(config, {"carte-2025": (old, {"retiring_until": yesterday}),
+                              "carte-2026": (new, {"replaces": "carte-2025"})}, extra)
         service = start_service(config, state, port=hub)
         wait_tokens(service, {"carte-2025": "ready", "carte-2026": "ready"})
         r = admin.post(f"/v1/keys/{old_enc}/decrypt", json={"algorithm": "rsa-oaep-sha256",

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from tests.conftest import TB, Service, start_service
 from tests.faulty import FaultControl, build_module, real_module
-from tests.several_tokens import write_config
+from tests.several_tokens import another_organisation, write_config
 from tests.test_ui import browser_page  # noqa: F401  (the fixture: Debian's chromium under Playwright)
 from tokenbridge.tools.demo import DemoInfo, init_demo
 
@@ -34,8 +34,11 @@ SIGN = {"algorithm": "rsa-pkcs1v15-sha256", "data": base64.b64encode(DATA).decod
 
 @pytest.fixture(scope="session")
 def demos(demo: DemoInfo, tmp_path_factory: pytest.TempPathFactory) -> list[DemoInfo]:
-    """Three tokens with the same labels, in three SoftHSM stores (the shared demo is the first)."""
-    return [demo] + [init_demo(tmp_path_factory.mktemp(f"card{i}") / "tokenbridge") for i in (2, 3)]
+    """Three tokens with the same labels, in three SoftHSM stores: the shared demo, a second card of the same
+    organisation (its renewal), and a third organisation's card."""
+    cards = [demo] + [init_demo(tmp_path_factory.mktemp(f"card{i}") / "tokenbridge") for i in (2, 3)]
+    another_organisation(cards[2], "HLM Autre Toit", "987654321")
+    return cards
 
 
 def wait_tokens(service: Service, states: dict[str, str], timeout: float = 30) -> dict[str, Any]:
@@ -52,7 +55,7 @@ def wait_tokens(service: Service, states: dict[str, str], timeout: float = 30) -
 @pytest.fixture
 def hub(demos: list[DemoInfo], tmp_path: Path) -> Iterator[Service]:
     """Two organisations' cards: ``hlm-a`` and ``hlm-b``."""
-    config = write_config(tmp_path / "hub" / "tokenbridge.toml", {"hlm-a": (demos[0], {}), "hlm-b": (demos[1], {})})
+    config = write_config(tmp_path / "hub" / "tokenbridge.toml", {"hlm-a": (demos[0], {}), "hlm-b": (demos[2], {})})
     service = start_service(config, tmp_path / "state")
     wait_tokens(service, {"hlm-a": "ready", "hlm-b": "ready"})
     yield service
@@ -145,7 +148,7 @@ def test_a_message_opens_on_whichever_card_it_is_addressed_to(hub: Service, demo
     only_a = hub.http(hub.add_client("only-a", "cms-decrypt", keys="hlm-a/encrypt-rsa"))
     plain = tmp_path / "plain.bin"
     plain.write_bytes(DATA)
-    for demo, name in ((demos[0], "hlm-a"), (demos[1], "hlm-b")):
+    for demo, name in ((demos[0], "hlm-a"), (demos[2], "hlm-b")):
         for how in ([], ["-keyid"]):
             out = tmp_path / f"{name}{''.join(how)}.der"
             subprocess.run(["openssl", "cms", "-encrypt", "-binary", "-aes256", "-in", str(plain), "-outform", "DER",

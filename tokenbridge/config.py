@@ -69,6 +69,9 @@ class TokenSettings(BaseModel):
                                               "way to the old certificate); docs/renewal.md.")
     retiring_until: datetime.date | None = Field(
         None, description="With retiring: after this day the keys are not used at all (default: no end).")
+    replaces: str | None = Field(
+        None, description="Renewal in one line: the token (by name) this one replaces. That token becomes "
+                          "retiring, and the settings that name its keys move to the matching keys here.")
 
 
 def is_loopback(host: str) -> bool:
@@ -344,11 +347,25 @@ class Settings(BaseSettings):
 
         self.data_dir = fix(self.data_dir) or self.data_dir
         if self.tokens and "token" in self.model_fields_set:
-            raise ValueError("give either [token] (one token) or [tokens.NAME] tables (several), not both")
+            raise ValueError("give either [token] (one token; or TOKENBRIDGE_TOKEN__* variables) or [tokens.NAME] "
+                             "tables (several; their variables are TOKENBRIDGE_TOKENS__NAME__*), not both")
         for name in self.tokens:
             if not TOKEN_NAME.fullmatch(name):
                 raise ValueError(f"token name {name!r}: use letters, digits, '-' and '_' (it is written "
                                  "before a key's label, as in NAME/label)")
+        selections: dict[tuple[object, ...], str] = {}
+        for name, t in self.tokens.items():
+            if len(self.tokens) > 1 and t.label is None and t.serial is None and t.slot is None:
+                raise ValueError(f"tokens.{name}: with several tokens, each says which it is: give its serial "
+                                 "(two cards of one vendor often share a label), label or slot")
+            selection = (t.module, t.label, t.serial, t.slot, tuple(sorted(t.environment.items())))
+            if selection in selections:
+                raise ValueError(f"tokens.{selections[selection]} and tokens.{name} select the same token: give "
+                                 "each its serial (`pkcs11-tool -L` lists each card's)")
+            selections[selection] = name
+            if t.replaces is not None and (t.replaces not in self.tokens or t.replaces == name):
+                raise ValueError(f"tokens.{name}.replaces = {t.replaces!r}: name another [tokens.NAME] table "
+                                 f"({', '.join(n for n in self.tokens if n != name) or 'there is none'})")
         self.token.pin_file = fix(self.token.pin_file)
         for t in self.tokens.values():
             t.pin_file = fix(t.pin_file)

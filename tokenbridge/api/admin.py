@@ -290,7 +290,7 @@ def overview(bridge: Bridge, counts: _DayCounts, now: datetime | None = None) ->
         "generated": now.isoformat(timespec="seconds"),
         "version": __version__,
         "token": token_overview(status),
-        "tokens": [{"name": name, "required": tokens.tables[name].required, "retiring": tokens.tables[name].retiring,
+        "tokens": [{"name": name, "required": tokens.tables[name].required, "retiring": tokens.retiring(name),
                     "queue_depth": s.queue_depth, **token_overview(s)} for name, s in statuses.items()],
         "certificates": certificates,
         "clients": [client_overview(c, per_actor) for c in bridge.clients.list()],

@@ -48,8 +48,10 @@ def token_view(status: TokenStatus) -> dict[str, Any]:
 def named_token_view(bridge: Bridge, name: str, status: TokenStatus) -> dict[str, Any]:
     """A token's view with its name in the configuration and its role in renewal."""
     table = bridge.tokens.tables[name]
-    return {"name": name, **token_view(status), "required": table.required, "retiring": table.retiring,
-            "retiring_until": table.retiring_until.isoformat() if table.retiring_until else None}
+    return {"name": name, **token_view(status), "required": table.required,
+            "retiring": bridge.tokens.retiring(name),
+            "retiring_until": table.retiring_until.isoformat() if table.retiring_until else None,
+            "replaces": table.replaces, "replaced_by": bridge.tokens.replaced_by.get(name)}
 
 
 def _view(bridge: Bridge, key: KeyInfo) -> dict[str, Any]:
@@ -59,9 +61,11 @@ def _view(bridge: Bridge, key: KeyInfo) -> dict[str, Any]:
     view["state"] = retirement.state.value
     view["retiring_until"] = retirement.until.isoformat() if retirement.until else None
     if retirement.state is not KeyState.ACTIVE:
-        view["operations"] = [op for op in view["operations"] if op == "decrypt"] \
-            if retirement.state is KeyState.RETIRING else []
+        retiring = retirement.state is KeyState.RETIRING
+        view["operations"] = [op for op in view["operations"] if op == "decrypt"] if retiring else []
         view["sign_algorithms"] = []
+        if not retiring:
+            view["decrypt_algorithms"] = []
     return view
 
 
@@ -160,13 +164,14 @@ async def tokens(request: Request, caller: Caller) -> list[dict[str, Any]]:
 
 @router.get("/keys", summary="Keys on the tokens that the caller may use")
 async def keys(request: Request, caller: Caller) -> list[dict[str, Any]]:
-    """503 ``token_unavailable`` while a required token is not ready and has shown no keys: an empty or
-    partial list would read as "no such key"."""
+    """503 ``token_unavailable`` while the token is not ready (with several: while a required one is not ready
+    and has shown no keys): an empty or partial list would read as "no such key"."""
     bridge = bridge_of(request)
+    single = len(bridge.tokens) == 1
     for name, status in bridge.tokens.not_ready().items():
-        if not bridge.tokens.process(name).list_keys():
+        if single or not bridge.tokens.process(name).list_keys():
             detail = unavailable_detail(status)
-            raise TokenUnavailable(detail if len(bridge.tokens) == 1 else f"token {name!r}: {detail}",
+            raise TokenUnavailable(detail if single else f"token {name!r}: {detail}",
                                    extra={"state": status.state.value, "token": name})
     return [_view(bridge, k) for k in bridge.tokens.list_keys() if caller.may_use(k)]
 

@@ -185,7 +185,8 @@ def _check_certificate(r: Report, prefix: str, k: dict[str, Any], warning_days: 
     key_state = k.get("state", "active")
     if key_state != "active":
         until = f" until {k['retiring_until']}" if k.get("retiring_until") else ""
-        r.ok(f"{name}: {key_state}{until}: decrypts replies still sent to {cert['subject']}, signs nothing"
+        r.ok(f"{name}: {key_state}{until}: signs and authenticates nothing any more"
+             + (", decrypts what is still sent to it" if "decrypt" in k.get("operations", []) else "")
              if key_state == "retiring" else f"{name}: retired on {k['retiring_until']}: no longer used; remove "
              "it from the configuration")
         return

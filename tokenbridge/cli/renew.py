@@ -23,7 +23,8 @@ def check(config: ConfigOpt = None,
           as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
     """What still points at a retiring certificate, and what the national administrator must receive.
 
-    Exit status 1 while something is left to do."""
+    Exit status 1 while the hub finds something wrong (a setting or a client left on a retiring key, an
+    ambiguous name, a certificate to renew); the steps only people can do are printed, not checked."""
     with admin(load(config)) as c:
         report: dict[str, Any] = call(c.renewal)
     enc = report["encryption_certificate"]
@@ -41,7 +42,8 @@ def check(config: ConfigOpt = None,
     for ref in report["references"]:
         target = ref.get("key") or ref.get("error")
         say(Text(f"{ref['setting']} ({ref['use']}) -> {target}"
-                           + (f" [{ref['state']}]" if ref.get("state") not in (None, "active") else "")))
+                 + (f" [{ref['state']}]" if ref.get("state") not in (None, "active") else "")
+                 + (f" (instead of {ref['moved_from']}, which retires)" if ref.get("moved_from") else "")))
     if enc is not None:
         say(Text(f"encryption certificate for the national system: {enc['token']}/{enc['label']}\n"
                            f"  subject {enc['subject']}\n  serial  {enc['serial']}\n"
@@ -51,10 +53,12 @@ def check(config: ConfigOpt = None,
         say(Text(f"wrote {path}"))
     if enc is not None and out is None:
         say(Text("(--out DIR writes it as PEM and DER)"))
+    for item in report.get("steps", []):
+        say(Text.assemble(("step", "cyan"), f"   {item}"))
     for item in report["todo"]:
         say(Text.assemble(("to do", "yellow"), f"  {item}"))
     if not report["todo"]:
-        say(Text.assemble(("ok", "green"), "  nothing points at a retiring certificate"))
+        say(Text.assemble(("ok", "green"), "    nothing points at a retiring certificate"))
     raise typer.Exit(1 if report["todo"] else 0)
 
 

@@ -75,8 +75,10 @@ class OutboundWorker:
         assert msg.raw is not None
         principal = gateway_principal(msg.submitter)
         policy = self.settings.mail.policy
-        key = policy.sign_key or self.settings.smime.sign_key
+        ref = policy.sign_key or self.settings.smime.sign_key
         try:
+            # A setting: after a renewal, the new card's key (services/tokens.py, configured).
+            key = self.smime.cms.tokens.configured(ref).id if ref else None
             raw, attachments = await self.smime.cms.workers.sized(len(msg.raw))(lambda: _read(msg.raw or b""))
             if msg.policy == "sign-encrypt":
                 parts = await self.smime.sign_and_encrypt_message(

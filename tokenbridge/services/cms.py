@@ -83,9 +83,12 @@ class CmsService:
     def sign_key(self, principal: Principal, ref: str | None) -> KeyInfo:
         """The named key, else the configured one, else the first e-mail signing key in service the client
         may use (a retiring key only decrypts)."""
-        ref = ref or self.settings.smime.sign_key
         if ref:
             return self.ops.resolve_key(principal, ref)
+        if self.settings.smime.sign_key:  # a setting: after a renewal, it means the new card's key
+            key = self.tokens.configured(self.settings.smime.sign_key)
+            principal.require_key(key)
+            return key
         for key in self.tokens.active():
             if principal.may_use(key) and may_sign(key)[0] and is_email_key(key):
                 return key
@@ -97,7 +100,7 @@ class CmsService:
         signature). By default the first decryption key in service: after a renewal, the new card's."""
         ref = self.settings.smime.encryption_key
         if ref:
-            return self.tokens.find_key(ref)
+            return self.tokens.configured(ref)
         return next((k for k in self.tokens.active() if may_decrypt(k)[0] and k.certificate is not None), None)
 
     def intermediates(self, cert: x509.Certificate) -> list[x509.Certificate]:

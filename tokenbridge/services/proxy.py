@@ -126,7 +126,7 @@ class ProxyService:
         if allowed and not principal.operator and principal.name not in allowed:
             raise Problem(f"client {principal.name!r} may not use upstream {up.name!r}",
                           code="upstream_not_granted", status=403, title="Forbidden")
-        key = self.bridge.tokens.find_key(up.settings.key)
+        key = self.bridge.tokens.configured(up.settings.key)
         principal.require_key(key)
         self.bridge.tokens.require_in_service(key, "authenticate")
         return key
@@ -323,7 +323,7 @@ class ProxyService:
         up = self.upstream(name)
         result: dict[str, Any] = {"upstream": name, "url": up.settings.url}
         try:
-            key = self.bridge.tokens.find_key(up.settings.key)
+            key = self.bridge.tokens.configured(up.settings.key)
             self._ensure_pool(up, key)
             assert up.context is not None and up.info is not None
             result["limited"] = up.info.limited_reason

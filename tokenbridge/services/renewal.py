@@ -30,12 +30,13 @@ class RenewalReport:
     in_service: list[dict[str, Any]] = field(default_factory=list)
     encryption_certificate: dict[str, Any] | None = None  # what the national administrator must install
     references: list[dict[str, Any]] = field(default_factory=list)  # each setting or list that names a key
-    todo: list[str] = field(default_factory=list)
+    todo: list[str] = field(default_factory=list)  # what the hub finds wrong: the check fails while any is left
+    steps: list[str] = field(default_factory=list)  # what people must do, which the hub cannot check
 
     def as_dict(self) -> dict[str, Any]:
         return {"retiring": self.retiring, "in_service": self.in_service,
                 "encryption_certificate": self.encryption_certificate, "references": self.references,
-                "todo": self.todo}
+                "todo": self.todo, "steps": self.steps}
 
 
 def fingerprint(cert: x509.Certificate) -> str:
@@ -75,8 +76,8 @@ def renewal_report(tokens: TokenSet, clients: ClientRegistry) -> RenewalReport:
         (report.in_service if tokens.state(key) is KeyState.ACTIVE else report.retiring).append(
             _key(tokens, key, warning_days))
     if not report.retiring:
-        report.todo.append("no key is retiring: add the new card as a second token and mark the old one "
-                           "retiring (docs/renewal.md)")
+        report.steps.append("no key is retiring: on renewal day, add the new card as a second token that "
+                            "replaces the old one (docs/renewal.md)")
 
     def check(where: str, ref: str | None, use: str, default: KeyInfo | None = None) -> KeyInfo | None:
         """One setting naming a key: what it resolves to, and a to-do if that is not a key in service."""
@@ -84,7 +85,10 @@ def renewal_report(tokens: TokenSet, clients: ClientRegistry) -> RenewalReport:
         key: KeyInfo | None = default
         if ref is not None:
             try:
-                key = tokens.find_key(ref)
+                named = tokens.find_key(ref)
+                key = tokens.configured(ref)  # a retiring key's successor, when it has one
+                if key.id != named.id:
+                    entry["moved_from"] = f"{named.token}/{named.label}"
             except Problem as exc:
                 entry["error"] = exc.detail
                 report.references.append(entry)
@@ -98,8 +102,9 @@ def renewal_report(tokens: TokenSet, clients: ClientRegistry) -> RenewalReport:
         entry.update(key=f"{key.token}/{key.label}", id=key.id, state=tokens.state(key).value)
         report.references.append(entry)
         if tokens.state(key) is not KeyState.ACTIVE:
-            report.todo.append(f"{where} = {ref!r} names {key.token}/{key.label}, which is {tokens.state(key).value}:"
-                               f" name the new key (its label alone, or TOKEN/label, or its id)")
+            report.todo.append(f"{where} = {ref!r} names {key.token}/{key.label}, which is {tokens.state(key).value}"
+                               " and has no successor: name the new key (its label, TOKEN/label or id), or say "
+                               "which token replaces its own (replaces = ...)")
         return key
 
     active = tokens.active(keys)
@@ -115,7 +120,7 @@ def renewal_report(tokens: TokenSet, clients: ClientRegistry) -> RenewalReport:
     if enc is not None and enc.certificate is not None:
         report.encryption_certificate = _certificate(enc)
         if report.retiring:
-            report.todo.append(f"send the new encryption certificate ({enc.token}/{enc.label}, SHA-256 "
+            report.steps.append(f"send the new encryption certificate ({enc.token}/{enc.label}, SHA-256 "
                                f"{report.encryption_certificate['sha256']}) to the national system's "
                                "administrator; keep the old card retiring until no reply is sent to it any more")
     for client in clients.list():

@@ -13,8 +13,13 @@ How a reference names a key (``find_key``), for clients, key lists and the confi
   with that label (two organisations' cards, say) make the label ambiguous, and it is refused with the
   candidates listed.
 
-Renewal (docs/renewal.md): a retiring key (``retiring`` on its token or on ``[keys.X]``) only decrypts, so
-that replies still on their way to the old certificate open; after ``retiring_until`` it is not used at all.
+Renewal (docs/renewal.md): a retiring key (``retiring`` on its token or on ``[keys.X]``, or on a token that
+another ``replaces``) only decrypts, so that replies still on their way to the old certificate open; after
+``retiring_until`` it is not used at all. Its *successor* is the key in service that takes its place: on the
+replacing token, the key with the same label, else the only one with the same type and uses; without
+``replaces``, the only key in service with the same label. Settings that name a retiring key (``configured``)
+mean its successor, and a client allowed the old key may use its successor: one configuration change moves
+the signing key, the encryption-key preference, the upstreams' keys and the gateway to the new card.
 """
 
 from __future__ import annotations
@@ -27,9 +32,12 @@ import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+from cryptography.x509.oid import NameOID
+
 from tokenbridge.algorithms import HashName
 from tokenbridge.config import Settings
 from tokenbridge.errors import Problem
+from tokenbridge.formats import x509 as x509h
 from tokenbridge.token.model import (
     KeyInfo,
     KeyNotFound,
@@ -74,6 +82,26 @@ class Retirement:
     until: datetime.date | None = None
 
 
+def _holder(key: KeyInfo) -> str | None:
+    """Whose certificate it is: the subject's organizationIdentifier (the SIREN, for French organisations),
+    else its organisation name. None without a certificate: such a key belongs to no lineage."""
+    cert = key.certificate
+    if cert is None:
+        return None
+    for oid in (NameOID.ORGANIZATION_IDENTIFIER, NameOID.ORGANIZATION_NAME):
+        values = cert.subject.get_attributes_for_oid(oid)
+        if values:
+            return f"{oid.dotted_string}={values[0].value!s}"
+    return None
+
+
+def _role(key: KeyInfo) -> tuple[object, ...]:
+    """What a key is for, to match an old card's key with the new card's: type, token flags, certificate uses."""
+    cert = key.certificate
+    uses = (frozenset(x509h.key_usages(cert)), frozenset(x509h.extended_key_usages(cert))) if cert else ()
+    return (key.key_type, key.can_sign, key.can_decrypt, uses)
+
+
 class TokenSet:
     """The tokens by name, in configuration order; the first is the one a plain ``[token]`` configures."""
 
@@ -81,6 +109,7 @@ class TokenSet:
         self.settings = settings
         self.tables = settings.token_tables
         self.processes = processes
+        self.replaced_by = {t.replaces: name for name, t in self.tables.items() if t.replaces}
 
     # ------------------------------------------------------------------ the tokens
 
@@ -109,6 +138,10 @@ class TokenSet:
 
     def required(self, name: str) -> bool:
         return self.tables[name].required
+
+    def retiring(self, name: str) -> bool:
+        """The whole token retires: marked so, or another token replaces it."""
+        return self.tables[name].retiring or name in self.replaced_by
 
     def not_ready(self) -> dict[str, TokenStatus]:
         """The required tokens that cannot serve now (empty: the hub is ready)."""
@@ -142,7 +175,7 @@ class TokenSet:
     def retirement(self, key: KeyInfo, today: datetime.date | None = None) -> Retirement:
         table = self.tables.get(key.token)
         policy = self.settings.key_policy(key.id, key.label, key.token)
-        retiring = bool(table and table.retiring) or policy.retiring
+        retiring = bool(table and table.retiring) or key.token in self.replaced_by or policy.retiring
         if not retiring:
             return Retirement(KeyState.ACTIVE)
         dates = [d for d in (table.retiring_until if table else None, policy.retiring_until) if d is not None]
@@ -180,11 +213,14 @@ class TokenSet:
         in_service = [k for k in matches if self.state(k) is KeyState.ACTIVE]
         if len(in_service) == 1:
             return in_service[0]
-        if not in_service:  # only retiring ones: the one that retires last
+        if not in_service:  # only retiring (or retired) ones: the one still retiring, if there is one
             retiring = [k for k in matches if self.state(k) is KeyState.RETIRING]
             if len(retiring) == 1:
                 return retiring[0]
-        raise KeyAmbiguous(ref, in_service or matches)
+        candidates = in_service or matches
+        if len({k.token for k in candidates}) == 1:  # one token with two keys so labelled: the first, as ever
+            return candidates[0]
+        raise KeyAmbiguous(ref, candidates)
 
     def _unavailable_or_missing(self, ref: str) -> None:
         # A token that is not ready and has shown no keys yet might hold it: say that, not "not found".
@@ -198,29 +234,71 @@ class TokenSet:
         raise KeyNotFound(f"no key {ref!r} on {where} (see GET /v1/keys)")
 
     def lineage(self, key: KeyInfo) -> list[KeyInfo]:
-        """The keys a bare label grants along with ``key``: its label's keys, if at most one is in service."""
-        same = [k for k in self.list_keys() if k.label == key.label]
-        return same if sum(self.state(k) is KeyState.ACTIVE for k in same) <= 1 else [key]
+        """The keys a grant of ``key`` extends to: the same holder's keys with its label if at most one of them
+        is in service, its successor and the keys it succeeds (a counter allowed the old card's key may use
+        the new one's). Never another holder's key: two organisations' cards may carry the same label."""
+        keys = self.list_keys()
+        same = [k for k in keys if k.label == key.label and _holder(k) == _holder(key) is not None]
+        found = {k.id: k for k in (same if sum(self.state(k) is KeyState.ACTIVE for k in same) <= 1 else [])}
+        found[key.id] = key
+        successor = self.successor(key)
+        if successor is not None:
+            found[successor.id] = successor
+        for k in keys:
+            if self.state(k) is not KeyState.ACTIVE and (s := self.successor(k)) is not None and s.id == key.id:
+                found[k.id] = k
+        return list(found.values())
+
+    def successor(self, key: KeyInfo) -> KeyInfo | None:
+        """The key in service that takes a retiring key's place (see the module's docstring), if one does."""
+        if self.state(key) is KeyState.ACTIVE:
+            return None
+        replacing = self.replaced_by.get(key.token)
+        if replacing is not None:
+            theirs = [k for k in self.processes[replacing].list_keys() if self.state(k) is KeyState.ACTIVE]
+            named = [k for k in theirs if k.label == key.label]
+            alike = named or [k for k in theirs if _role(k) == _role(key)]
+            return alike[0] if len(alike) == 1 else None
+        holder = _holder(key)
+        active = [k for k in self.list_keys() if k.label == key.label and self.state(k) is KeyState.ACTIVE
+                  and holder is not None and _holder(k) == holder]
+        return active[0] if len(active) == 1 else None
+
+    def configured(self, ref: str) -> KeyInfo:
+        """The key a setting names (``smime.sign_key``, ``upstreams.X.key``...): a retiring key's successor
+        when it has one, so that renewal needs no edit of each setting."""
+        key = self.find_key(ref)
+        if self.state(key) is not KeyState.ACTIVE:
+            successor = self.successor(key)
+            if successor is not None:
+                return successor
+        return key
 
     def granted(self, refs: frozenset[str]) -> frozenset[str] | None:
         """A stored key list (as an operator typed it) as the ids of the keys it allows.
 
-        An empty list is "every key" (``ANY_KEY``). An id or ``NAME/…`` allows that key; a bare label allows
-        its lineage (the key in service and the retiring keys it replaces) and nothing if it is ambiguous:
-        a name can never widen what a caller may use, e.g. when a second organisation's card with the same
-        label is added. A name that matches nothing allows nothing.
+        An empty list is "every key" (``ANY_KEY``). Each name allows the key it names and that key's lineage
+        (its successor and predecessors in a renewal). A bare label whose keys belong to more than one holder
+        (two organisations' cards with the same label) allows nothing: a name can never widen what a caller
+        may use when another organisation's card is added. A name that matches nothing allows nothing.
         """
         if not refs:
             return ANY_KEY
         ids: set[str] = set()
+        keys = self.list_keys()
         for ref in refs:
-            try:
-                key = self.find_key(ref)
-            except Problem:
-                continue
-            if "/" in ref or key.id == ref:
-                ids.add(key.id)
-            else:
+            named: list[KeyInfo] = []
+            if "/" not in ref and not any(k.id == ref for k in keys):  # a bare label: every key it names
+                named = [k for k in keys if k.label == ref]
+                holders = {_holder(k) for k in named}
+                if len({k.token for k in named}) > 1 and (len(holders) > 1 or None in holders):
+                    continue
+            if not named:
+                try:
+                    named = [self.find_key(ref)]
+                except Problem:
+                    continue
+            for key in named:
                 ids.update(k.id for k in self.lineage(key))
         return frozenset(ids)
 
@@ -235,13 +313,9 @@ class TokenSet:
             raise KeyRetiring(f"key {where!r} retired on {retirement.until.isoformat()} (retiring_until): it is "
                               "no longer used; remove it from the configuration")
         if use != "decrypt":
-            successor = self._successor(key)
+            successor = self.successor(key)
             hint = f"; its successor is {successor.token}/{successor.label} (id {successor.id})" if successor else ""
             raise KeyRetiring(f"key {where!r} is retiring: it only decrypts, it does not {use}{hint}")
-
-    def _successor(self, key: KeyInfo) -> KeyInfo | None:
-        active = [k for k in self.lineage(key) if self.state(k) is KeyState.ACTIVE]
-        return active[0] if len(active) == 1 else None
 
     def has_mechanism(self, key: KeyInfo, name: str) -> bool:
         return self.of(key).has_mechanism(name)
