@@ -138,6 +138,11 @@ def test_key_lists_and_grants_across_cards(hub: Service) -> None:
     vague = hub.http(json.loads(forced.stdout)["secret"])
     assert vague.get("/v1/keys").json() == []
     assert vague.post("/v1/keys/hlm-a/sign-rsa/sign", json=SIGN).json()["code"] == "key_not_granted"
+    # The operator fixes its list in place; the change applies at its next request.
+    hub.cli("clients", "keys", "vague", "hlm-b/sign-rsa")
+    assert [(k["token"], k["label"]) for k in vague.get("/v1/keys").json()] == [("hlm-b", "sign-rsa")]
+    assert vague.post("/v1/keys/hlm-b/sign-rsa/sign", json=SIGN).status_code == 200
+    assert hub.cli("clients", "keys", "nobody", "*", check=False).returncode != 0
 
 
 def test_a_message_opens_on_whichever_card_it_is_addressed_to(hub: Service, demos: list[DemoInfo],

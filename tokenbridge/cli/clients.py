@@ -100,6 +100,29 @@ def clients_add(name: str,
     _print_secret(client.name, secret, as_json)
 
 
+@clients_app.command("keys")
+def clients_keys(name: str,
+                 keys: Annotated[str, typer.Argument(help="Comma-separated key ids, TOKEN/label or labels; "
+                                                          "'*' for every key.")],
+                 config: ConfigOpt = None,
+                 force: Annotated[bool, typer.Option("--force", help=FORCE_HELP)] = False) -> None:
+    """Change the keys a client (or workstation) may use, e.g. after a renewal (docs/renewal.md)."""
+    from tokenbridge.services.bridge import open_state
+    from tokenbridge.state.clients import ClientError
+
+    settings = load(config)
+    key_names = [] if keys.strip() == "*" else [k.strip() for k in keys.split(",") if k.strip()]
+    check_keys(settings, key_names, force)
+    _, audit, registry = open_state(settings)
+    try:
+        client = registry.set_keys(name, key_names)
+    except ClientError as exc:
+        fail(str(exc))
+    audit.record("operator", "client_keys_changed", "ok",
+                 detail=f"name={name}, keys={','.join(sorted(client.keys)) or '(all)'}")
+    console.print(f"{name} may use: {', '.join(sorted(client.keys)) or 'every key'}")
+
+
 @clients_app.command("rotate")
 def clients_rotate(name: str, config: ConfigOpt = None,
                    as_json: Annotated[bool, typer.Option("--json", help="Print {name, secret}.")] = False) -> None:

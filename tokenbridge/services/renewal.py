@@ -130,7 +130,7 @@ def renewal_report(tokens: TokenSet, clients: ClientRegistry) -> RenewalReport:
         if granted and not any(k.id in granted for k in active):
             names = ", ".join(sorted(client.keys))
             report.todo.append(f"{client.kind} {client.name!r} may use only retiring keys ({names}): "
-                               f"`tokenbridge clients` must give it the new key")
+                               f"give it the new key: tokenbridge clients keys {client.name} NEW-KEY")
         for ref in sorted(client.keys):
             try:
                 tokens.find_key(ref)

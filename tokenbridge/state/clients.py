@@ -13,6 +13,7 @@ import re
 import secrets
 import sqlite3
 import time
+from collections.abc import Iterable
 from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -124,6 +125,18 @@ class ClientRegistry:
         with self._store.transaction(immediate=True) as db:
             cur = db.execute("UPDATE clients SET revoked = ? WHERE name = ? AND revoked IS NULL",
                              (_now(), name))
+            if cur.rowcount == 0:
+                raise ClientError(f"no active client named {name!r}")
+        client = self.get(name)
+        assert client is not None
+        return client
+
+    def set_keys(self, name: str, keys: Iterable[str]) -> Client:
+        """Replace an active client's (or workstation's) key list; empty: every key. Takes effect at its next
+        request: the key list is read with the client."""
+        with self._store.transaction(immediate=True) as db:
+            cur = db.execute("UPDATE clients SET keys = ? WHERE name = ? AND revoked IS NULL",
+                             (",".join(sorted(set(keys))), name))
             if cur.rowcount == 0:
                 raise ClientError(f"no active client named {name!r}")
         client = self.get(name)
