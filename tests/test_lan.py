@@ -111,6 +111,10 @@ def test_secrets_still_work_on_the_tls_listener_and_tls_is_modern(hub: Service) 
         httpx.get(f"{hub.url}/v1/health", verify=old)
     with pytest.raises((httpx.ConnectError, httpx.RemoteProtocolError)):  # plain HTTP to the TLS port
         httpx.get(f"http://127.0.0.1:{hub.port}/v1/health", timeout=5)
+    # What the administrator reads at start (journalctl -u tokenbridge): where, with what, who may call.
+    start = next(line for line in hub.output().splitlines() if "tokenbridge API on" in line)
+    assert f"https://0.0.0.0:{hub.port}" in start or f":{hub.port}:" in start, start
+    assert "TLS 1.2/1.3" in start and "server.client_auth = either" in start and "tokens: main" in start, start
 
 
 def test_a_secret_through_a_workstation_never_gets_more_keys_than_both_allow(hub: Service, tmp_path: Path) -> None:

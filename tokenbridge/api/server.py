@@ -259,6 +259,25 @@ async def _with_tls(app: Any, peer_der: bytes | None, scope: dict[str, Any], rec
     await app(scope, receive, send)
 
 
+_BANNER: dict[str, str] = {}  # the start-up line, logged once uvicorn has set up logging (by the first worker)
+_AUTH_WORDS = {"secret": "secret", "certificate": "workstation certificate", "either": "secret or workstation "
+               "certificate", "both": "workstation certificate and secret"}
+
+
+def _log_to_stderr(level: str) -> None:
+    """The service's own lines (start-up, tokens, mail) to stderr, as uvicorn and the token process write
+    theirs ("INFO:     ..."): the journal under systemd."""
+    logger = logging.getLogger("tokenbridge")
+    logger.setLevel(level.upper())
+    if not logger.handlers:
+        from uvicorn.logging import DefaultFormatter
+
+        handler = logging.StreamHandler()
+        handler.setFormatter(DefaultFormatter("%(levelprefix)s %(message)s", use_colors=False))
+        logger.addHandler(handler)
+        logger.propagate = False
+
+
 def serve(settings: Settings, *, host: str | None = None, port: int | None = None,
           prompted_pins: dict[str, str] | None = None, log_level: str = "info") -> None:
     host = host or settings.server.host
@@ -276,9 +295,15 @@ def serve(settings: Settings, *, host: str | None = None, port: int | None = Non
     tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     assert settings.server.admin_socket is not None
     admin = _admin_socket(settings.server.admin_socket)
-    logging.getLogger("tokenbridge").setLevel(log_level.upper())
+    _log_to_stderr(log_level)
     scheme = "https" if ssl_context else "http"
-    log.info("tokenbridge API on %s://%s:%d, admin socket %s", scheme, host, port, settings.server.admin_socket)
+    if ssl_context is not None:
+        how = (f"TLS 1.2/1.3 with {settings.server.tls_cert}, clients authenticate by "
+               f"{_AUTH_WORDS[settings.server.client_auth]} (server.client_auth = {settings.server.client_auth})")
+    else:
+        how = "plain HTTP on loopback, clients authenticate by secret"
+    _BANNER["text"] = (f"tokenbridge API on {scheme}://{host}:{port}: {how}; admin socket "
+                       f"{settings.server.admin_socket}; tokens: {', '.join(settings.token_tables)}")
     workers = settings.server.workers
     if workers == 1:
         _run_worker(settings, prompted_pins, tcp, admin, ssl_context, log_level)
@@ -326,6 +351,8 @@ def _run_worker(settings: Settings, prompted_pins: dict[str, str] | None, tcp: s
         tls = {"ssl_context_factory": lambda _config, _default: ssl_context}
     protocol = _peer_certificate_protocol(settings.server.first_request_timeout, settings.server.body_timeout)
     api = uvicorn.Config(app, lifespan="on", http=protocol, **tls, **common)
+    if admin is not None and _BANNER.get("text"):  # logging is set up now (uvicorn.Config did it)
+        log.info("%s", _BANNER["text"])
     servers: list[uvicorn.Server] = []
     admin_server = None
     if admin is not None:
