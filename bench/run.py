@@ -2,7 +2,8 @@
 
     python -m bench                 # full run (about 5 minutes on 2 cores)
     python -m bench --quick         # 1 repetition, short runs (smoke test of the harness)
-    python -m bench --only sign,spy # a subset of: raw, bare, sign, spy, slow, profile, smime, tls, stall, mail
+    python -m bench --only sign,spy # a subset of: raw, bare, sign, workers, spy, slow, profile, smime, tls,
+                                    # stall, mail, tokens
 
 Prints a Markdown table and writes ``bench/results/<timestamp>.json`` and ``latest.json`` /
 ``latest.md``. Nothing here is part of the test suite. Process layout (each its own process):
@@ -56,7 +57,8 @@ ALGORITHMS = [  # (algorithm, key label)
     ("ecdsa-sha256", "auth-ec"),
 ]
 CONCURRENCY = [1, 8, 64]
-PHASES = ("raw", "bare", "sign", "workers", "spy", "slow", "profile", "smime", "tls", "stall", "mail")
+PHASES = ("raw", "bare", "sign", "workers", "spy", "slow", "profile", "smime", "tls", "stall", "mail",
+          "tokens")
 
 
 def log(msg: str) -> None:
@@ -844,6 +846,9 @@ def report(res: dict[str, Any]) -> str:
     if res.get("mail"):
         from bench.mail import report as mail_report
         lines += [*mail_report(res["mail"]), ""]
+    if res.get("tokens"):
+        from bench.tokens import report as tokens_report
+        lines += [*tokens_report(res["tokens"]), ""]
     sm = res.get("smime")
     lines += ["## S/MIME and TLS", ""]
     if sm and "skipped" not in sm:
@@ -968,6 +973,9 @@ def targets(res: dict[str, Any]) -> list[dict[str, str]]:
     if res.get("mail"):
         from bench.mail import targets as mail_targets
         out += mail_targets(res["mail"])
+    if res.get("tokens"):
+        from bench.tokens import targets as tokens_targets
+        out += tokens_targets(res["tokens"])
     return out
 
 
@@ -1051,6 +1059,13 @@ def main(argv: list[str] | None = None) -> int:
             res["mail"] = run_mail(demo, work, a.reps, service, PY)
         except Exception as exc:
             res["mail"] = {"skipped": f"failed: {type(exc).__name__}: {exc}"[:400]}
+    if "tokens" in phases:
+        log("several tokens: two against one (RSA-2048), one slowed to 700 ms against the other's p99")
+        from bench.tokens import run_tokens
+        try:
+            res["tokens"] = run_tokens(demo, work, a.reps, a.seconds)
+        except Exception as exc:
+            res["tokens"] = {"skipped": f"failed: {type(exc).__name__}: {exc}"[:400]}
     res["targets"] = targets(res)
     res["loadavg_end"] = os.getloadavg()
     res["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
