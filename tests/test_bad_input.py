@@ -136,6 +136,16 @@ def test_queue_full_is_503_with_retry_after(fresh_service) -> None:
     assert any(isinstance(r, bytes) for r in results)
     assert svc.http().get("/v1/health").json()["status"] == "ok"
 
+    async def flood_fr() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=svc.url, timeout=30, limits=httpx.Limits(max_connections=64),
+                                     headers={"Authorization": f"Bearer {secret}", "Accept-Language": "fr"}) as c:
+            return await asyncio.gather(*(c.post("/v1/keys/sign-rsa/sign", json={
+                "algorithm": "rsa-pkcs1v15-sha256", "data": "eA=="}) for _ in range(64)))
+
+    refused = [r for r in asyncio.run(flood_fr()) if r.status_code == 503]
+    assert refused and all(r.json()["code"] == "queue_full" and "très sollicitée" in r.json()["detail"]
+                           for r in refused), refused[0].text
+
 
 def test_non_loopback_address_is_refused(demo) -> None:
     import subprocess

@@ -56,6 +56,13 @@ def test_an_expired_certificate_does_not_sign_mail(fresh_service: Any, tmp_path:
                      headers={"Content-Type": "application/octet-stream"})
     assert r.status_code == 422 and r.json()["code"] == "certificate_expired", r.text
     assert "expired on" in r.json()["detail"] and expired.not_valid_after_utc.date().isoformat() in r.json()["detail"]
+    # The person at the counter reads French: the same problem (same code), said for them.
+    r = counter.post("/v1/cms/sign", params={"key": "sign-rsa"}, content=b"demande",
+                     headers={"Content-Type": "application/octet-stream", "Accept-Language": "fr-FR,fr;q=0.9,en;q=0.5"})
+    assert r.json()["code"] == "certificate_expired" and r.headers["content-language"] == "fr"
+    assert r.json()["detail"].startswith("Le certificat de l'organisme sur la carte a expiré le "
+                                         f"{expired.not_valid_after_utc:%d/%m/%Y}"), r.json()
+    assert "expired on" in r.json()["detail_en"]
     eml = b"From: a@example.org\r\nTo: b@example.org\r\nSubject: x\r\n\r\nbonjour\r\n"
     r = counter.post("/v1/smime/sign", params={"key": "sign-rsa"}, content=eml,
                      headers={"Content-Type": "message/rfc822"})

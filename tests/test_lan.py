@@ -229,6 +229,9 @@ def test_relay_serves_the_same_api_on_the_counter(hub: Service, tmp_path: Path) 
         hub.stop()
         r = httpx.post(f"{local}/v1/keys/sign-rsa/sign", json=SIGN, headers={"Authorization": f"Bearer {secret}"})
         assert r.status_code == 503 and r.json()["code"] == "hub_unreachable"
+        r = httpx.post(f"{local}/v1/keys/sign-rsa/sign", json=SIGN,
+                       headers={"Authorization": f"Bearer {secret}", "Accept-Language": "fr"})
+        assert r.json()["code"] == "hub_unreachable" and "ne joint pas le serveur" in r.json()["detail"]
         restarted = start_service(hub.config, hub.data_dir, {"TOKENBRIDGE_SERVER__TLS": "on"}, port=hub.port,
                                   scheme="https", verify=hub.verify)
         try:

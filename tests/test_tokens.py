@@ -240,6 +240,9 @@ def test_each_card_has_its_own_pin_guard_and_readiness(demos: list[DemoInfo], tm
         refused = counter.post("/v1/keys/a/sign-rsa/sign", json=SIGN)
         assert refused.status_code == 503 and refused.json()["code"] == "token_unavailable"
         assert refused.json()["token"] == "a" and refused.json()["state"] == "needs_pin"
+        french = counter.post("/v1/keys/a/sign-rsa/sign", json=SIGN, headers={"Accept-Language": "fr"}).json()
+        assert french["code"] == "token_unavailable" and french["detail"].startswith("Carte « a » : la carte")
+        assert "code PIN" in french["detail"] and french["detail_en"] == refused.json()["detail"]
         assert faults.count("C_Login", rv="CKR_PIN_INCORRECT") == 1, "the wrong PIN was tried once"
         time.sleep(1.0)
         assert faults.count("C_Login", rv="CKR_PIN_INCORRECT") == 1, "and never again"

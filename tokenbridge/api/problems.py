@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tokenbridge.errors import Problem
+from tokenbridge.i18n import localise
 from tokenbridge.state.store import StoreUnwritable
 from tokenbridge.token.model import TokenUnavailable
 
@@ -80,8 +81,10 @@ def install(app: FastAPI) -> None:
             bridge = getattr(request.app.state, "bridge", None)
             if bridge is not None and len(bridge.tokens) == 1:  # with several, the raiser names the token
                 extra = {**extra, "state": next(iter(bridge.tokens)).status().state.value}
-        return problem_response(exc.status, exc.code, exc.title, exc.detail, request.url.path, exc.headers,
-                                **extra)
+        # Counter staff read French: the problems they meet get a French detail when asked (tokenbridge/i18n.py).
+        detail, extra, headers = localise(exc.code, exc.detail, extra, exc.headers,
+                                          request.headers.get("accept-language"))
+        return problem_response(exc.status, exc.code, exc.title, detail, request.url.path, headers, **extra)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -17,6 +17,7 @@ import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -29,6 +30,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from tokenbridge.config import is_loopback
+from tokenbridge.i18n import localise
 from tokenbridge.loopback import LoopbackGuard
 from tokenbridge.services.bridge_ca import load_credential
 
@@ -42,9 +44,10 @@ class RelayError(Exception):
     pass
 
 
-def _problem(status: int, code: str, title: str, detail: str) -> JSONResponse:
+def _problem(status: int, code: str, title: str, detail: str, headers: dict[str, str] | None = None,
+             **extra: Any) -> JSONResponse:
     return JSONResponse({"type": f"urn:tokenbridge:problem:{code}", "title": title, "status": status,
-                         "detail": detail, "code": code}, status_code=status,
+                         "detail": detail, "code": code, **extra}, status_code=status, headers=headers,
                         media_type="application/problem+json")
 
 
@@ -114,9 +117,10 @@ def create_relay_app(hub: str, ctx: ssl.SSLContext, local_auth: str = "pass-thro
         try:
             upstream = await http.send(outgoing, stream=True)
         except httpx.HTTPError as exc:
-            return _problem(503, "hub_unreachable", "Hub unreachable",
-                            f"the hub {hub} cannot be reached ({type(exc).__name__}); the relay reconnects by "
-                            "itself when it is back")
+            detail, extra, answer_headers = localise(
+                "hub_unreachable", f"the hub {hub} cannot be reached ({type(exc).__name__}); the relay reconnects "
+                "by itself when it is back", {}, None, request.headers.get("accept-language"))
+            return _problem(503, "hub_unreachable", "Hub unreachable", detail, headers=answer_headers, **extra)
         response_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
 
         async def body() -> AsyncIterator[bytes]:

@@ -180,5 +180,7 @@ def require_current_certificate(key: KeyInfo, allow_expired: bool = False,
         raise Problem(f"the certificate of key {key.label!r} is {state} {when.isoformat()} (valid from "
                       f"{start.isoformat()} to {end.isoformat()}); renew it, or set "
                       f"[keys.{key.label}] allow_expired_certificate = true", code="certificate_expired",
-                      status=422, title="Certificate not valid now")
+                      status=422, title="Certificate not valid now",
+                      extra={"validity": check.state.value, "not_before": start.isoformat(),
+                             "not_after": end.isoformat()})
     return cert
