@@ -8,6 +8,7 @@ around them are tested with real SoftHSM cards in test_tokens.py and test_renewa
 from __future__ import annotations
 
 import datetime as dt
+import re
 from typing import Any
 
 import pytest
@@ -119,7 +120,23 @@ def test_a_successor_is_never_another_organisations_key(cards: dict[str, KeyInfo
     assert {k.id for k in tokens.lineage(cards["a-old"])} == {"a1"}
     assert tokens.granted(frozenset({"a1"})) == {"a1"}
     assert tokens.granted(frozenset({"Signature"})) == frozenset()
-    assert tokens.find_key("Signature").id == "b1", "the one key in service with that label"
+    with pytest.raises(Problem) as exc:  # neither a setting nor a call may land on B's key by A's old label
+        tokens.configured("Signature")
+    assert exc.value.code == "key_ambiguous"
+
+
+def test_a_chain_of_renewals_leads_to_the_card_in_service(cards: dict[str, KeyInfo]) -> None:
+    older = make_key("a-2024", "Signature", "111111111", "a0")
+    tokens = token_set({"a-2024": {}, "a-2025": {"replaces": "a-2024"}, "a-2026": {"replaces": "a-2025"}},
+                       {"a-2024": [older], "a-2025": [cards["a-old"]], "a-2026": [cards["a-new"]]})
+    assert tokens.successor(older).id == "a3"  # type: ignore[union-attr]
+    assert tokens.configured("a0").id == "a3"
+    for tables, words in (({"a": {"replaces": "b"}, "b": {"replaces": "a"}}, "loop"),
+                          ({"a": {}, "b": {"replaces": "a"}, "c": {"replaces": "a"}}, "same one")):
+        with pytest.raises(ValueError, match=re.escape(words)):
+            Settings(tokens={name: {"label": name, **t} for name, t in tables.items()})
+    with pytest.raises(ValueError, match=re.escape("needs [tokens.NAME]")):
+        Settings(token={"replaces": "x"})
 
 
 def test_a_retiring_key_past_its_date_is_retired(cards: dict[str, KeyInfo]) -> None:

@@ -366,6 +366,18 @@ class Settings(BaseSettings):
             if t.replaces is not None and (t.replaces not in self.tokens or t.replaces == name):
                 raise ValueError(f"tokens.{name}.replaces = {t.replaces!r}: name another [tokens.NAME] table "
                                  f"({', '.join(n for n in self.tokens if n != name) or 'there is none'})")
+        replaced = [t.replaces for t in self.tokens.values() if t.replaces]
+        if len(replaced) != len(set(replaced)):
+            raise ValueError("two tokens replace the same one: one card takes over from another")
+        for name in self.tokens:  # 2024 -> 2025 -> 2026 is a chain; a loop leaves no card in service
+            seen, current = {name}, self.tokens[name].replaces
+            while current is not None:
+                if current in seen:
+                    raise ValueError(f"tokens.{name}: the replaces settings form a loop; one card must be in service")
+                seen.add(current)
+                current = self.tokens[current].replaces
+        if self.token.replaces is not None:
+            raise ValueError("token.replaces needs [tokens.NAME] tables: the old and the new card, each named")
         self.token.pin_file = fix(self.token.pin_file)
         for t in self.tokens.values():
             t.pin_file = fix(t.pin_file)

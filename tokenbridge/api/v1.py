@@ -18,7 +18,7 @@ from tokenbridge.services.bridge import Bridge
 from tokenbridge.services.keys import key_view, require_certificate
 from tokenbridge.services.principal import Principal
 from tokenbridge.services.renewal import renewal_report
-from tokenbridge.services.tokens import KeyState
+from tokenbridge.services.tokens import KeyState, holder
 from tokenbridge.token.model import KeyInfo, TokenStatus, TokenUnavailable, unavailable_detail
 
 router = APIRouter(prefix="/v1")
@@ -58,6 +58,7 @@ def _view(bridge: Bridge, key: KeyInfo) -> dict[str, Any]:
     retirement = bridge.tokens.retirement(key)
     view = key_view(key, bridge.settings.key_policy(key.id, key.label, key.token).allow_rsa_pkcs1v15_decrypt)
     view["token"] = key.token
+    view["holder"] = holder(key)  # whose certificate: organizationIdentifier=..., else O=...
     view["state"] = retirement.state.value
     view["retiring_until"] = retirement.until.isoformat() if retirement.until else None
     if retirement.state is not KeyState.ACTIVE:

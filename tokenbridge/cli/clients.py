@@ -56,11 +56,12 @@ def check_keys(settings: Settings, names: list[str], force: bool) -> None:
     several = len({k.get("token") for k in keys}) > 1
     known = {k["id"] for k in keys} | {k["label"] for k in keys} \
         | {f"{k.get('token')}/{k[field]}" for k in keys for field in ("label", "id")}
-    for name in names:  # a bare label on two tokens' keys in service allows nothing (services/tokens.py)
-        in_service = [k for k in keys if k["label"] == name and k.get("state", "active") == "active"]
-        if len({k.get("token") for k in in_service}) > 1:
-            candidates = ", ".join(f"{k['token']}/{k['label']} ({k['id']})" for k in in_service)
-            said = f"{name!r} names keys on several tokens: {candidates}"
+    for name in names:  # a bare label on two organisations' cards allows nothing (services/tokens.py)
+        labelled = [k for k in keys if k["label"] == name]
+        holders = {k.get("holder") for k in labelled}
+        if len({k.get("token") for k in labelled}) > 1 and (len(holders) > 1 or None in holders):
+            candidates = ", ".join(f"{k['token']}/{k['label']} ({k['id']})" for k in labelled)
+            said = f"{name!r} names keys of different holders on several tokens: {candidates}"
             if not force:
                 fail(f"{said}; write TOKEN/label or the key's id")
             err.print(Text(f"warning: {said}; stored anyway (--force), it allows none of them while it is "

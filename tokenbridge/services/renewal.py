@@ -1,9 +1,10 @@
 """Renewal day: what still points at a retiring certificate, and what the national administrator must receive.
 
-The steps are in docs/renewal.md. The new card is added as a second token and the old one marked
-``retiring``: defaults and bare labels then choose the key in service, and the old key only decrypts the
-replies still on their way to it. This report reads the configuration, the client lists and the tokens'
-keys (cached state: no card operation) and says what remains to do.
+The steps are in docs/renewal.md. The new card is added as a second token that ``replaces`` the old one
+(or the old one is marked ``retiring``): defaults, bare labels and the settings that named the old keys
+then choose the keys in service, and the old key only decrypts the replies still on their way to it. This
+report reads the configuration, the client lists and the tokens' keys (cached state: no card operation)
+and says what remains to do.
 """
 
 from __future__ import annotations

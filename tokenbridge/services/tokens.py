@@ -8,10 +8,10 @@ How a reference names a key (``find_key``), for clients, key lists and the confi
 
 - a key id (16 hex digits of SHA-256 over the public key);
 - ``NAME/label`` or ``NAME/id``: the key on the token named NAME;
-- a bare label: one certificate *lineage*, that is at most one key in service plus retiring ones (renewal:
-  the old and the new card often carry the same label). The key in service is meant; two keys in service
-  with that label (two organisations' cards, say) make the label ambiguous, and it is refused with the
-  candidates listed.
+- a bare label: the key in service with that label, the old and the new card of one organisation often
+  carrying the same one. Keys with that label on several tokens that do not share one holder (two
+  organisations' cards: the certificate's organizationIdentifier, else O), or two in service, make it
+  ambiguous: refused with the candidates listed. Two keys with one label on one token: the first.
 
 Renewal (docs/renewal.md): a retiring key (``retiring`` on its token or on ``[keys.X]``, or on a token that
 another ``replaces``) only decrypts, so that replies still on their way to the old certificate open; after
@@ -82,7 +82,7 @@ class Retirement:
     until: datetime.date | None = None
 
 
-def _holder(key: KeyInfo) -> str | None:
+def holder(key: KeyInfo) -> str | None:
     """Whose certificate it is: the subject's organizationIdentifier (the SIREN, for French organisations),
     else its organisation name. None without a certificate: such a key belongs to no lineage."""
     cert = key.certificate
@@ -93,6 +93,12 @@ def _holder(key: KeyInfo) -> str | None:
         if values:
             return f"{oid.dotted_string}={values[0].value!s}"
     return None
+
+
+def _several_holders(keys: list[KeyInfo]) -> bool:
+    """Keys on several tokens that may not belong to one organisation (different holders, or unknown)."""
+    holders = {holder(k) for k in keys}
+    return len({k.token for k in keys}) > 1 and (len(holders) > 1 or None in holders)
 
 
 def _role(key: KeyInfo) -> tuple[object, ...]:
@@ -210,6 +216,8 @@ class TokenSet:
             self._unavailable_or_missing(ref)
         if len(matches) == 1:
             return matches[0]
+        if _several_holders(matches):  # two organisations' cards with one label: never guess which
+            raise KeyAmbiguous(ref, matches)
         in_service = [k for k in matches if self.state(k) is KeyState.ACTIVE]
         if len(in_service) == 1:
             return in_service[0]
@@ -238,7 +246,7 @@ class TokenSet:
         is in service, its successor and the keys it succeeds (a counter allowed the old card's key may use
         the new one's). Never another holder's key: two organisations' cards may carry the same label."""
         keys = self.list_keys()
-        same = [k for k in keys if k.label == key.label and _holder(k) == _holder(key) is not None]
+        same = [k for k in keys if k.label == key.label and holder(k) == holder(key) is not None]
         found = {k.id: k for k in (same if sum(self.state(k) is KeyState.ACTIVE for k in same) <= 1 else [])}
         found[key.id] = key
         successor = self.successor(key)
@@ -254,14 +262,18 @@ class TokenSet:
         if self.state(key) is KeyState.ACTIVE:
             return None
         replacing = self.replaced_by.get(key.token)
+        seen = {key.token}
+        while replacing is not None and replacing in self.replaced_by and replacing not in seen:
+            seen.add(replacing)  # 2024 replaced by 2025, itself replaced by 2026: the card in service
+            replacing = self.replaced_by[replacing]
         if replacing is not None:
             theirs = [k for k in self.processes[replacing].list_keys() if self.state(k) is KeyState.ACTIVE]
             named = [k for k in theirs if k.label == key.label]
             alike = named or [k for k in theirs if _role(k) == _role(key)]
             return alike[0] if len(alike) == 1 else None
-        holder = _holder(key)
+        whose = holder(key)
         active = [k for k in self.list_keys() if k.label == key.label and self.state(k) is KeyState.ACTIVE
-                  and holder is not None and _holder(k) == holder]
+                  and whose is not None and holder(k) == whose]
         return active[0] if len(active) == 1 else None
 
     def configured(self, ref: str) -> KeyInfo:
@@ -290,8 +302,7 @@ class TokenSet:
             named: list[KeyInfo] = []
             if "/" not in ref and not any(k.id == ref for k in keys):  # a bare label: every key it names
                 named = [k for k in keys if k.label == ref]
-                holders = {_holder(k) for k in named}
-                if len({k.token for k in named}) > 1 and (len(holders) > 1 or None in holders):
+                if _several_holders(named):
                     continue
             if not named:
                 try:
