@@ -50,25 +50,26 @@ def enroll(name: str,
     key_names = [k.strip() for k in (keys or "").split(",") if k.strip()]
     check_keys(settings, key_names, force)
     _, audit, registry = open_state(settings)
-    target, password, sha256 = _issue(settings, name, output, lambda sha256: registry.add(
+    target, password, sha256 = _issue(settings, name, output, lambda sha256, not_after: registry.add(
         name, [g.strip() for g in grant.split(",") if g.strip()], key_names, kind="workstation",
-        cert_sha256=sha256))
+        cert_sha256=sha256, cert_not_after=not_after))
     audit.record("operator", "workstation_enrolled", "ok", detail=f"name={name}, grants={grant}, "
                  f"cert_sha256={sha256}")
     _show_credential(name, target, password, as_json)
 
 
 def _issue(settings: Settings, name: str, output: Path | None,
-           register: Callable[[str], object]) -> tuple[Path, str, str]:
-    """A new certificate for ``name``: recorded by ``register(fingerprint)``, then written as PKCS#12.
-    Returns the file, its password and the certificate's SHA-256."""
+           register: Callable[[str, str], object]) -> tuple[Path, str, str]:
+    """A new certificate for ``name``: recorded by ``register(fingerprint, notAfter)`` (ISO 8601, UTC: the
+    admin page shows when it expires), then written as PKCS#12. Returns the file, its password and the
+    certificate's SHA-256."""
     from tokenbridge.services.bridge_ca import fingerprint, issue_workstation
     from tokenbridge.state.clients import ClientError
 
     p12, password, cert = issue_workstation(settings.data_dir, name)
     sha256 = fingerprint(cert)
     try:
-        register(sha256)
+        register(sha256, cert.not_valid_after_utc.isoformat())
     except ClientError as exc:
         fail(str(exc))
     return _write_credential(output or settings.data_dir / "workstations" / f"{name}.p12", p12), password, sha256
@@ -107,7 +108,7 @@ def renew(name: str,
     if current is None or current.kind != "workstation" or current.revoked:
         fail(f"no active workstation named {name!r}")
     target, password, sha256 = _issue(settings, name, output,
-                                      lambda sha256: registry.renew_certificate(name, sha256))
+                                      lambda sha256, not_after: registry.renew_certificate(name, sha256, not_after))
     audit.record("operator", "workstation_renewed", "ok", detail=f"name={name}, cert_sha256={sha256}, "
                  f"previous={current.prev_cert_sha256 or current.cert_sha256}")
     _show_credential(name, target, password, as_json)

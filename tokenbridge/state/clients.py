@@ -41,6 +41,7 @@ class Client:
     kind: str = "client"  # or "workstation": authenticated by its certificate
     cert_sha256: str | None = None
     prev_cert_sha256: str | None = None  # renewed: the old certificate, accepted until the new one is used
+    cert_not_after: str | None = None  # the certificate's notAfter (ISO 8601, UTC); None: not recorded (older)
 
 
 def _now() -> str:
@@ -58,6 +59,8 @@ def _row_to_client(row: sqlite3.Row) -> Client:
         keys=frozenset(k for k in row["keys"].split(",") if k),
         created=row["created"], revoked=row["revoked"], last_seen=row["last_seen"],
         kind=row["kind"], cert_sha256=row["cert_sha256"], prev_cert_sha256=row["prev_cert_sha256"],
+        # absent from a store this process could not migrate (opened read-only)
+        cert_not_after=row["cert_not_after"] if "cert_not_after" in row.keys() else None,  # noqa: SIM118
     )
 
 
@@ -90,8 +93,9 @@ class ClientRegistry:
             self._revision = revision
 
     def add(self, name: str, grants: list[str], keys: list[str] | None = None, *, kind: str = "client",
-            cert_sha256: str | None = None) -> tuple[Client, str]:
-        """Create a client (or a workstation with its certificate); the secret is returned once, never stored."""
+            cert_sha256: str | None = None, cert_not_after: str | None = None) -> tuple[Client, str]:
+        """Create a client (or a workstation with its certificate and its notAfter); the secret is returned
+        once, never stored."""
         if not NAME_RE.match(name):
             raise ClientError("a client name is 1-64 letters, digits, '.', '_', '@' or '-'")
         unknown = sorted(set(grants) - set(GRANTS))
@@ -100,14 +104,16 @@ class ClientRegistry:
                               f"choose from {', '.join(GRANTS)}")
         client_id = secrets.token_hex(6)
         secret = f"tb_{client_id}_{secrets.token_urlsafe(32)}"
+        columns = ["client_id", "name", "secret_hash", "grants", "keys", "created", "kind", "cert_sha256"]
+        values: list[object] = [client_id, name, _hash(secret), ",".join(sorted(set(grants))),
+                                ",".join(sorted(set(keys or []))), _now(), kind, cert_sha256]
+        if cert_not_after is not None:
+            columns.append("cert_not_after")
+            values.append(cert_not_after)
         try:
             with self._store.transaction(immediate=True) as db:
-                db.execute(
-                    "INSERT INTO clients (client_id, name, secret_hash, grants, keys, created, kind, cert_sha256)"
-                    " VALUES (?,?,?,?,?,?,?,?)",
-                    (client_id, name, _hash(secret), ",".join(sorted(set(grants))),
-                     ",".join(sorted(set(keys or []))), _now(), kind, cert_sha256),
-                )
+                db.execute(f"INSERT INTO clients ({', '.join(columns)}) VALUES ({','.join('?' * len(values))})",
+                           tuple(values))
         except sqlite3.IntegrityError:
             raise ClientError(f"a client named {name!r} already exists") from None
         client = self.get(name)
@@ -180,13 +186,15 @@ class ClientRegistry:
         self._touch(client.client_id)
         return client
 
-    def renew_certificate(self, name: str, cert_sha256: str) -> Client:
+    def renew_certificate(self, name: str, cert_sha256: str, cert_not_after: str | None = None) -> Client:
         """A new certificate for an active workstation. The one in use keeps working until the new one is
-        first used (renewing again before that keeps the one in use, not the unused one)."""
+        first used (renewing again before that keeps the one in use, not the unused one). ``cert_not_after``
+        is the new certificate's (the admin page shows it)."""
         with self._store.transaction(immediate=True) as db:
             cur = db.execute("UPDATE clients SET prev_cert_sha256 = COALESCE(prev_cert_sha256, cert_sha256), "
-                             "cert_sha256 = ? WHERE name = ? AND kind = 'workstation' AND revoked IS NULL",
-                             (cert_sha256, name))
+                             "cert_sha256 = ?, cert_not_after = ? "
+                             "WHERE name = ? AND kind = 'workstation' AND revoked IS NULL",
+                             (cert_sha256, cert_not_after, name))
             if cur.rowcount == 0:
                 raise ClientError(f"no active workstation named {name!r}")
         client = self.get(name)

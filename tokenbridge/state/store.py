@@ -193,7 +193,10 @@ class Store:
         for ddl in ("ALTER TABLE clients ADD COLUMN kind TEXT NOT NULL DEFAULT 'client'",
                     "ALTER TABLE clients ADD COLUMN cert_sha256 TEXT",
                     # a renewed workstation's certificate, accepted until the new one is first used
-                    "ALTER TABLE clients ADD COLUMN prev_cert_sha256 TEXT"):
+                    "ALTER TABLE clients ADD COLUMN prev_cert_sha256 TEXT",
+                    # a workstation certificate's notAfter (ISO 8601, UTC), recorded at enrolment and renewal;
+                    # NULL for workstations enrolled before it was recorded
+                    "ALTER TABLE clients ADD COLUMN cert_not_after TEXT"):
             with suppress(sqlite3.OperationalError):
                 self._db.execute(ddl)
 

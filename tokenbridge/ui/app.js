@@ -1,11 +1,13 @@
 // tokenbridge admin page: no framework, no build step.
 // What it shows comes from GET /v1/admin/overview and, for the mail gateway, GET /v1/mail/messages and
 // /v1/mail/replies; values are put in the page with textContent only. Its one action is a mail retry
-// (POST /v1/mail/messages/{id}/retry).
+// (POST /v1/mail/messages/{id}/retry). Its words are in strings.js, in English and French: the browser's
+// languages choose, the FR / EN switch overrides (remembered in local storage).
 "use strict";
 
 (() => {
   const STORAGE_KEY = "tokenbridge.admin.secret";
+  const LANG_KEY = "tokenbridge.admin.lang"; // local storage: the language chosen with the switch
   const REFRESH_MS = 2000;
   const OVERVIEW_URL = "/v1/admin/overview";
   const MAIL_URL = "/v1/mail";
@@ -21,45 +23,91 @@
   let mailTicket = 0; // bumped per mail request, so that an answer for an older filter is dropped
   let mailShown = null; // what the mail tables show, to redraw them only when it changes
   const retryNotes = new Map(); // message id -> {text, tone, until}: the answer to a Retry
+  let lastData = null; // the last overview, drawn again when the language changes
+  let lastMail = null; // the last mail lists, likewise
+  let problemCode = ""; // the refusals list's filters
+  let problemWho = "";
+
+  // ------------------------------------------------------------------ language
+
+  const STRINGS = window.TOKENBRIDGE_STRINGS;
+  const LANGS = ["fr", "en"];
+
+  function storedLang() {
+    try { return localStorage.getItem(LANG_KEY); } catch (err) { return null; }
+  }
+
+  // The switch's choice, else the first of the browser's languages (Accept-Language) that the page speaks.
+  function chooseLang() {
+    const stored = storedLang();
+    if (LANGS.includes(stored)) return stored;
+    for (const tag of navigator.languages || [navigator.language || ""]) {
+      const primary = String(tag).toLowerCase().split("-")[0];
+      if (LANGS.includes(primary)) return primary;
+    }
+    return "en";
+  }
+
+  let lang = chooseLang();
+  let dict = STRINGS[lang];
+
+  function t(key, ...args) {
+    const value = key in dict ? dict[key] : STRINGS.en[key];
+    if (value === undefined) return key;
+    return typeof value === "function" ? value(...args) : value;
+  }
 
   // ------------------------------------------------------------------ formatting
 
-  const dateTime = new Intl.DateTimeFormat("en-GB", {
-    day: "2-digit", month: "short", year: "numeric", hour: "2-digit", minute: "2-digit", second: "2-digit",
-    hour12: false,
-  });
-  const dateOnly = new Intl.DateTimeFormat("en-GB", { day: "2-digit", month: "short", year: "numeric" });
-  const timeOnly = new Intl.DateTimeFormat("en-GB", {
-    hour: "2-digit", minute: "2-digit", second: "2-digit", hour12: false,
-  });
+  let dateTime;
+  let dateOnly;
+  let timeOnly;
+  let relative;
+  let decimal;
+
+  function makeFormats() {
+    const locale = t("locale");
+    dateTime = new Intl.DateTimeFormat(locale, {
+      day: "2-digit", month: "short", year: "numeric", hour: "2-digit", minute: "2-digit", second: "2-digit",
+      hour12: false,
+    });
+    dateOnly = new Intl.DateTimeFormat(locale, { day: "2-digit", month: "short", year: "numeric" });
+    timeOnly = new Intl.DateTimeFormat(locale, { hour: "2-digit", minute: "2-digit", second: "2-digit", hour12: false });
+    relative = new Intl.RelativeTimeFormat(locale, { numeric: "always", style: "short" });
+    decimal = new Intl.NumberFormat(locale, { minimumFractionDigits: 1, maximumFractionDigits: 1 });
+  }
+  makeFormats();
 
   function sameDay(a, b) {
     return a.getFullYear() === b.getFullYear() && a.getMonth() === b.getMonth() && a.getDate() === b.getDate();
   }
 
   function when(iso) {
-    if (!iso) return "never";
+    if (!iso) return t("never");
     const d = new Date(iso);
-    return sameDay(d, new Date()) ? `today ${timeOnly.format(d)}` : dateTime.format(d);
+    return sameDay(d, new Date()) ? t("today", timeOnly.format(d)) : dateTime.format(d);
   }
 
   function ago(iso) {
     if (!iso) return "";
     const seconds = Math.max(0, (Date.now() - new Date(iso).getTime()) / 1000);
-    if (seconds < 90) return "just now";
-    if (seconds < 3600) return `${Math.round(seconds / 60)} min ago`;
-    if (seconds < 86400 * 2) return `${Math.round(seconds / 3600)} h ago`;
-    return `${Math.round(seconds / 86400)} days ago`;
+    if (seconds < 90) return t("justNow");
+    if (seconds < 3600) return relative.format(-Math.round(seconds / 60), "minute");
+    if (seconds < 86400 * 2) return relative.format(-Math.round(seconds / 3600), "hour");
+    return relative.format(-Math.round(seconds / 86400), "day");
   }
 
-  const yesNo = (value) => (value ? "Yes" : "No");
+  const yesNo = (value) => (value ? t("yes") : t("no"));
+  const day = (iso) => dateOnly.format(new Date(iso));
 
-  const KINDS = { client: "API client", workstation: "Workstation" };
-  const kindText = (kind) => KINDS[kind] || kind || "API client";
+  const kindText = (kind) => (STRINGS.en[`kind.${kind || "client"}`] ? t(`kind.${kind || "client"}`) : kind);
+
+  // An outcome code in words (French) or as it is (English); the code itself stays in the tooltip.
+  const outcomeText = (code) => (t("outcome") || {})[code] || code;
 
   // An actor as the overview splits it: {kind, name, via}; e.g. a client's request through a workstation.
   function actorCell(who) {
-    const notes = [who.kind ? kindText(who.kind) : null, who.via ? `via workstation ${who.via}` : null];
+    const notes = [who.kind ? kindText(who.kind) : null, who.via ? t("via", who.via) : null];
     const note = notes.filter(Boolean).join(", ");
     return h("span", {}, who.name, note ? h("span", { class: "small" }, note) : null);
   }
@@ -99,19 +147,21 @@
 
   // ------------------------------------------------------------------ rendering
 
-  const STATE_LABELS = {
-    ready: ["Ready", "ok"], needs_pin: ["Needs PIN", "warn"], locked: ["PIN locked", "bad"],
-    absent: ["Absent", "bad"], foreign: ["Unknown token", "bad"], error: ["Error", "bad"],
-    starting: ["Starting", "neutral"],
+  const STATE_TONES = {
+    ready: "ok", needs_pin: "warn", locked: "bad", absent: "bad", foreign: "bad", error: "bad", starting: "neutral",
   };
 
+  function stateLabel(state) {
+    return state in STATE_TONES ? [t(`state.${state}`), STATE_TONES[state]] : [state, "neutral"];
+  }
+
   function renderToken(token) {
-    const [label, tone] = STATE_LABELS[token.state] || [token.state, "neutral"];
+    const [label, tone] = stateLabel(token.state);
     const state = $("token-state");
     state.textContent = label;
     state.className = `badge ${tone}`;
     state.dataset.state = token.state;
-    setText("token-state-text", token.state_text);
+    setText("token-state-text", token.state in STATE_TONES ? t(`stateText.${token.state}`) : token.state_text);
     const message = $("token-message");
     message.textContent = token.message || "";
     message.hidden = !token.message;
@@ -122,14 +172,14 @@
     setText("token-logged-in", yesNo(token.logged_in));
     const pin = token.pin;
     const flags = [];
-    if (pin.locked) flags.push(badge("locked", "bad"));
-    if (pin.final_try) flags.push(badge("final try", "bad"));
-    if (pin.count_low) flags.push(badge("a wrong PIN was entered: fewer tries left", "warn"));
-    if (pin.to_be_changed) flags.push(badge("must be changed", "warn"));
-    if (token.protected_authentication_path) flags.push(badge("entered on the reader's pin pad", "neutral"));
+    if (pin.locked) flags.push(badge(t("pin.locked"), "bad"));
+    if (pin.final_try) flags.push(badge(t("pin.finalTry"), "bad"));
+    if (pin.count_low) flags.push(badge(t("pin.countLow"), "warn"));
+    if (pin.to_be_changed) flags.push(badge(t("pin.toBeChanged"), "warn"));
+    if (token.protected_authentication_path) flags.push(badge(t("pin.pinPad"), "neutral"));
     const pinCell = $("token-pin");
     if (flags.length) pinCell.replaceChildren(...flags);
-    else pinCell.replaceChildren(badge("OK", "ok"));
+    else pinCell.replaceChildren(badge(t("pin.ok"), "ok"));
   }
 
   // Several cards (a group of organisations, or renewal day): one row each. Hidden with a single token.
@@ -137,43 +187,39 @@
     const several = tokens.length > 1;
     $("tokens-section").hidden = !several;
     if (!several) return;
-    const rows = tokens.map((t) => {
-      const [label, tone] = STATE_LABELS[t.state] || [t.state, "neutral"];
-      const role = t.retiring ? badge("retiring: decrypts only", "neutral")
-        : t.required ? badge("in service", "ok") : badge("not required", "neutral");
-      return h("tr", { dataset: { token: t.name, state: t.state } },
-        h("th", { scope: "row" }, t.name),
-        h("td", {}, badge(label, tone), t.message ? h("span", { class: "small" }, t.message) : null),
-        h("td", {}, t.label || "—", h("span", { class: "small" }, t.serial || "")),
+    const rows = tokens.map((tk) => {
+      const [label, tone] = stateLabel(tk.state);
+      const role = tk.retiring ? badge(t("role.retiring"), "neutral")
+        : tk.required ? badge(t("role.inService"), "ok") : badge(t("role.notRequired"), "neutral");
+      return h("tr", { dataset: { token: tk.name, state: tk.state } },
+        h("th", { scope: "row" }, tk.name),
+        h("td", {}, badge(label, tone), tk.message ? h("span", { class: "small" }, tk.message) : null),
+        h("td", {}, tk.label || "—", h("span", { class: "small" }, tk.serial || "")),
         h("td", {}, role),
-        h("td", { class: "num" }, t.queue_depth));
+        h("td", { class: "num" }, tk.queue_depth));
     });
-    fillTable("tokens", rows, "No token.", 5);
+    fillTable("tokens", rows, t("tokens.empty"), 5);
   }
 
   function renderQueue(queue) {
     setText("queue-depth", String(queue.depth));
-    setText("queue-service-time", `${queue.service_time_ms.toFixed(1)} ms`);
+    setText("queue-service-time", t("ms", decimal.format(queue.service_time_ms)));
     const rows = queue.by_client.map((q) =>
       h("tr", { dataset: { actor: q.actor } }, h("th", { scope: "row" }, actorCell(q.who)),
         h("td", { class: "num" }, q.depth)));
-    fillTable("queue", rows, "No request is waiting.", 2);
+    fillTable("queue", rows, t("queue.empty"), 2);
   }
 
   let severalTokens = false; // set by render(): certificates then show which token they are on
 
-  const daysText = (days) => (days <= 0 ? "less than a day" : days === 1 ? "1 day" : `${days} days`);
+  const daysText = (days) => t("days", days);
 
   // The certificate's standing in words, with its dates: the same rule as /metrics and `tokenbridge doctor`.
   function validityText(c) {
-    const end = dateOnly.format(new Date(c.not_after));
-    if (c.status === "expired") {
-      return `${c.label}: the certificate expired on ${end}; by default it no longer signs. Renew it.`;
-    }
-    if (c.status === "not_yet_valid") {
-      return `${c.label}: the certificate is not valid before ${dateOnly.format(new Date(c.not_before))}.`;
-    }
-    return `${c.label}: the certificate expires on ${end}, in ${daysText(c.days_left)}. Renew it before then.`;
+    const end = day(c.not_after);
+    if (c.status === "expired") return t("validity.expired", c.label, end);
+    if (c.status === "not_yet_valid") return t("validity.notYetValid", c.label, day(c.not_before));
+    return t("validity.expiring", c.label, end, daysText(c.days_left));
   }
 
   // Amber for certificates to renew soon, red for those that no longer work: success is never red.
@@ -188,15 +234,20 @@
   }
 
   function daysCell(c) {
-    if (c.status === "expired") return badge(`expired ${dateOnly.format(new Date(c.not_after))}`, "bad");
-    if (c.status === "not_yet_valid") {
-      return badge(`not valid before ${dateOnly.format(new Date(c.not_before))}`, "bad");
-    }
+    if (c.status === "expired") return badge(t("days.expired", day(c.not_after)), "bad");
+    if (c.status === "not_yet_valid") return badge(t("days.notYetValid", day(c.not_before)), "bad");
     if (c.status === "expiring") {
-      return [badge(`${daysText(c.days_left)} left — renew soon`, "warn"),
-        h("span", { class: "small" }, `warning from ${c.warning_days} days before expiry`)];
+      return [badge(t("days.expiring", daysText(c.days_left)), "warn"),
+        h("span", { class: "small" }, t("days.window", c.warning_days))];
     }
     return String(c.days_left);
+  }
+
+  // The API's usage words in English; their RFC 5280 names give the French ones.
+  function usageWords(codes, words) {
+    const table = t("usageWords") || {};
+    if (!codes || codes.length !== words.length) return words;
+    return codes.map((code, i) => table[code] || words[i]);
   }
 
   function renderCertificates(certificates) {
@@ -205,68 +256,250 @@
       const type = `${c.key_type.toUpperCase()} ${c.key_size}`;
       const name = severalTokens ? `${c.token}/${c.label}` : c.label;
       const retiring = c.key_state && c.key_state !== "active"
-        ? badge(c.key_state === "retiring" ? "retiring: decrypts only" : "retired", "neutral") : null;
+        ? badge(c.key_state === "retiring" ? t("role.retiring") : t("role.retired"), "neutral") : null;
+      const usages = c.usage_codes && !c.usage_codes.length ? [t("usage.any")] : usageWords(c.usage_codes, c.usages);
       return h("tr", { dataset: { key: c.label, token: c.token, status: c.status, keyState: c.key_state },
         class: c.warning ? "warning" : null },
         h("th", { scope: "row" }, h("span", { class: "strong" }, name), h("span", { class: "small" }, type),
           retiring),
         h("td", {},
           h("span", { class: "strong" }, c.common_name || c.subject),
-          h("span", { class: "small", title: c.issuer ? `Issued by ${c.issuer}` : null }, c.subject)),
-        h("td", { class: "usages" }, chips(c.usages, "usage"),
-          c.extended_usages.length ? chips(c.extended_usages, "eku") : null),
-        h("td", { title: c.not_after, class: "expires" }, dateOnly.format(new Date(c.not_after))),
+          h("span", { class: "small", title: c.issuer ? t("certs.issuedBy", c.issuer) : null }, c.subject)),
+        h("td", { class: "usages" }, chips(usages, "usage"),
+          c.extended_usages.length ? chips(usageWords(c.extended_usage_codes, c.extended_usages), "eku") : null),
+        h("td", { title: c.not_after, class: "expires" }, day(c.not_after)),
         h("td", { class: "num days-left" }, daysCell(c)));
     });
-    fillTable("certificates", rows, "No certificate found on the token (yet).", 5);
+    fillTable("certificates", rows, t("certs.empty"), 5);
   }
 
   function renderClients(clients) {
     const rows = clients.map((c) => {
-      const status = c.revoked ? badge(`revoked ${dateOnly.format(new Date(c.revoked))}`, "bad") : badge("active", "ok");
+      const status = c.revoked ? badge(t("clients.revoked", day(c.revoked)), "bad") : badge(t("clients.active"), "ok");
       const seen = c.last_seen
         ? h("span", { title: c.last_seen }, when(c.last_seen), h("span", { class: "small" }, ago(c.last_seen)))
-        : h("span", { class: "muted" }, "never");
+        : h("span", { class: "muted" }, t("clients.never"));
       return h("tr", { dataset: { client: c.name }, class: c.revoked ? "revoked" : null },
         h("th", { scope: "row" }, c.name),
         h("td", {}, kindText(c.kind), c.cert_sha256
-          ? h("span", { class: "small", title: `certificate SHA-256 ${c.cert_sha256}` },
-            `certificate ${c.cert_sha256.slice(0, 16)}…`)
-          : null),
+          ? h("span", { class: "small", title: t("clients.certificateTitle", c.cert_sha256) },
+            t("clients.certificate", c.cert_sha256.slice(0, 16)))
+          : null,
+        c.cert_not_after ? h("span", { class: "small" }, t("clients.certExpires", day(c.cert_not_after))) : null),
         h("td", {}, chips(c.grants || [], "grant"),
-          c.keys && c.keys.length ? h("span", { class: "small" }, `keys: ${c.keys.join(", ")}`) : null),
+          c.keys && c.keys.length ? h("span", { class: "small" }, t("clients.keys", c.keys.join(", "))) : null),
         h("td", {}, seen),
         h("td", { class: "num ops-today" }, c.operations_today),
         h("td", {}, status));
     });
-    fillTable("clients", rows, "No client yet: add one with `tokenbridge clients add`.", 6);
+    fillTable("clients", rows, t("clients.empty"), 6);
   }
 
   // Audit outcomes that mean success (a decryption is "done", a verified signature "valid", a reply
   // "delivered"): green. Anything else is a problem code or a failure.
   const SUCCESS_OUTCOMES = new Set(["ok", "ready", "done", "valid", "delivered"]);
 
+  // Success green; any other outcome is a refusal or an error: red.
+  function outcomeBadge(code) {
+    const node = badge(outcomeText(code), SUCCESS_OUTCOMES.has(code) ? "ok" : "bad");
+    node.dataset.outcome = code;
+    if (outcomeText(code) !== code) node.title = code;
+    return node;
+  }
+
+  function auditRow(e, fresh) {
+    const key = e.key_label || e.key || "";
+    return h("tr", { dataset: { seq: e.seq, actor: e.actor, event: e.event, outcome: e.outcome },
+      class: fresh ? "fresh" : null },
+    h("td", { class: "num muted" }, e.seq),
+    h("td", { title: e.ts, class: "nowrap" }, when(e.ts)),
+    h("td", {}, actorCell(e.who)),
+    h("td", { class: "event" }, e.event),
+    h("td", {}, key, e.algorithm ? h("span", { class: "small" }, e.algorithm) : null),
+    h("td", { class: "outcome" }, outcomeBadge(e.outcome)),
+    h("td", { class: "detail" }, e.detail || ""));
+  }
+
   function renderAudit(entries) {
     const first = seenAudit === null;
     const seen = new Set(entries.map((e) => e.seq));
-    const rows = entries.map((e) => {
-      const fresh = !first && !seenAudit.has(e.seq);
-      const key = e.key_label || e.key || "";
-      const outcome = badge(e.outcome, SUCCESS_OUTCOMES.has(e.outcome) ? "ok" : "bad");
-      return h("tr", { dataset: { seq: e.seq, actor: e.actor, event: e.event }, class: fresh ? "fresh" : null },
-        h("td", { class: "num muted" }, e.seq),
-        h("td", { title: e.ts, class: "nowrap" }, when(e.ts)),
-        h("td", {}, actorCell(e.who)),
-        h("td", { class: "event" }, e.event),
-        h("td", {}, key, e.algorithm ? h("span", { class: "small" }, e.algorithm) : null),
-        h("td", { class: "outcome" }, outcome),
-        h("td", { class: "detail" }, e.detail || ""));
-    });
+    const rows = entries.map((e) => auditRow(e, !first && !seenAudit.has(e.seq)));
     seenAudit = seen;
-    fillTable("audit", rows, "The audit log is empty.", 7);
+    fillTable("audit", rows, t("audit.empty"), 7);
+  }
+
+  // ------------------------------------------------------------------ refusals and errors
+
+  let problemsShown = null; // what the list shows, to redraw it only on a change (the filter keeps its focus)
+
+  function renderProblems(problems) {
+    if (!problems) return;
+    const today = problems.today || 0;
+    setText("problems-today", t("problems.today", today));
+    const tally = $("problems-today-tally");
+    tally.classList.toggle("bad", today > 0);
+    tally.dataset.count = String(today);
+    const codes = $("problems-by-code");
+    if (problems.by_outcome.length) {
+      codes.replaceChildren(h("span", { class: "small" }, t("problems.byCode")),
+        h("ul", { class: "chips" }, problems.by_outcome.map((o) =>
+          h("li", { class: "code", dataset: { outcome: o.outcome } },
+            h("button", { type: "button", class: "link", dataset: { code: o.outcome }, title: o.outcome },
+              `${outcomeText(o.outcome)} × ${o.count}`)))));
+    } else {
+      codes.replaceChildren(h("span", { class: "small" }, t("problems.noneToday")));
+    }
+    // The code filter offers every code in the list and today's.
+    const select = $("problems-code");
+    const known = new Set([...problems.recent.map((e) => e.outcome), ...problems.by_outcome.map((o) => o.outcome)]);
+    if (problemCode) known.add(problemCode);
+    const options = [...known].sort();
+    const wanted = JSON.stringify([lang, options]);
+    if (select.dataset.options !== wanted) {
+      select.replaceChildren(h("option", { value: "" }, t("problems.everyCode")),
+        ...options.map((code) => h("option", { value: code },
+          outcomeText(code) === code ? code : `${outcomeText(code)} (${code})`)));
+      select.dataset.options = wanted;
+    }
+    select.value = problemCode;
+    const who = problemWho.trim().toLowerCase();
+    const shown = problems.recent.filter((e) => (!problemCode || e.outcome === problemCode) &&
+      (!who || e.actor.toLowerCase().includes(who)));
+    setText("problems-caption", t("problems.caption", problems.limit));
+    setText("problems-shown", problemCode || who ? t("problems.shown", shown.length, problems.recent.length) : "");
+    const key = JSON.stringify([lang, shown.map((e) => e.seq), problemCode, who, Math.floor(Date.now() / 30000)]);
+    if (key === problemsShown) return;
+    problemsShown = key;
+    fillTable("problems-list", shown.map((e) => auditRow(e, false)),
+      problems.recent.length ? t("problems.emptyFiltered") : t("problems.empty"), 7);
+  }
+
+  // ------------------------------------------------------------------ TLS certificates
+
+  function validityBadge(v) {
+    if (v.status === "unknown") return badge(t("tls.unknown"), "neutral");
+    if (v.status === "expired") return badge(t("days.expired", day(v.not_after)), "bad");
+    if (v.status === "not_yet_valid") return badge(t("days.notYetValid", day(v.not_before)), "bad");
+    if (v.status === "expiring") return badge(t("days.expiring", daysText(v.days_left)), "warn");
+    return badge(daysText(v.days_left), "ok");
+  }
+
+  function renderTls(tls) {
+    if (!tls) return;
+    const server = tls.server || {};
+    const cell = $("tls-server");
+    const lines = { warning: [], failing: [] };
+    if (server.error) {
+      cell.replaceChildren(h("span", { class: "error-text" }, t("tls.serverError", server.error)));
+    } else if (!server.not_after) {
+      cell.replaceChildren(h("span", { class: "muted" }, t("tls.serverNone")));
+    } else {
+      const sentence = t("tls.serverLine", server.status, day(server.status === "not_yet_valid"
+        ? server.not_before : server.not_after), daysText(server.days_left));
+      cell.replaceChildren(
+        h("span", { class: "line", dataset: { status: server.status } }, validityBadge(server), " ", sentence),
+        h("span", { class: "small" }, [server.common_name || server.subject,
+          server.names && server.names.length ? t("tls.names", server.names.join(", ")) : null,
+          server.serving ? t("tls.serving") : t("tls.notServing")].filter(Boolean).join(" · ")),
+        h("span", { class: "small" }, server.path || ""));
+      cell.dataset.status = server.status;
+      if (server.warning) (server.status === "expiring" ? lines.warning : lines.failing).push(sentence);
+    }
+    const rows = (tls.workstations || []).map((w) => {
+      if (w.warning) {
+        (w.status === "expiring" ? lines.warning : lines.failing).push(
+          t("tls.wsLine", w.name, day(w.not_after), daysText(w.days_left), w.status !== "expiring"));
+      }
+      const notes = [w.status === "unknown" ? t("tls.unknownNote") : null, w.renewed ? t("tls.renewed") : null];
+      return h("tr", { dataset: { workstation: w.name, status: w.status }, class: w.revoked ? "revoked" : null },
+        h("th", { scope: "row" }, w.name, w.revoked ? badge(t("tls.revoked"), "neutral") : null),
+        h("td", { class: "expires", title: w.not_after || "" }, w.not_after ? day(w.not_after) : t("tls.unknown"),
+          notes.filter(Boolean).map((n) => h("span", { class: "small" }, n))),
+        h("td", { class: "num days-left" }, validityBadge(w)));
+    });
+    fillTable("tls-workstations", rows, t("tls.wsEmpty"), 3);
+    for (const [id, list] of [["tls-warning", lines.warning], ["tls-failing", lines.failing]]) {
+      const banner = $(id);
+      banner.replaceChildren(...list.map((text) => h("span", { class: "line" }, text)));
+      banner.hidden = !list.length;
+    }
+  }
+
+  // ------------------------------------------------------------------ smarthost and upstreams
+
+  function renderSmtp(mail) {
+    const box = $("smtp");
+    const smtp = mail && mail.smarthost;
+    if (!smtp || !smtp.host) {
+      box.replaceChildren(h("p", { class: "muted", dataset: { state: "none" } }, t("smtp.none")));
+      return;
+    }
+    const lines = [h("p", { class: "strong" }, t("smtp.host", smtp.host, smtp.port, smtp.security))];
+    let state = "unused";
+    if (smtp.last) {
+      const ok = smtp.last.event === "mail-sent";
+      state = ok ? "sent" : "bounced";
+      lines.push(h("p", { title: smtp.last.ts }, badge(outcomeText(smtp.last.outcome), ok ? "ok" : "bad"), " ",
+        ok ? t("smtp.sent", when(smtp.last.ts)) : t("smtp.bounced", when(smtp.last.ts)),
+        h("span", { class: "small" }, ago(smtp.last.ts)),
+        smtp.last.detail ? h("span", { class: "small detail" }, smtp.last.detail) : null));
+    } else {
+      lines.push(h("p", { class: "muted" }, t("smtp.notUsed")));
+    }
+    if (smtp.waiting) {
+      state = "waiting";
+      lines.push(h("p", {}, badge(t("smtp.waiting", smtp.waiting.count, smtp.waiting.attempts), "warn"),
+        smtp.waiting.last_error ? h("span", { class: "small error-text" }, t("smtp.lastError", smtp.waiting.last_error))
+          : null,
+        smtp.waiting.next_attempt ? h("span", { class: "small" }, t("smtp.nextAttempt", when(smtp.waiting.next_attempt)))
+          : null));
+    }
+    box.dataset.state = state;
+    box.replaceChildren(...lines);
+  }
+
+  function renderUpstreams(upstreams) {
+    const list = upstreams || [];
+    $("upstreams-none").hidden = list.length > 0;
+    $("upstreams").hidden = !list.length;
+    const unavailable = list.find((u) => u.unavailable);
+    const banner = $("upstreams-unavailable");
+    banner.textContent = unavailable ? t("upstreams.unavailable", unavailable.unavailable) : "";
+    banner.hidden = !unavailable;
+    const rows = list.map((u) => {
+      let handshake;
+      if (u.config_error) {
+        handshake = h("span", { class: "error-text" }, t("upstreams.misconfigured", u.config_error));
+      } else if (!u.used) {
+        handshake = badge(t("upstreams.notUsed"), "neutral");
+      } else {
+        const last = u.last_handshake;
+        handshake = [last
+          ? h("span", {}, badge(outcomeText("ok"), "ok"), " ",
+            t("upstreams.handshake", last.version, last.cipher, decimal.format(last.seconds)),
+            h("span", { class: "small" }, last.resumed ? t("upstreams.resumed") : t("upstreams.signed",
+              last.signature_algorithm)))
+          : h("span", { class: "muted" }, t("upstreams.noHandshake")),
+        u.last_signed ? h("span", { class: "small", title: u.last_signed.ts },
+          t("upstreams.lastSigned", when(u.last_signed.ts), outcomeText(u.last_signed.outcome))) : null];
+      }
+      const errors = (u.errors || []).length
+        ? h("ul", { class: "chips" }, u.errors.map((e) => h("li", { class: "code bad", title: e.code },
+          `${outcomeText(e.code)} × ${e.count}`)))
+        : h("span", { class: "muted" }, t("upstreams.noErrors"));
+      return h("tr", { dataset: { upstream: u.name, used: u.used ? "yes" : "no" } },
+        h("th", { scope: "row" }, u.name, h("span", { class: "small" }, u.url),
+          h("span", { class: "small" }, u.key)),
+        h("td", { class: "handshake" }, handshake),
+        h("td", { class: "traffic" }, u.requests === undefined ? "—"
+          : t("upstreams.counts", u.requests, u.connections, u.resumed, u.token_signatures)),
+        h("td", { class: "errors" }, errors));
+    });
+    fillTable("upstreams", rows, t("upstreams.none"), 4);
   }
 
   function render(data) {
+    lastData = data;
     severalTokens = (data.tokens || []).length > 1;
     renderToken(data.token);
     renderTokens(data.tokens || []);
@@ -274,37 +507,32 @@
     renderCertificates(data.certificates);
     renderClients(data.clients);
     renderAudit(data.audit);
+    renderProblems(data.problems);
+    renderTls(data.tls);
+    renderUpstreams(data.upstreams);
     mailOverview = data.mail || null;
+    renderSmtp(mailOverview);
     renderMailSummary(mailOverview);
     setText("version", `tokenbridge ${data.version}`);
-    setText("updated", `Updated at ${timeOnly.format(new Date())}`);
+    setText("updated", t("updated.at", timeOnly.format(new Date())));
     $("connection").hidden = true;
   }
 
   // ------------------------------------------------------------------ mail gateway
 
-  const plural = (n, one, many) => `${n} ${n === 1 ? one : many}`;
-
   // Success is never red: answered green, sent and waiting neutral, overdue amber, failed red.
   const OUT_STATES = {
-    received: ["received", "neutral", "on disk, not yet signed"],
-    queued: ["queued", "neutral", "signed, waiting for delivery"],
-    sent: ["sent", "neutral", "awaiting the reply"],
-    answered: ["answered", "ok", "the reply came"],
-    overdue: ["overdue", "warn", "sent, no reply in time"],
-    failed: ["failed", "bad", "bounced: the sender got a delivery report"],
+    received: "neutral", queued: "neutral", sent: "neutral", answered: "ok", overdue: "warn", failed: "bad",
   };
-  const REPLY_STATES = {
-    received: ["received", "neutral", "being opened"],
-    delivered: ["delivered", "ok", "decrypted and put in the mailbox"],
-    quarantined: ["quarantined", "bad", "not delivered: kept for the operator"],
-  };
+  const REPLY_STATES = { received: "neutral", delivered: "ok", quarantined: "bad" };
   const WAITING = new Set(["received", "queued"]);
   const RETRYABLE = new Set(["received", "queued", "failed"]);
 
   function mailBadge(states, state, kind) {
-    let [label, tone, note] = states[state] || [state, "neutral", ""];
-    if (kind === "report" && state === "sent") [tone, note] = ["ok", "delivery report delivered"];
+    const words = t(`mail.${states === OUT_STATES ? "out" : "in"}.${state}`);
+    let [label, note] = Array.isArray(words) ? words : [state, ""];
+    let tone = states[state] || "neutral";
+    if (kind === "report" && state === "sent") [tone, note] = ["ok", t("mail.reportDelivered")];
     return [h("span", { class: `badge ${tone}`, dataset: { state } }, label), h("span", { class: "small" }, note)];
   }
 
@@ -317,18 +545,14 @@
   function mailOffSentence(mail, hadMail) {
     const doc = h("code", {}, "docs/mail.md");
     if (!mail.configured && hadMail) {
-      return ["The mail gateway is no longer set up on this service (no listener nor mailbox in ",
-        h("code", {}, "[mail]"), "): the lists below are what it handled before; see ", doc, "."];
+      return [t("mail.off.gone.1"), h("code", {}, "[mail]"), t("mail.off.gone.2"), doc, "."];
     }
     if (!mail.configured) {
-      return ["The mail gateway is not set up on this service: to enable it, add a ", h("code", {}, "[mail]"),
-        " section to the configuration (a submission listener for the counters, and an inbound listener or an " +
-        "IMAP mailbox for the replies) and restart the service; see ", doc, "."];
+      return [t("mail.off.none.1"), h("code", {}, "[mail]"), t("mail.off.none.2"), doc, "."];
     }
-    if (!mail.store) return ["The mail gateway is set up but has not started yet (it has no queue); see ", doc, "."];
+    if (!mail.store) return [t("mail.off.notStarted"), doc, "."];
     const port = mail.listeners && mail.listeners.submission;
-    return [`The mail gateway is running and no application has gone through it yet: counters send their mail ` +
-      `to its submission listener${port ? ` (port ${port})` : ""}; see `, doc, "."];
+    return [t("mail.off.idle", port), doc, "."];
   }
 
   function renderMailSummary(mail) {
@@ -349,30 +573,29 @@
       tally.dataset.count = String(n);
     }
     const parts = [];
-    if (counts.overdue) parts.push(`${plural(counts.overdue, "reply is", "replies are")} overdue`);
-    if (counts.quarantined) parts.push(`${plural(counts.quarantined, "reply is", "replies are")} quarantined`);
-    if (counts.failed) parts.push(`${plural(counts.failed, "outgoing message", "outgoing messages")} bounced`);
-    alert.replaceChildren(`Mail: ${parts.join(" · ")}. `, h("a", { href: "#mail-title" }, "See the mail section."));
+    if (counts.overdue) parts.push(t("mail.alert.overdue", counts.overdue));
+    if (counts.quarantined) parts.push(t("mail.alert.quarantined", counts.quarantined));
+    if (counts.failed) parts.push(t("mail.alert.failed", counts.failed));
+    alert.replaceChildren(t("mail.alert", parts), h("a", { href: "#mail-title" }, t("mail.alert.link")));
     alert.hidden = !parts.length;
   }
 
   function deliveryCell(m) {
     const lines = [];
     if (WAITING.has(m.state)) {
-      lines.push(h("span", {}, m.attempts
-        ? `${plural(m.attempts, "attempt", "attempts")} so far` : "waiting for its first attempt"));
-      if (m.last_error) lines.push(h("span", { class: "small error-text" }, `Last error: ${m.last_error}`));
-      if (m.next_attempt) lines.push(h("span", { class: "small" }, `Next attempt ${when(m.next_attempt)}`));
+      lines.push(h("span", {}, m.attempts ? t("mail.attempts", m.attempts) : t("mail.firstAttempt")));
+      if (m.last_error) lines.push(h("span", { class: "small error-text" }, t("mail.lastError", m.last_error)));
+      if (m.next_attempt) lines.push(h("span", { class: "small" }, t("mail.nextAttempt", when(m.next_attempt))));
     } else if (m.sent) {
-      lines.push(h("span", { title: m.sent }, `Sent ${when(m.sent)}`));
+      lines.push(h("span", { title: m.sent }, t("mail.sentAt", when(m.sent))));
     }
     if (m.failed && m.failed.length) {
       lines.push(h("ul", { class: "reasons" }, m.failed.map((f) =>
         h("li", { dataset: { recipient: f.recipient } }, h("span", { class: "strong" }, f.recipient),
-          `${f.status ? `${f.status}: ` : ""}${f.diagnostic || "refused"}`))));
+          `${f.status ? `${f.status}: ` : ""}${f.diagnostic || t("mail.refused")}`))));
     }
     if (m.reply_due && (m.state === "sent" || m.state === "overdue")) {
-      lines.push(h("span", { class: "small", title: m.reply_due }, `Reply due ${when(m.reply_due)}`));
+      lines.push(h("span", { class: "small", title: m.reply_due }, t("mail.replyDue", when(m.reply_due))));
     }
     return h("td", { class: "delivery" }, lines);
   }
@@ -381,19 +604,18 @@
     const note = retryNotes.get(m.id);
     const button = RETRYABLE.has(m.state)
       ? h("button", { type: "button", class: "row-action", dataset: { retry: m.id },
-        title: m.state === "failed" ? "Queue it again for every recipient that refused it"
-          : "Try to deliver it now instead of waiting" }, "Retry")
+        title: m.state === "failed" ? t("mail.retry.failedTitle") : t("mail.retry.waitingTitle") }, t("mail.retry"))
       : null;
     return h("td", { class: "action" }, button,
-      note ? h("span", { class: `small note ${note.tone}`, role: "status" }, note.text) : null);
+      note ? h("span", { class: `small note ${note.tone}`, role: "status" },
+        note.tone === "ok" ? t("mail.retry.noteOk") : t("mail.retry.noteBad")) : null);
   }
 
   function messageRow(m) {
     const report = m.kind === "report";
-    const subject = report ? "Delivery report" : (m.subject || "(no subject)");
+    const subject = report ? t("mail.report") : (m.subject || t("mail.noSubject"));
     const names = (m.attachments || []).map((a) =>
-      h("li", { title: `${a.size === undefined ? "" : `${a.size} bytes, `}SHA-256 ${a.sha256 || "?"}` },
-        a.filename || "(unnamed)"));
+      h("li", { title: t("mail.attachment", a.size, a.sha256 || "?") }, a.filename || t("mail.unnamed")));
     const recipients = (m.recipients || []).join(", ");
     const number = m.registration_number
       ? h("span", { class: "strong number" }, m.registration_number)
@@ -403,13 +625,13 @@
     h("td", { class: "num muted" }, m.id),
     h("td", { class: "state" }, mailBadge(OUT_STATES, m.state, m.kind)),
     timeCell(m.received),
-    h("td", { class: "route" }, h("span", {}, m.from || "(the gateway)"), h("span", { class: "small" },
-      `→ ${recipients}`), m.submitter ? h("span", { class: "small" }, `submitted by ${m.submitter}`) : null),
+    h("td", { class: "route" }, h("span", {}, m.from || t("mail.gateway")), h("span", { class: "small" },
+      `→ ${recipients}`), m.submitter ? h("span", { class: "small" }, t("mail.submittedBy", m.submitter)) : null),
     h("td", { class: "subject" }, h("span", { class: "strong" }, subject),
       names.length ? h("ul", { class: "chips" }, names) : null,
-      report ? h("span", { class: "small" }, "written by the gateway for a bounced message") : null),
+      report ? h("span", { class: "small" }, t("mail.reportNote")) : null),
     h("td", { class: "registration" }, number, m.answered
-      ? h("span", { class: "small", title: m.answered }, `reply #${m.reply_id} ${when(m.answered)}`) : null),
+      ? h("span", { class: "small", title: m.answered }, t("mail.replyRef", m.reply_id, when(m.answered))) : null),
     deliveryCell(m),
     actionCell(m));
   }
@@ -425,20 +647,20 @@
     let answers;
     if (r.outbound_id) {
       const subject = subjects.get(r.outbound_id);
-      answers = [h("span", { class: "strong" }, `application #${r.outbound_id}`),
+      answers = [h("span", { class: "strong" }, t("mail.application", r.outbound_id)),
         subject ? h("span", { class: "small" }, subject) : null];
     } else {
-      answers = h("span", { class: "muted" }, "not matched to an application");
+      answers = h("span", { class: "muted" }, t("mail.notMatched"));
     }
     let verdict;
     if (r.state === "quarantined") {
-      verdict = [h("span", { class: "reason" }, `Why: ${r.reason || "no reason recorded"}`),
-        h("span", { class: "small" }, "The original is kept; it was not delivered.")];
+      verdict = [h("span", { class: "reason" }, t("mail.why", r.reason || t("mail.noReason"))),
+        h("span", { class: "small" }, t("mail.kept"))];
     } else {
       const signerShown = r.signer && !(r.verification || "").includes(r.signer);
       verdict = [r.verification ? h("span", {}, r.verification) : null,
-        signerShown ? h("span", { class: "small" }, `signed by ${r.signer}`) : null,
-        r.state === "received" && r.reason ? h("span", { class: "small error-text" }, `Last error: ${r.reason}`)
+        signerShown ? h("span", { class: "small" }, t("mail.signedBy", r.signer)) : null,
+        r.state === "received" && r.reason ? h("span", { class: "small error-text" }, t("mail.lastError", r.reason))
           : null];
     }
     return h("tr", { dataset: { id: r.id, state: r.state, messageId: r.message_id || "" },
@@ -447,7 +669,7 @@
     h("td", { class: "state" }, mailBadge(REPLY_STATES, r.state)),
     timeCell(r.received),
     addressCell(r.from),
-    h("td", { class: "subject" }, r.subject || "(no subject)"),
+    h("td", { class: "subject" }, r.subject || t("mail.noSubject")),
     h("td", { class: "answers" }, answers),
     h("td", { class: "registration" }, r.registration_number
       ? h("span", { class: "strong number" }, r.registration_number) : h("span", { class: "muted" }, "—")),
@@ -462,6 +684,7 @@
 
   // messages and replies are null when there is no queue to read (the gateway is not set up).
   function renderMail(mail, messages, replies) {
+    lastMail = [mail, messages, replies];
     const section = $("mail");
     if (!mail) {
       section.hidden = true;
@@ -488,17 +711,15 @@
     showMailOff(mail.configured ? [] : mailOffSentence(mail, true));
     $("mail-on").hidden = false;
     // Redraw only on a change (or every half minute, for the "… ago" texts): a button keeps its focus.
-    const shown = JSON.stringify([messages, replies, [...retryNotes], mailFilter, Math.floor(now / 30000)]);
+    const shown = JSON.stringify([lang, messages, replies, [...retryNotes], mailFilter, Math.floor(now / 30000)]);
     if (shown === mailShown) return;
     mailShown = shown;
-    const more = messages.length >= MAIL_LIMIT
-      ? ` (the ${MAIL_LIMIT} latest; older ones with \`tokenbridge mail list\`)` : "";
-    const filtered = mailFilter ? `, ${mailFilter} only` : "";
-    setText("mail-messages-caption", `Outgoing applications and delivery reports, newest first${filtered}${more}`);
+    const stateWord = mailFilter ? (t(`mail.out.${mailFilter}`) || [mailFilter])[0] : "";
+    setText("mail-messages-caption", t("mail.caption", stateWord, messages.length >= MAIL_LIMIT ? MAIL_LIMIT : 0));
     fillTable("mail-messages", messages.map(messageRow),
-      mailFilter ? `No outgoing message is ${mailFilter}.` : "No outgoing message yet.", 8);
+      mailFilter ? t("mail.emptyFiltered", stateWord) : t("mail.empty"), 8);
     const subjects = new Map(messages.map((m) => [m.id, m.subject]));
-    fillTable("mail-replies", replies.map((r) => replyRow(r, subjects)), "No reply has arrived yet.", 8);
+    fillTable("mail-replies", replies.map((r) => replyRow(r, subjects)), t("mail.noReply"), 8);
   }
 
   async function refreshMail(secret, run) {
@@ -521,7 +742,7 @@
     } catch (err) {
       if (run !== generation || ticket !== mailTicket) return;
       const error = $("mail-error");
-      error.textContent = `The mail lists could not be read. ${explain(err)}`;
+      error.textContent = t("mail.listsError", explain(err));
       error.hidden = false;
     }
   }
@@ -545,18 +766,17 @@
       const answer = await apiFetch(`${MAIL_URL}/messages/${id}/retry`, secret, { method: "POST" });
       tone = "ok";
       text = answer && answer.retried
-        ? `Message #${id}: retry accepted at ${timeOnly.format(new Date())}. It is queued again and will be ` +
-          "sent as soon as possible; its state below follows."
-        : `Message #${id}: the service answered ${JSON.stringify(answer)}.`;
+        ? t("mail.retry.accepted", id, timeOnly.format(new Date()))
+        : t("mail.retry.answered", id, JSON.stringify(answer));
     } catch (err) {
       tone = "bad";
       text = err.status === 409 || err.status === 404
-        ? `Message #${id} was not retried: ${err.message}.`
-        : `Message #${id} was not retried. ${explain(err)}`;
+        ? t("mail.retry.refused", id, err.message)
+        : t("mail.retry.failed", id, explain(err));
     }
     if (run !== generation) return;
     button.disabled = false;
-    retryNotes.set(id, { text: tone === "ok" ? "Retry accepted" : "Not retried", tone, until: Date.now() + NOTE_MS });
+    retryNotes.set(id, { tone, until: Date.now() + NOTE_MS });
     showMailAction(text, tone);
     await refreshMail(secret, run);
   }
@@ -576,12 +796,12 @@
     try {
       response = await fetch(url, {
         method: (init && init.method) || "GET",
-        headers: { Authorization: `Bearer ${secret}`, Accept: "application/json" },
+        headers: { Authorization: `Bearer ${secret}`, Accept: "application/json", "Accept-Language": lang },
         cache: "no-store",
         credentials: "omit",
       });
     } catch (err) {
-      throw new ApiError(0, { detail: "the tokenbridge service cannot be reached" });
+      throw new ApiError(0, { detail: t("err.unreachable") });
     }
     if (!response.ok) {
       let problem = null;
@@ -594,16 +814,10 @@
   const fetchOverview = (secret) => apiFetch(OVERVIEW_URL, secret);
 
   function explain(err) {
-    if (err.status === 401) {
-      return "This secret was not accepted: it is unknown or has been revoked. Check that you pasted the whole " +
-        "secret (it starts with tb_).";
-    }
-    if (err.status === 403) {
-      return "This secret is valid but its client has no admin grant. Use the secret of a client created with " +
-        "--grant admin.";
-    }
-    if (err.status === 0) return "The tokenbridge service cannot be reached. Is it running?";
-    return `The service answered with an error (${err.status}): ${err.message}`;
+    if (err.status === 401) return t("err.401");
+    if (err.status === 403) return t("err.403");
+    if (err.status === 0) return t("err.0");
+    return t("err.other", err.status, err.message);
   }
 
   // ------------------------------------------------------------------ session
@@ -614,6 +828,9 @@
     seenAudit = null;
     mailOverview = null;
     mailShown = null;
+    lastData = null;
+    lastMail = null;
+    problemsShown = null;
     retryNotes.clear();
     $("mail-action").hidden = true;
     $("dashboard").hidden = true;
@@ -644,12 +861,11 @@
       if (run !== generation) return;
       if (err.status === 401 || err.status === 403) {
         sessionStorage.removeItem(STORAGE_KEY);
-        showLogin(`You were signed out. ${explain(err)}`);
+        showLogin(t("login.signedOut", explain(err)));
         return;
       }
       const banner = $("connection");
-      banner.textContent = `${explain(err)} Last attempt at ${timeOnly.format(new Date())}; retrying every ` +
-        `${REFRESH_MS / 1000} seconds. The figures below may be out of date.`;
+      banner.textContent = t("connection.lost", explain(err), timeOnly.format(new Date()), REFRESH_MS / 1000);
       banner.hidden = false;
     }
     if (run === generation) timer = setTimeout(() => refresh(run), REFRESH_MS);
@@ -660,7 +876,7 @@
     const secret = $("secret").value.trim();
     const error = $("login-error");
     if (!secret) {
-      error.textContent = "Enter an API secret.";
+      error.textContent = t("login.empty");
       error.hidden = false;
       return;
     }
@@ -691,7 +907,65 @@
     showLogin("");
   }
 
+  // ------------------------------------------------------------------ language switch
+
+  // The static texts of index.html (data-i18n and its attribute forms), <html lang> and the switch's state.
+  function applyStatic() {
+    document.documentElement.lang = lang;
+    for (const node of document.querySelectorAll("[data-i18n]")) node.textContent = t(node.dataset.i18n);
+    for (const [attr, data] of [["title", "i18nTitle"], ["aria-label", "i18nAriaLabel"],
+      ["placeholder", "i18nPlaceholder"]]) {
+      for (const node of document.querySelectorAll(`[data-${attr === "aria-label" ? "i18n-aria-label"
+        : `i18n-${attr}`}]`)) node.setAttribute(attr, t(node.dataset[data]));
+    }
+    document.title = t("page.title");
+    for (const button of document.querySelectorAll("#lang button[data-lang]")) {
+      button.setAttribute("aria-pressed", String(button.dataset.lang === lang));
+    }
+  }
+
+  function setLang(next) {
+    if (!LANGS.includes(next)) return;
+    try { localStorage.setItem(LANG_KEY, next); } catch (err) { /* private mode: this page only */ }
+    if (next === lang) return;
+    lang = next;
+    dict = STRINGS[lang];
+    makeFormats();
+    const error = $("login-error");
+    const hadError = !error.hidden;
+    applyStatic();
+    if (hadError) error.hidden = false;
+    mailShown = null;
+    problemsShown = null;
+    if (lastData) {
+      const seen = seenAudit;
+      render(lastData);
+      seenAudit = seen;
+    }
+    if (lastMail && lastMail[1]) renderMail(...lastMail);
+    else if (lastData) renderMail(mailOverview, null, null);
+  }
+
   document.addEventListener("DOMContentLoaded", () => {
+    applyStatic();
+    $("lang").addEventListener("click", (event) => {
+      const button = event.target.closest("button[data-lang]");
+      if (button) setLang(button.dataset.lang);
+    });
+    $("problems-code").addEventListener("change", (event) => {
+      problemCode = event.target.value;
+      if (lastData) renderProblems(lastData.problems);
+    });
+    $("problems-who").addEventListener("input", (event) => {
+      problemWho = event.target.value;
+      if (lastData) renderProblems(lastData.problems);
+    });
+    $("problems-by-code").addEventListener("click", (event) => {
+      const button = event.target.closest("button[data-code]");
+      if (!button) return;
+      problemCode = problemCode === button.dataset.code ? "" : button.dataset.code;
+      if (lastData) renderProblems(lastData.problems);
+    });
     $("login-form").addEventListener("submit", signIn);
     $("logout").addEventListener("click", signOut);
     $("mail-filter").addEventListener("change", (event) => {
