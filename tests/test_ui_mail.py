@@ -236,11 +236,17 @@ def test_mail_section_story(gateway: Gateway, browser_page: Any, tmp_path: Path)
     expect(second.locator("td.state .badge")).to_have_text("queued")
     expect(second.locator("td.delivery")).to_contain_text("try again later", timeout=8_000)
     expect(second.locator("td.delivery")).to_contain_text("attempt")
+    smtp = page.locator("#smtp")  # the smarthost's status: the messages waiting after a temporary refusal
+    expect(smtp).to_contain_text("127.0.0.1:")
+    expect(smtp).to_contain_text("waiting after a temporary refusal", timeout=8_000)
+    expect(smtp).to_contain_text("try again later")
     expect(second.locator("td.state .badge")).to_have_text("answered", timeout=30_000)
     retried = gateway.message(failed_id, "answered")
     expect(second.locator("td.registration")).to_contain_text(retried["registration_number"], timeout=8_000)
     expect(page.locator("#mail-failed")).to_have_text("0", timeout=8_000)
     expect(alert).not_to_contain_text("bounced")
+    expect(smtp).to_have_attribute("data-state", "sent", timeout=8_000)
+    expect(smtp).to_contain_text("Last delivery accepted today")
 
     # A delivered message offers no Retry; the API refuses one anyway.
     expect(second.get_by_role("button", name="Retry")).to_have_count(0)
