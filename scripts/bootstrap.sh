@@ -15,9 +15,10 @@ VENV=${TOKENBRIDGE_VENV:-$ROOT/.venv}
 # postfix, dovecot-imapd and swaks (with libnet-ssleay-perl for its STARTTLS) are the mail gateway's test peers
 # (tests/mailpeers.py starts its own instances; the system's are neither configured nor used). gpgsm only
 # recommends gpg-agent, which it cannot work without (Debian 12; 13 depends on it).
+# postgresql is the shared state store's test peer (issue 18; tests/pg.py makes its own cluster, never the system's).
 APT_PACKAGES=(python3 python3-venv python3-dev gcc openssl softhsm2 opensc libnss3-tools gpgsm curl libp11-kit-dev
               chromium nginx e2fsprogs util-linux procps ca-certificates
-              postfix dovecot-imapd swaks libnet-ssleay-perl gpg-agent)
+              postfix dovecot-imapd swaks libnet-ssleay-perl gpg-agent postgresql)
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
@@ -33,6 +34,12 @@ install_apt() {
   # Postfix's package asks how to configure the system's mail server: not at all (no main.cf, nothing started).
   echo "postfix postfix/main_mailer_type select No configuration" | $sudo debconf-set-selections
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  # PostgreSQL's package makes and starts a system cluster ("main") unless told not to: the tests need none.
+  if printf '%s\n' "${missing[@]}" | grep -qx postgresql; then
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql-common >/dev/null
+    $sudo sed -i 's/^#*\s*create_main_cluster\s*=.*/create_main_cluster = false/' \
+      /etc/postgresql-common/createcluster.conf
+  fi
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 

@@ -12,6 +12,7 @@ import datetime
 import ipaddress
 import os
 import re
+import socket
 from pathlib import Path
 from typing import Any, Literal
 
@@ -298,6 +299,27 @@ class UpstreamSettings(BaseModel):
     listen_client: str | None = Field(None, description="Client identity (name) the listener acts as.")
 
 
+class StateSettings(BaseModel):
+    """Where the state lives (``[state]``): SQLite in data_dir (one hub), or PostgreSQL (several hubs)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    database_url: str | None = Field(
+        None, description="postgresql://user@host:port/dbname (password from ~/.pgpass or PGPASSWORD): clients, "
+                          "audit, mail queue and IMAP checkpoints shared by several hubs. Unset: SQLite files "
+                          "in data_dir.")
+    hub: str = Field(default_factory=lambda: socket.gethostname().split(".")[0] or "hub",
+                     description="This hub's name among those sharing the database (its audit chain's name).")
+
+    @model_validator(mode="after")
+    def _check(self) -> StateSettings:
+        if self.database_url is not None and not self.database_url.startswith(("postgresql://", "postgres://")):
+            raise ValueError("state.database_url must be a postgresql:// URL (unset: SQLite in data_dir)")
+        if not TOKEN_NAME.fullmatch(self.hub):
+            raise ValueError(f"state.hub {self.hub!r}: use letters, digits, '-' and '_'")
+        return self
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="TOKENBRIDGE_", env_nested_delimiter="__", extra="forbid", validate_default=True
@@ -317,6 +339,7 @@ class Settings(BaseSettings):
     smime: SmimeSettings = Field(default_factory=SmimeSettings)
     upstreams: dict[str, UpstreamSettings] = Field(default_factory=dict, description="mTLS proxy targets.")
     mail: MailSettings = Field(default_factory=MailSettings)
+    state: StateSettings = Field(default_factory=StateSettings)
 
     config_file: Path | None = Field(None, exclude=True)
 

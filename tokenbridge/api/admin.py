@@ -33,7 +33,7 @@ from tokenbridge.api.auth import Caller, bridge_of
 from tokenbridge.api.v1 import token_view
 from tokenbridge.errors import Problem
 from tokenbridge.formats import x509 as x509h
-from tokenbridge.mail.gateway import queue_path, wanted
+from tokenbridge.mail.gateway import queue_exists, queue_path, wanted
 from tokenbridge.services.bridge import Bridge
 from tokenbridge.services.keys import Validity, certificate_validity, validity
 from tokenbridge.services.tokens import KeyState
@@ -424,7 +424,7 @@ def _mail_queue(state: State, bridge: Bridge) -> MailQueue | None:
     queue = getattr(state, "mail_queue", None)  # shared with api/mail.py, which opens the same file
     if isinstance(queue, MailQueue):
         return queue
-    if not queue_path(bridge.settings).exists():
+    if not queue_exists(queue_path(bridge.settings)):
         return None
     state.mail_queue = MailQueue(queue_path(bridge.settings))
     return state.mail_queue

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Query, Request
 
 from tokenbridge.api.auth import Caller, bridge_of
 from tokenbridge.errors import Problem
-from tokenbridge.mail.gateway import queue_path
+from tokenbridge.mail.gateway import queue_exists, queue_path
 from tokenbridge.state.mail import MailQueue
 
 router = APIRouter(prefix="/v1/mail")
@@ -30,7 +30,7 @@ def _queue(request: Request) -> MailQueue | None:
         return gateway.queue
     if getattr(state, "mail_queue", None) is None:
         path = queue_path(bridge_of(request).settings)
-        if not path.exists():
+        if not queue_exists(path):
             return None
         state.mail_queue = MailQueue(path)
     return state.mail_queue

@@ -68,11 +68,24 @@ def audit_verify(config: ConfigOpt = None,
             fail(f"exported range broken after {count} good entries: {problem}", code=2)
         return
     _, audit, _ = open_state(load(config))
-    ok, count, problem = audit.verify()
-    if ok:
-        console.print(f"audit log intact: {count} entries")
-    else:
-        fail(f"audit log broken after {count} good entries: {problem}", code=2)
+    if audit.hub is None:  # a SQLite store: one chain
+        ok, count, problem = audit.verify()
+        if ok:
+            console.print(f"audit log intact: {count} entries")
+        else:
+            fail(f"audit log broken after {count} good entries: {problem}", code=2)
+        return
+    # A shared store: every hub's chain, each verified alone (docs/security.md).
+    results = audit.verify_all()
+    for hub, (ok, count, problem) in results.items():
+        if ok:
+            console.print(f"hub {hub}: audit log intact: {count} entries")
+        else:
+            console.print(f"hub {hub}: audit log BROKEN after {count} good entries: {problem}")
+    if not results:
+        console.print("audit log empty: no hub has written an entry yet")
+    if not all(ok for ok, _, _ in results.values()):
+        raise SystemExit(2)
 
 
 def _instant(value: str | None, option: str) -> str | None:

@@ -19,12 +19,12 @@ STATES = ("received", "queued", "sent", "answered", "failed", "overdue")
 
 
 def _queue(config: Any) -> tuple[Any, float]:
-    from tokenbridge.mail.gateway import queue_path
+    from tokenbridge.mail.gateway import queue_exists, queue_path
     from tokenbridge.state.mail import MailQueue
 
     settings = load(config)
     path = queue_path(settings)
-    if not path.exists():
+    if not queue_exists(path):
         fail(f"no mail queue yet ({path}): the gateway has not run with this configuration")
     return MailQueue(path), settings.mail.tracking.reply_due
 

@@ -20,6 +20,7 @@ from tokenbridge.cli import backup, lan, softhsm, token
 from tokenbridge.cli.audit import audit_app
 from tokenbridge.cli.clients import clients_app
 from tokenbridge.cli.common import ConfigOpt, console, err, fail, load
+from tokenbridge.cli.db import db_app
 from tokenbridge.cli.mail import mail_app
 from tokenbridge.cli.renew import renew_app
 from tokenbridge.cli.smime import app as smime_app
@@ -35,6 +36,7 @@ app.add_typer(lan.tls_app, name="tls")
 app.add_typer(lan.workstations_app, name="workstations")
 app.add_typer(mail_app, name="mail")
 app.add_typer(renew_app, name="renew")
+app.add_typer(db_app, name="db")
 
 
 @app.command()

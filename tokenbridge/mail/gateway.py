@@ -52,7 +52,13 @@ def wanted(settings: Settings) -> bool:
 
 
 def queue_path(settings: Settings) -> Any:
-    return settings.data_dir / "mail.db"
+    """Where the mail queue is: ``DATA_DIR/mail.db``, or the shared PostgreSQL database's URL."""
+    return settings.state.database_url or settings.data_dir / "mail.db"
+
+
+def queue_exists(location: Any) -> bool:
+    """Whether the gateway ever ran here (reading must not create a ``mail.db``); a database always is."""
+    return isinstance(location, str) or location.exists()
 
 
 class InboundHandler:

@@ -20,7 +20,7 @@ from tokenbridge.services.tokens import TokenSet
 from tokenbridge.services.workers import Workers
 from tokenbridge.state.audit import AuditLog, AuditUnavailable
 from tokenbridge.state.clients import ClientRegistry
-from tokenbridge.state.store import Store
+from tokenbridge.state.store import Store, open_store
 from tokenbridge.token.owner import PINPAD, TokenSelector
 from tokenbridge.token.process import TokenProcess
 
@@ -54,8 +54,11 @@ def read_pin(token: TokenSettings, prompted: str | None = None) -> str | None:
 
 
 def open_state(settings: Settings) -> tuple[Store, AuditLog, ClientRegistry]:
-    store = Store(settings.store_path)
-    return store, AuditLog(store), ClientRegistry(store)
+    """The store (SQLite in data_dir, or the PostgreSQL database hubs share), the audit log and clients.
+    On PostgreSQL each hub appends to its own audit chain (``state.hub``)."""
+    url = settings.state.database_url
+    store = open_store(settings.store_path, url)
+    return store, AuditLog(store, hub=settings.state.hub if url else None), ClientRegistry(store)
 
 
 def read_pins(settings: Settings, prompted: dict[str, str] | None = None) -> dict[str, str | None]:

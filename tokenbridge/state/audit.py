@@ -1,7 +1,11 @@
-"""The audit log: every private-key operation and admin change, as a hash chain in SQLite.
+"""The audit log: every private-key operation and admin change, as a hash chain.
 
 Each entry's hash covers its sequence number, its fields and the previous
-entry's hash, so an edited, removed or reordered entry breaks the chain.
+entry's hash, so an edited, removed or reordered entry breaks the chain. In the
+PostgreSQL store several hubs write: each appends to its own chain (``hub``),
+numbered from 1 and verifiable alone, so that two hubs never wait on or
+reorder each other's entries (docs/security.md says what a database
+administrator can and cannot hide).
 Entries never hold a PIN, a plaintext or key material: inputs appear only as
 their SHA-256. If an entry cannot be written the caller refuses the operation
 (fail closed), like Vault does.
@@ -17,6 +21,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from tokenbridge.state.store import Store
 
@@ -24,6 +29,8 @@ GENESIS = "0" * 64
 FIELDS = ("seq", "ts", "actor", "event", "key", "algorithm", "input_sha256", "outcome", "detail")
 _INSERT = (f"INSERT INTO audit ({', '.join(FIELDS)}, prev_hash, hash) "
            f"VALUES ({', '.join('?' * (len(FIELDS) + 2))})")
+_INSERT_HUB = (f"INSERT INTO audit (hub, {', '.join(FIELDS)}, prev_hash, hash) "
+               f"VALUES ({', '.join('?' * (len(FIELDS) + 3))})")
 
 
 class AuditUnavailable(Exception):
@@ -54,18 +61,27 @@ Query = Callable[[str, tuple[object, ...]], Sequence[sqlite3.Row]]
 
 
 def iter_entries(query: Query, since: str | None = None, until: str | None = None,
-                 batch: int = 1000) -> Iterator[AuditEntry]:
+                 batch: int = 1000, hub: str | None = None) -> Iterator[AuditEntry]:
     """Entries in order, ``since <= ts < until`` (ISO UTC strings, as stored), read a page at a time: an
-    export of years of log does not hold it all in memory. ``query`` runs SQL on a store or a connection."""
+    export of years of log does not hold it all in memory. ``query`` runs SQL on a store or a connection;
+    ``hub``: that hub's chain (a shared PostgreSQL store), None for the single chain of a SQLite store."""
     last = 0
+    where = "hub = ? AND " if hub is not None else ""
+    lead: tuple[object, ...] = (hub,) if hub is not None else ()
     while True:
-        rows = query("SELECT * FROM audit WHERE seq > ? AND (? IS NULL OR ts >= ?) AND (? IS NULL OR ts < ?) "
-                     "ORDER BY seq LIMIT ?", (last, since, since, until, until, batch))
+        rows = query(f"SELECT * FROM audit WHERE {where}seq > ? AND (? IS NULL OR ts >= ?) AND "
+                     "(? IS NULL OR ts < ?) ORDER BY seq LIMIT ?", (*lead, last, since, since, until, until, batch))
         for row in rows:
-            yield AuditEntry(**dict(row))
+            yield _entry(row)
         if len(rows) < batch:
             return
         last = rows[-1]["seq"]
+
+
+def _entry(row: Any) -> AuditEntry:
+    fields = dict(row)
+    fields.pop("hub", None)
+    return AuditEntry(**fields)
 
 
 def verify_chain(entries: Iterable[AuditEntry], whole: bool = True) -> tuple[bool, int, str | None]:
@@ -94,8 +110,12 @@ def verify_chain(entries: Iterable[AuditEntry], whole: bool = True) -> tuple[boo
 
 
 class AuditLog:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, hub: str | None = None) -> None:
+        """``hub``: this hub's chain in a shared (PostgreSQL) store; None in a SQLite store (one chain)."""
         self._store = store
+        self.hub = hub
+        self._where = "WHERE hub = ? " if hub is not None else ""
+        self._lead: tuple[object, ...] = (hub,) if hub is not None else ()
         self._broken = False
         self._lock = threading.Lock()
         self._tail: tuple[int, str] | None = None  # (seq, hash) of the last entry this process knows
@@ -136,13 +156,16 @@ class AuditLog:
         with self._lock:
             try:
                 appended = False
-                if self._tail is not None:
+                # The fast path (one statement, no lock) is SQLite's, whose every write takes the file's lock.
+                # On PostgreSQL, each hub's chain has a lock of its own: hubs never wait for each other.
+                if self._tail is not None and self.hub is None:
                     with suppress(sqlite3.IntegrityError):  # another process appended since our last entry
                         self._append(self._store, fields, self._tail)
                         appended = True
                 if not appended:
-                    with self._store.transaction(immediate=True) as db:
-                        row = db.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+                    with self._store.transaction(immediate=True, lock=self.hub) as db:
+                        row = db.execute(f"SELECT seq, hash FROM audit {self._where}ORDER BY seq DESC LIMIT 1",
+                                         self._lead).fetchone()
                         self._append(db, fields, (row[0], row[1]) if row else (0, GENESIS))
             except sqlite3.Error as exc:
                 self._tail = None
@@ -156,16 +179,32 @@ class AuditLog:
         # Numbered and stamped under the lock, so that timestamps grow with seq (the admin page bisects on them).
         fields["seq"], fields["ts"] = tail[0] + 1, datetime.now(UTC).isoformat(timespec="microseconds")
         digest = entry_hash(tail[1], fields)
-        db.execute(_INSERT, (*[fields[f] for f in FIELDS], tail[1], digest))
+        db.execute(_INSERT_HUB if self.hub is not None else _INSERT,
+                   (*self._lead, *[fields[f] for f in FIELDS], tail[1], digest))
         self._tail = (tail[0] + 1, digest)
 
     def tail(self, count: int = 20) -> list[AuditEntry]:
-        rows = self._store.query("SELECT * FROM audit ORDER BY seq DESC LIMIT ?", (count,))
-        return [AuditEntry(**dict(r)) for r in reversed(rows)]
+        rows = self._store.query(f"SELECT * FROM audit {self._where}ORDER BY seq DESC LIMIT ?",
+                                 (*self._lead, count))
+        return [_entry(r) for r in reversed(rows)]
 
-    def entries(self, since: str | None = None, until: str | None = None) -> Iterator[AuditEntry]:
-        return iter_entries(self._store.query, since, until)
+    def entries(self, since: str | None = None, until: str | None = None,
+                hub: str | None = None) -> Iterator[AuditEntry]:
+        """This hub's chain, or ``hub``'s (another hub sharing the store)."""
+        return iter_entries(self._store.query, since, until, hub=hub if hub is not None else self.hub)
 
     def verify(self) -> tuple[bool, int, str | None]:
         """Walk the chain; return (ok, entries checked, first problem)."""
         return verify_chain(self.entries())
+
+    def hubs(self) -> list[str]:
+        """Every hub with a chain in this store (one, unnamed, in a SQLite store)."""
+        if self.hub is None:
+            return []
+        return [r[0] for r in self._store.query("SELECT DISTINCT hub FROM audit ORDER BY hub")]
+
+    def verify_all(self) -> dict[str, tuple[bool, int, str | None]]:
+        """Every hub's chain, each walked alone (a shared store); {"": ...} for a SQLite store."""
+        if self.hub is None:
+            return {"": self.verify()}
+        return {hub: verify_chain(self.entries(hub=hub)) for hub in self.hubs()}

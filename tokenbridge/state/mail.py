@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tokenbridge.state.store import Store
+from tokenbridge.state.store import Store, open_store
 
 MAIL_SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbound (
@@ -180,6 +180,7 @@ def _bool(v: Any) -> bool | None:
 
 class MailStore(Store):
     SCHEMA = MAIL_SCHEMA
+    COMPONENT = "mail"
 
     def _setup(self) -> None:
         pass  # no clients, no triggers: the mail tables only
@@ -188,8 +189,11 @@ class MailStore(Store):
 class MailQueue:
     """The mail tables. Every method is one transaction; none keeps a lock across a network call."""
 
-    def __init__(self, path: Path) -> None:
-        self.store = MailStore(path, durable=True)
+    def __init__(self, location: Path | str) -> None:
+        """``location``: the SQLite file, or a ``postgresql://`` URL (the database several hubs share)."""
+        url = location if isinstance(location, str) else None
+        path = location if isinstance(location, Path) else Path()
+        self.store: Any = open_store(path, url, durable=True, component="mail")
 
     def close(self) -> None:
         self.store.close()
@@ -206,11 +210,11 @@ class MailQueue:
             cur = db.execute(
                 "INSERT INTO outbound (kind, message_id, received, submitter, envelope_from, recipients, pending, "
                 "policy, encrypt_to, subject, reference, attachments, raw, prepared, state, next_attempt) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
                 (kind, message_id, now, submitter, envelope_from, json.dumps(recipients), json.dumps(recipients),
                  policy, json.dumps(encrypt_to), subject, reference, json.dumps(attachments), raw, prepared,
                  "queued" if prepared is not None else "received", now))
-            return int(cur.lastrowid or 0)
+            return int(cur.fetchone()[0])
 
     def due(self, state: str, now: float | None = None, limit: int = 16) -> list[Outbound]:
         """Messages in ``state`` whose next attempt is due, oldest first, with their bytes."""
@@ -362,14 +366,12 @@ class MailQueue:
         """A reply on disk before it is acknowledged (SMTP) or checkpointed (IMAP); None: already known."""
         now = time.time() if now is None else now
         with self.store.transaction(immediate=True) as db:
-            try:
-                cur = db.execute(
-                    "INSERT INTO inbound (source, received, message_id, in_reply_to, sender, recipients, subject, "
-                    "raw, state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'received')",
-                    (source, now, message_id, in_reply_to, sender, json.dumps(recipients), subject, raw))
-            except sqlite3.IntegrityError:
-                return None
-            return int(cur.lastrowid or 0)
+            row = db.execute(
+                "INSERT INTO inbound (source, received, message_id, in_reply_to, sender, recipients, subject, "
+                "raw, state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'received') ON CONFLICT (source) DO NOTHING "
+                "RETURNING id", (source, now, message_id, in_reply_to, sender, json.dumps(recipients), subject,
+                                 raw)).fetchone()
+            return None if row is None else int(row[0])
 
     def inbound_due(self, now: float | None = None, limit: int = 16) -> list[Inbound]:
         now = time.time() if now is None else now

@@ -22,7 +22,9 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
+
+from tokenbridge.state import migrations
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS clients (
@@ -157,8 +159,9 @@ class Store:
     """
 
     SCHEMA = SCHEMA
+    COMPONENT = "state"  # its migrations (state/migrations/sqlite/state/)
 
-    def __init__(self, path: Path, *, durable: bool = False) -> None:
+    def __init__(self, path: Path, *, durable: bool = False, upgrade: bool = True) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock = threading.RLock()
@@ -175,6 +178,8 @@ class Store:
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.executescript(self.SCHEMA)
             self._setup()
+            if upgrade:  # `tokenbridge db version` looks before it leaps
+                migrations.upgrade(self, "sqlite", self.COMPONENT)
         except BaseException:
             if hasattr(self, "_db"):
                 self._db.close()
@@ -214,7 +219,8 @@ class Store:
                 db.execute(sql)
 
     @contextmanager
-    def transaction(self, immediate: bool = False) -> Iterator[sqlite3.Connection]:
+    def transaction(self, immediate: bool = False, lock: str | None = None) -> Iterator[sqlite3.Connection]:
+        """``lock``: ignored here (state/pg.py takes a lock of that name; SQLite's write lock covers all)."""
         with self._lock:
             self._shm.check()
             self._db.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
@@ -243,3 +249,16 @@ class Store:
         with self._lock:
             self._db.close()
             self._shm.close()
+
+
+def open_store(path: Path, database_url: str | None, *, durable: bool = False, component: str = "state",
+               upgrade: bool = True) -> Any:
+    """The state store: SQLite at ``path`` (one hub), or the PostgreSQL database several hubs share
+    (state/pg.py, ``[state] database_url``). Both offer ``transaction``, ``execute``, ``query``, ``close``."""
+    if database_url is None:
+        from tokenbridge.state.mail import MailStore
+
+        return (MailStore if component == "mail" else Store)(path, durable=durable, upgrade=upgrade)
+    from tokenbridge.state.pg import PgStore
+
+    return PgStore(database_url, durable=durable, schema=component, upgrade=upgrade)

@@ -1,0 +1,183 @@
+"""The state store on both engines (issue 18): the same tests on SQLite and on a real PostgreSQL.
+
+Clients and their revision, the audit chain, the mail queue and the IMAP checkpoints are used exactly as
+the services use them (state/clients.py, audit.py, mail.py), through the ``store`` fixture, which is a
+SQLite file or a fresh database in the tests' own PostgreSQL cluster (tests/pg.py). Several hubs writing
+one PostgreSQL audit at once keep one intact chain each.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import Service, start_service
+from tests.pg import Postgres, running_postgres
+from tokenbridge.state import migrations
+from tokenbridge.state.audit import AuditLog
+from tokenbridge.state.clients import ClientRegistry
+from tokenbridge.state.mail import MailQueue
+from tokenbridge.state.store import open_store
+from tokenbridge.tools.demo import DemoInfo
+
+_databases = itertools.count(1)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    with running_postgres() as server:
+        yield server
+
+
+def fresh_database(server: Postgres) -> str:
+    """A new, empty database in the test cluster: each test starts from nothing, as a new deployment."""
+    name = f"t{next(_databases)}"
+    server.psql(f"CREATE DATABASE {name}")
+    return server.url.rsplit("/", 1)[0] + f"/{name}"
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def location(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Path, str | None]:
+    """(SQLite path, None) or (unused path, PostgreSQL URL): what ``open_store`` takes."""
+    if request.param == "sqlite":
+        return tmp_path / "state.db", None
+    return tmp_path / "unused.db", fresh_database(request.getfixturevalue("postgres"))
+
+
+@pytest.fixture
+def store(location: tuple[Path, str | None]) -> Iterator[Any]:
+    s = open_store(*location)
+    yield s
+    s.close()
+
+
+def hub_of(location: tuple[Path, str | None], name: str = "hub-a") -> str | None:
+    return name if location[1] else None
+
+
+def test_clients_are_added_authenticated_changed_and_revoked(store: Any) -> None:
+    registry = ClientRegistry(store)
+    _, secret = registry.add("guichet-1", ["sign", "decrypt"], ["sign-rsa"])
+    assert registry.authenticate(secret).name == "guichet-1"  # type: ignore[union-attr]
+    assert registry.authenticate(secret + "x") is None
+    with pytest.raises(Exception, match=r"exists|already"):
+        registry.add("guichet-1", ["sign"])
+    # Another process (a second hub) changes the client: this one sees it at the next request.
+    other = ClientRegistry(store)
+    other.set_keys("guichet-1", ["carte-2026/sign-rsa"])
+    assert registry.authenticate(secret).keys == frozenset({"carte-2026/sign-rsa"})  # type: ignore[union-attr]
+    other.revoke("guichet-1")
+    assert registry.authenticate(secret) is None
+    assert [c.name for c in registry.list()] == ["guichet-1"] and registry.get("guichet-1").revoked  # type: ignore[union-attr]
+
+
+def test_the_audit_chain_is_written_read_and_verified(store: Any, location: tuple[Path, str | None]) -> None:
+    audit = AuditLog(store, hub=hub_of(location))
+    for i in range(25):
+        assert audit.record("client:guichet-1", "sign", "ok", key="abcd", detail=f"n={i}") == i + 1
+    assert [e.seq for e in audit.tail(3)] == [23, 24, 25]
+    assert audit.verify() == (True, 25, None)
+    # A second handle (the CLI, another worker) appends after the chain's real end.
+    other = AuditLog(store, hub=hub_of(location))
+    assert other.record("operator", "client_added", "ok") == 26
+    assert audit.record("client:guichet-1", "sign", "ok") == 27
+    assert audit.verify() == (True, 27, None)
+    store.execute("UPDATE audit SET detail = 'n=99' WHERE seq = 5")
+    ok, _count, problem = audit.verify()
+    assert not ok and problem == "entry 5 was altered"
+
+
+def test_two_hubs_writing_at_once_keep_one_intact_chain_each(postgres: Postgres, tmp_path: Path) -> None:
+    url = fresh_database(postgres)
+    stores = [open_store(tmp_path / "x", url) for _ in range(4)]  # two connections per hub
+    logs = [AuditLog(s, hub=hub) for s, hub in zip(stores, ["hub-a", "hub-a", "hub-b", "hub-b"], strict=True)]
+    errors: list[BaseException] = []
+
+    def write(log: AuditLog, n: int) -> None:
+        try:
+            for i in range(n):
+                log.record(f"client:{log.hub}", "sign", "ok", detail=f"{id(log)}-{i}")
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(log, 150)) for log in logs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert logs[0].verify_all() == {"hub-a": (True, 300, None), "hub-b": (True, 300, None)}
+    details = [e.detail for e in logs[0].entries(hub="hub-a")]
+    assert len(details) == len(set(details)) == 300, "none lost, none twice"
+    for s in stores:
+        s.close()
+
+
+def test_the_mail_queue_and_the_imap_checkpoints(location: tuple[Path, str | None]) -> None:
+    path, url = location
+    queue = MailQueue(url if url else path.with_name("mail.db"))
+    try:
+        first = queue.accept(kind="application", message_id="<a@x>", submitter="client:guichet-1",
+                             envelope_from="org@x", recipients=["sne@national.example"], policy="sign-encrypt",
+                             encrypt_to=["national"], subject="Dossier 1", reference="1", attachments=[],
+                             raw=b"\x00raw bytes\xff", now=1000.0)
+        second = queue.accept(kind="application", message_id="<b@x>", submitter="client:guichet-1",
+                              envelope_from="org@x", recipients=["sne@national.example"], policy="sign",
+                              encrypt_to=[], subject="Dossier 2", reference="2", attachments=[], raw=b"b",
+                              now=1001.0)
+        assert second > first > 0
+        due = queue.due("received", now=2000.0)
+        assert [m.id for m in due] == [first, second]
+        assert queue.get(first, with_bytes=True).raw == b"\x00raw bytes\xff"  # type: ignore[union-attr]
+        queue.prepared(first, b"signed once")
+        assert queue.get(first, with_bytes=True).prepared == b"signed once"  # type: ignore[union-attr]
+        reply = queue.receive(source="imap:INBOX:7:1", raw=b"reply", message_id="<r@n>", in_reply_to="<a@x>",
+                              sender="sne@national.example", recipients=["org@x"], subject="Re: Dossier 1")
+        assert reply is not None
+        assert queue.receive(source="imap:INBOX:7:1", raw=b"reply", message_id="<r@n>", in_reply_to="<a@x>",
+                             sender="sne@national.example", recipients=["org@x"], subject="Re") is None
+        assert queue.checkpoint("INBOX") is None
+        queue.set_checkpoint("INBOX", 7, 1)
+        queue.set_checkpoint("INBOX", 7, 2)
+        assert queue.checkpoint("INBOX") == (7, 2)
+    finally:
+        queue.close()
+
+
+def test_the_schema_version_is_recorded_and_upgrades_are_idempotent(store: Any,
+                                                                     location: tuple[Path, str | None]) -> None:
+    engine = "postgres" if location[1] else "sqlite"
+    assert migrations.version(store, "state") == migrations.latest(engine, "state")
+    assert migrations.upgrade(store, engine, "state") == migrations.latest(engine, "state")  # nothing to do
+
+
+def test_two_hubs_on_one_database_share_clients_and_keep_their_own_audit_chains(
+        demo: DemoInfo, postgres: Postgres, tmp_path: Path) -> None:
+    """Two services on PostgreSQL: a client made on one works on the other, a revocation on one applies to
+    the other at its next request, and `tokenbridge audit verify` checks each hub's chain."""
+    url = fresh_database(postgres)
+    hubs: list[Service] = []
+    try:
+        for name in ("hub-a", "hub-b"):
+            config = demo.config_file.parent / f"{name}-{tmp_path.name}.toml"  # beside the demo: its paths hold
+            config.write_text(demo.config_file.read_text() + f'\n[state]\ndatabase_url = "{url}"\nhub = "{name}"\n')
+            hubs.append(start_service(config, tmp_path / name))
+        a, b = hubs
+        secret = a.add_client("guichet", "sign")
+        body = {"algorithm": "rsa-pkcs1v15-sha256", "data": "ZG9zc2llcg=="}
+        for hub in hubs:
+            assert hub.http(secret).post("/v1/keys/sign-rsa/sign", json=body).status_code == 200
+        b.cli("clients", "revoke", "guichet")
+        assert a.http(secret).post("/v1/keys/sign-rsa/sign", json=body).status_code == 401
+        verified = a.cli("audit", "verify").stdout
+        assert "hub hub-a: audit log intact" in verified and "hub hub-b: audit log intact" in verified, verified
+        assert "state: postgres schema version 1, up to date" in a.cli("db", "version").stdout
+        assert not (tmp_path / "hub-a" / "state.db").exists(), "nothing in SQLite"
+    finally:
+        for hub in hubs:
+            hub.stop()

@@ -1,0 +1,53 @@
+"""``tokenbridge db``: the state store's schema version, and its upgrade (state/migrations/)."""
+
+from __future__ import annotations
+
+import typer
+
+from tokenbridge.cli.common import ConfigOpt, console, fail, load
+
+db_app = typer.Typer(help="The state store: SQLite in data_dir, or PostgreSQL shared by hubs.", no_args_is_help=True)
+
+
+def _stores(config: ConfigOpt) -> list[tuple[str, str, object]]:
+    """(component, engine, store) for the state and, when it exists, the mail queue; opened without
+    upgrading them."""
+    from tokenbridge.mail.gateway import queue_exists, queue_path
+    from tokenbridge.state.store import open_store
+
+    settings = load(config)
+    url = settings.state.database_url
+    engine = "postgres" if url else "sqlite"
+    found: list[tuple[str, str, object]] = [("state", engine, open_store(settings.store_path, url, upgrade=False))]
+    location = queue_path(settings)
+    if queue_exists(location):
+        mail_path = location if url is None else settings.store_path
+        found.append(("mail", engine, open_store(mail_path, url, component="mail", upgrade=False)))
+    return found
+
+
+@db_app.command("version")
+def db_version(config: ConfigOpt = None) -> None:
+    """The schema version of each part of the state store, and the latest this version of tokenbridge knows."""
+    from tokenbridge.state import migrations
+
+    for component, engine, store in _stores(config):
+        current = migrations.version(store, component)  # type: ignore[arg-type]
+        latest = migrations.latest(engine, component)
+        said = "up to date" if current == latest else f"needs `tokenbridge db upgrade` (to {latest})"
+        console.print(f"{component}: {engine} schema version {current if current is not None else 'none'}, {said}")
+        store.close()  # type: ignore[attr-defined]
+
+
+@db_app.command("upgrade")
+def db_upgrade(config: ConfigOpt = None) -> None:
+    """Apply the missing migrations (the service also does it when it starts); safe to run again."""
+    from tokenbridge.state import migrations
+
+    try:
+        for component, engine, store in _stores(config):
+            now = migrations.upgrade(store, engine, component)  # type: ignore[arg-type]
+            console.print(f"{component}: {engine} schema version {now}")
+            store.close()  # type: ignore[attr-defined]
+    except OSError as exc:
+        fail(f"cannot open the state store: {exc}")
