@@ -170,6 +170,7 @@ def test_certificate_expiry_warning_and_usage_words() -> None:
 
 def test_actors_and_operations_today(tmp_path: Path) -> None:
     from tokenbridge.api.admin import _DayCounts, _first_seq_at_or_after, who
+    from tokenbridge.state.audit import AuditLog
     from tokenbridge.state.store import Store
 
     assert who("client:accueil-1") == {"kind": "client", "name": "accueil-1", "via": None}
@@ -178,7 +179,8 @@ def test_actors_and_operations_today(tmp_path: Path) -> None:
     assert who("operator") == {"kind": None, "name": "operator", "via": None}
 
     store = Store(tmp_path / "state.db")
-    assert _first_seq_at_or_after(store, "2026-01-02T00:00:00.000000+00:00") == 1
+    audit = AuditLog(store)
+    assert _first_seq_at_or_after(audit, "2026-01-02T00:00:00.000000+00:00") == 1
 
     def add(seq: int, ts: str, actor: str) -> None:
         with store.transaction(immediate=True) as db:
@@ -189,16 +191,16 @@ def test_actors_and_operations_today(tmp_path: Path) -> None:
         add(seq, f"2026-01-01T23:{seq:02d}:00.000000+00:00", "client:a")
     since = "2026-01-02T00:00:00.000000+00:00"
     counts = _DayCounts()
-    assert counts.update(store, since)["client:a"] == 0
+    assert counts.update(audit, since)["client:a"] == 0
     add(40, "2026-01-02T08:00:00.000000+00:00", "client:a")
     add(41, "2026-01-02T08:00:01.000000+00:00", "client:b@workstation:w")
     add(42, "2026-01-02T08:00:02.000000+00:00", "workstation:w")
-    assert _first_seq_at_or_after(store, since) == 40
-    first = dict(counts.update(store, since))
+    assert _first_seq_at_or_after(audit, since) == 40
+    first = dict(counts.update(audit, since))
     assert first == {"client:a": 1, "client:b": 1, "workstation:w": 2}
     add(43, "2026-01-02T09:00:00.000000+00:00", "client:a")
-    assert counts.update(store, since)["client:a"] == 2  # only the new row was read
-    assert counts.update(store, "2026-01-03T00:00:00.000000+00:00") == {}  # a new day starts from zero
+    assert counts.update(audit, since)["client:a"] == 2  # only the new row was read
+    assert counts.update(audit, "2026-01-03T00:00:00.000000+00:00") == {}  # a new day starts from zero
     store.close()
 
 

@@ -37,9 +37,8 @@ from tokenbridge.mail.gateway import queue_exists, queue_path, wanted
 from tokenbridge.services.bridge import Bridge
 from tokenbridge.services.keys import Validity, certificate_validity, validity
 from tokenbridge.services.tokens import KeyState
-from tokenbridge.state.audit import AuditEntry
+from tokenbridge.state.audit import AuditEntry, AuditLog
 from tokenbridge.state.mail import MailQueue
-from tokenbridge.state.store import Store
 from tokenbridge.token.model import KeyInfo, TokenState, TokenStatus
 
 router = APIRouter()
@@ -110,13 +109,14 @@ class _DayCounts:
     latest: dict[str, dict[str, Any]] = field(default_factory=dict)  # "tls_handshake:NAME", "mail-delivery"
     watched: int = -1  # the last entry looked at for ``recent`` and ``latest`` (-1: not read back yet)
 
-    def update(self, store: Store, since: str) -> Counter[str]:
+    def update(self, audit: AuditLog, since: str) -> Counter[str]:
+        """``audit``: this hub's chain (with several hubs on one database, each page shows its own hub)."""
         if self.watched < 0:
-            self._look_back(store)
+            self._look_back(audit)
         if since != self.since:
             self.since, self.counts, self.failures = since, Counter(), Counter()
-            self.last_seq = _first_seq_at_or_after(store, since) - 1
-        rows = store.query("SELECT * FROM audit WHERE seq > ? AND ts >= ? ORDER BY seq", (self.last_seq, since))
+            self.last_seq = _first_seq_at_or_after(audit, since) - 1
+        rows = audit.select("seq > ? AND ts >= ?", (self.last_seq, since), suffix="ORDER BY seq")
         for row in rows:
             # "client:NAME@workstation:WS" counts for the client and for the workstation it came through.
             for part in set(str(row["actor"]).split("@")):
@@ -128,13 +128,13 @@ class _DayCounts:
             self.last_seq = row["seq"]
         return self.counts
 
-    def _look_back(self, store: Store) -> None:
-        top = store.query("SELECT MAX(seq) AS hi FROM audit")[0]["hi"] or 0
+    def _look_back(self, audit: AuditLog) -> None:
+        top = audit.select(columns="MAX(seq) AS hi")[0]["hi"] or 0
         marks = ",".join("?" * len(SUCCESS_OUTCOMES))
         events = ",".join("?" * len(MAIL_DELIVERY_EVENTS))
-        rows = store.query(f"SELECT * FROM audit WHERE seq > ? AND seq <= ? AND (outcome NOT IN ({marks}) "
-                           f"OR event = 'tls_handshake' OR event IN ({events})) ORDER BY seq",
-                           (top - LOOKBACK, top, *SUCCESS_OUTCOMES, *MAIL_DELIVERY_EVENTS))
+        rows = audit.select(f"seq > ? AND seq <= ? AND (outcome NOT IN ({marks}) OR event = 'tls_handshake' "
+                            f"OR event IN ({events}))", (top - LOOKBACK, top, *SUCCESS_OUTCOMES,
+                                                         *MAIL_DELIVERY_EVENTS), suffix="ORDER BY seq")
         for row in rows:
             self._watch(row)
         self.watched = top
@@ -152,16 +152,16 @@ class _DayCounts:
         self.watched = max(self.watched, entry["seq"])
 
 
-def _first_seq_at_or_after(store: Store, since: str) -> int:
+def _first_seq_at_or_after(audit: AuditLog, since: str) -> int:
     """A sequence number such that every entry before it is older than ``since`` (bisection on the rowid)."""
-    bounds = store.query("SELECT MIN(seq) AS lo, MAX(seq) AS hi FROM audit")
+    bounds = audit.select(columns="MIN(seq) AS lo, MAX(seq) AS hi")
     lo, hi = bounds[0]["lo"], bounds[0]["hi"]
     if lo is None:
         return 1
     hi += 1  # the answer is in [lo, hi]; hi means "no entry yet today"
     while lo < hi:
         mid = (lo + hi) // 2
-        row = store.query("SELECT seq, ts FROM audit WHERE seq >= ? ORDER BY seq LIMIT 1", (mid,))
+        row = audit.select("seq >= ?", (mid,), columns="seq, ts", suffix="ORDER BY seq LIMIT 1")
         if not row or row[0]["ts"] >= since:
             hi = mid
         else:
@@ -472,7 +472,7 @@ def overview(bridge: Bridge, counts: _DayCounts, now: datetime | None = None) ->
     keys = sorted(tokens.list_keys(), key=lambda k: (k.label, k.token))
     labels = {k.id: k.label for k in keys}
     since = _local_midnight_utc(now)
-    per_actor = counts.update(bridge.store, since)
+    per_actor = counts.update(bridge.audit, since)
     statuses = tokens.statuses()
     status = next(iter(statuses.values()))
     by_client: dict[str, int] = {}

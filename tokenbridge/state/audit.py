@@ -197,6 +197,14 @@ class AuditLog:
         """Walk the chain; return (ok, entries checked, first problem)."""
         return verify_chain(self.entries())
 
+    def select(self, condition: str = "TRUE", params: tuple[object, ...] = (), *, columns: str = "*",
+               suffix: str = "") -> list[Any]:
+        """Rows of this hub's chain (all of a SQLite store's): ``SELECT columns FROM audit WHERE condition
+        suffix``, for readers such as the admin page that look at the log in their own way."""
+        hub = "hub = ? AND " if self.hub is not None else ""
+        return list(self._store.query(f"SELECT {columns} FROM audit WHERE {hub}({condition}) {suffix}",
+                                      (*self._lead, *params)))
+
     def hubs(self) -> list[str]:
         """Every hub with a chain in this store (one, unnamed, in a SQLite store)."""
         if self.hub is None:
