@@ -181,3 +181,110 @@ def test_two_hubs_on_one_database_share_clients_and_keep_their_own_audit_chains(
     finally:
         for hub in hubs:
             hub.stop()
+
+
+def test_a_claimed_message_is_left_to_its_hub_until_the_lease_ends(location: tuple[Path, str | None]) -> None:
+    path, url = location
+    queue = MailQueue(url if url else path.with_name("mail.db"))
+    try:
+        ids = [queue.accept(kind="application", message_id=f"<{i}@x>", submitter="client:g", envelope_from="o@x",
+                            recipients=["sne@national.example"], policy="sign", encrypt_to=[], subject=None,
+                            reference=None, attachments=[], raw=b"m", now=100.0 + i) for i in range(3)]
+        assert [m.id for m in queue.claim("received", "hub-a", lease=60, now=200.0)] == ids
+        assert queue.claim("received", "hub-b", lease=60, now=210.0) == [], "hub-a holds them"
+        queue.prepared(ids[0], b"signed")  # signed by hub-a: due for delivery at once, by any hub
+        assert [m.id for m in queue.claim("queued", "hub-b", lease=60)] == [ids[0]]
+        # hub-a died holding the other two: another hub takes them once the lease is over.
+        assert [m.id for m in queue.claim("received", "hub-b", lease=60, now=261.0)] == ids[1:]
+    finally:
+        queue.close()
+
+
+def test_a_killed_hubs_signed_mail_is_delivered_by_another(demo: DemoInfo, postgres: Postgres,
+                                                           tmp_path: Path) -> None:
+    """Hub B signs five applications but cannot reach its smarthost; it is killed (SIGKILL). Hub A, sharing
+    the database, delivers what B had signed, without signing them again."""
+    import email
+    import signal
+    import smtplib
+    import time
+    from email.message import EmailMessage
+
+    from aiosmtpd.controller import Controller
+
+    from tests.conftest import free_port
+    from tests.mail_sink import Smarthost, gateway_config
+    from tokenbridge.tools.demo_pki import ORG_EMAIL
+    from tokenbridge.tools.registry_sim import NATIONAL_EMAIL
+
+    url = fresh_database(postgres)
+    env = {"TOKENBRIDGE_STATE__DATABASE_URL": url, "TOKENBRIDGE_MAIL__POLICY__CLAIM_SECONDS": "2"}
+    smarthost = Smarthost()
+    relay = Controller(smarthost, hostname="127.0.0.1", port=free_port())
+    relay.start()
+    b_submission = free_port()
+    hub_b = start_service(gateway_config(demo, f"hub-b-{tmp_path.name}.toml", free_port(), submission=b_submission),
+                          tmp_path / "b", {**env, "TOKENBRIDGE_STATE__HUB": "hub-b"})
+    hub_a: Service | None = None
+    try:
+        reader = hub_b.http(hub_b.add_client("suivi", "mail,admin"))
+        sent_ids = []
+        for n in range(5):
+            msg = EmailMessage()
+            msg["From"], msg["To"], msg["Subject"] = ORG_EMAIL, NATIONAL_EMAIL, f"Dossier {n}"
+            msg["Message-ID"] = email.utils.make_msgid(domain="guichet.example")
+            msg.set_content("ci-joint")
+            msg.add_attachment(b"PK\x05\x06" + bytes(18), maintype="application", subtype="zip",
+                               filename="demande.zip")
+            with smtplib.SMTP("127.0.0.1", b_submission, timeout=30) as c:
+                c.send_message(msg)
+            sent_ids.append(msg["Message-ID"])
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            views = reader.get("/v1/mail/messages").json()
+            if len(views) == 5 and all(v["state"] == "queued" and v["attempts"] >= 1 for v in views):
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError(f"hub B did not sign and try them all: {views}")
+        hub_b.process.send_signal(signal.SIGKILL)
+        hub_b.process.wait(10)
+        killed = time.monotonic()
+
+        hub_a = start_service(gateway_config(demo, f"hub-a-{tmp_path.name}.toml", relay.port,
+                                             submission=free_port()),
+                              tmp_path / "a", {**env, "TOKENBRIDGE_STATE__HUB": "hub-a"})
+        deadline = time.monotonic() + 60
+        while len(smarthost.received) < 5 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        took = time.monotonic() - killed
+        delivered = [email.message_from_bytes(d.data) for d in smarthost.received]
+        assert sorted(m["Message-ID"] for m in delivered) == sorted(sent_ids), "all five, once each"
+        assert all(m.get_content_type() == "application/pkcs7-mime" for m in delivered)
+        signatures = {hub: sum(1 for e in AuditLog(open_store(tmp_path, url), hub=hub).entries()
+                               if e.event == "cms-sign") for hub in ("hub-a", "hub-b")}
+        assert signatures == {"hub-a": 0, "hub-b": 5}, signatures
+        print(f"hub B killed; hub A delivered its 5 signed messages {took:.1f} s later (claim lease 2 s)")
+    finally:
+        if hub_a is not None:
+            hub_a.stop()
+        hub_b.stop()
+        relay.stop()
+
+
+def test_a_hub_connects_again_after_the_database_dropped_it(postgres: Postgres, tmp_path: Path) -> None:
+    """The server restarted or the network cut the connection: the call that meets it fails (a 503 for a
+    request), the next one connects again; the hub needs no restart."""
+    import sqlite3
+
+    url = fresh_database(postgres)
+    store, other = open_store(tmp_path, url), open_store(tmp_path, url)
+    registry = ClientRegistry(store)
+    registry.add("guichet", ["sign"])
+    other.query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid <> pg_backend_pid() "
+                "AND datname = current_database()")
+    with pytest.raises(sqlite3.OperationalError):
+        store.query("SELECT name FROM clients")
+    assert [r["name"] for r in store.query("SELECT name FROM clients")] == ["guichet"]
+    store.close()
+    other.close()

@@ -205,6 +205,9 @@ class MailPolicySettings(BaseModel):
         "refuse", description="Recipients outside the address book: refused (550), or sent signed only.")
     sign_key: str | None = Field(None, description="Signing key (default: [smime] sign_key, then the first "
                                                    "e-mail key).")
+    claim_seconds: float = Field(
+        120.0, gt=0, description="With several hubs on one database: how long a hub holds a message it works on; "
+                                 "if it dies, another hub takes the message over after this.")
     lifetime: float = Field(5 * 86400, gt=0, description="Seconds a message is retried before it bounces.")
     retry_first: float = Field(60, gt=0, description="Seconds before the first retry; doubled each time.")
     retry_max: float = Field(3600, gt=0, description="Longest wait between two retries.")
@@ -299,6 +302,12 @@ class UpstreamSettings(BaseModel):
     listen_client: str | None = Field(None, description="Client identity (name) the listener acts as.")
 
 
+def default_hub_name(hostname: str) -> str:
+    """The host name's first label, made a valid hub name (letters, digits, '-', '_'; at most 32)."""
+    name = re.sub(r"[^A-Za-z0-9_-]", "-", hostname.split(".")[0]).lstrip("-_")[:32]
+    return name or "hub"
+
+
 class StateSettings(BaseModel):
     """Where the state lives (``[state]``): SQLite in data_dir (one hub), or PostgreSQL (several hubs)."""
 
@@ -308,7 +317,7 @@ class StateSettings(BaseModel):
         None, description="postgresql://user@host:port/dbname (password from ~/.pgpass or PGPASSWORD): clients, "
                           "audit, mail queue and IMAP checkpoints shared by several hubs. Unset: SQLite files "
                           "in data_dir.")
-    hub: str = Field(default_factory=lambda: socket.gethostname().split(".")[0] or "hub",
+    hub: str = Field(default_factory=lambda: default_hub_name(socket.gethostname()),
                      description="This hub's name among those sharing the database (its audit chain's name).")
 
     @model_validator(mode="after")
@@ -316,7 +325,8 @@ class StateSettings(BaseModel):
         if self.database_url is not None and not self.database_url.startswith(("postgresql://", "postgres://")):
             raise ValueError("state.database_url must be a postgresql:// URL (unset: SQLite in data_dir)")
         if not TOKEN_NAME.fullmatch(self.hub):
-            raise ValueError(f"state.hub {self.hub!r}: use letters, digits, '-' and '_'")
+            raise ValueError(f"state.hub {self.hub!r}: 1 to 32 letters, digits, '-' and '_', starting with a letter "
+                             "or digit")
         return self
 
 

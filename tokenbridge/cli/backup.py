@@ -67,6 +67,9 @@ def restore(file: Annotated[Path, typer.Argument(help="Archive written by `token
     from tokenbridge.services.backup import restore as run
 
     settings = load(config)
+    if settings.state.database_url and data_dir is None:
+        fail("this hub's state is in PostgreSQL (state.database_url): restore it with pg_restore; a "
+             "`tokenbridge backup` archive holds a SQLite hub's state (restore it elsewhere with --data-dir)")
     target = (data_dir.expanduser() if data_dir is not None else settings.data_dir).resolve()
     sockets = {target / "tokenbridge.sock"}
     if target == settings.data_dir.resolve() and settings.server.admin_socket is not None:

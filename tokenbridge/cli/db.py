@@ -13,6 +13,7 @@ def _stores(config: ConfigOpt) -> list[tuple[str, str, object]]:
     """(component, engine, store) for the state and, when it exists, the mail queue; opened without
     upgrading them."""
     from tokenbridge.mail.gateway import queue_exists, queue_path
+    from tokenbridge.state.mail import MailQueue
     from tokenbridge.state.store import open_store
 
     settings = load(config)
@@ -21,22 +22,27 @@ def _stores(config: ConfigOpt) -> list[tuple[str, str, object]]:
     found: list[tuple[str, str, object]] = [("state", engine, open_store(settings.store_path, url, upgrade=False))]
     location = queue_path(settings)
     if queue_exists(location):
-        mail_path = location if url is None else settings.store_path
-        found.append(("mail", engine, open_store(mail_path, url, component="mail", upgrade=False)))
+        found.append(("mail", engine, MailQueue(location, upgrade=False).store))
     return found
 
 
 @db_app.command("version")
 def db_version(config: ConfigOpt = None) -> None:
-    """The schema version of each part of the state store, and the latest this version of tokenbridge knows."""
+    """The schema version of each part of the state store, and the latest this version of tokenbridge knows.
+
+    Exit status 1 when an upgrade is needed."""
     from tokenbridge.state import migrations
 
+    behind = False
     for component, engine, store in _stores(config):
         current = migrations.version(store, component)  # type: ignore[arg-type]
         latest = migrations.latest(engine, component)
+        behind = behind or current != latest
         said = "up to date" if current == latest else f"needs `tokenbridge db upgrade` (to {latest})"
         console.print(f"{component}: {engine} schema version {current if current is not None else 'none'}, {said}")
         store.close()  # type: ignore[attr-defined]
+    if behind:
+        raise typer.Exit(1)
 
 
 @db_app.command("upgrade")

@@ -25,6 +25,7 @@ from tokenbridge.mail.outbound import LOOK_EVERY, gateway_principal
 from tokenbridge.services.smime import SmimeService
 from tokenbridge.state.audit import AuditLog, AuditUnavailable
 from tokenbridge.state.mail import Inbound, MailQueue
+from tokenbridge.token.model import TokenState
 
 log = logging.getLogger("tokenbridge.mail")
 
@@ -54,8 +55,11 @@ class InboundWorker:
     async def run(self) -> None:
         while True:
             try:
-                for msg in await asyncio.to_thread(self.queue.inbound_due):
-                    await self.process(msg)
+                if self._can_decrypt():  # else the hub holding the decryption keys opens the replies
+                    claimed = await asyncio.to_thread(self.queue.claim_inbound, self.settings.state.hub,
+                                                      self.settings.mail.policy.claim_seconds)
+                    for msg in claimed:
+                        await self.process(msg)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -63,6 +67,11 @@ class InboundWorker:
             self.wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), LOOK_EVERY)
+
+    def _can_decrypt(self) -> bool:
+        """Whether this hub holds a decryption key (in service or retiring) on a ready token."""
+        tokens = self.smime.cms.tokens
+        return any(k.can_decrypt and tokens.of(k).status().state is TokenState.READY for k in tokens.list_keys())
 
     async def process(self, msg: Inbound) -> None:
         assert msg.raw is not None

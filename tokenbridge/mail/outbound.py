@@ -28,6 +28,7 @@ from tokenbridge.services.principal import Principal
 from tokenbridge.services.smime import SmimeService
 from tokenbridge.state.audit import AuditLog, AuditUnavailable
 from tokenbridge.state.mail import MailQueue, Outbound
+from tokenbridge.token.model import TokenState
 
 log = logging.getLogger("tokenbridge.mail")
 
@@ -63,11 +64,26 @@ class OutboundWorker:
                 await asyncio.wait_for(self.wake.wait(), wait)
 
     async def once(self) -> None:
-        """Prepare what was received, then deliver what is due; one message at a time (the card is one)."""
-        for msg in await asyncio.to_thread(self.queue.due, "received"):
-            await self.prepare(msg)
-        due = await asyncio.to_thread(self.queue.due, "queued")
+        """Prepare what was received, then deliver what is due; one message at a time (the card is one).
+
+        Messages are claimed (``MailQueue.claim``): with several hubs on one database, the one holding the
+        signing key signs, once, and any hub delivers."""
+        hub, lease = self.settings.state.hub, self.settings.mail.policy.claim_seconds
+        if self._can_sign():
+            for msg in await asyncio.to_thread(self.queue.claim, "received", hub, lease):
+                await self.prepare(msg)
+        due = await asyncio.to_thread(self.queue.claim, "queued", hub, lease)
         await asyncio.gather(*(self.deliver(msg) for msg in due))
+
+    def _can_sign(self) -> bool:
+        """Whether this hub holds the gateway's signing key, ready: else it leaves signing to the hub that does."""
+        ref = self.settings.mail.policy.sign_key or self.settings.smime.sign_key
+        try:
+            key = self.smime.cms.tokens.configured(ref) if ref else \
+                self.smime.cms.sign_key(gateway_principal("mail"), None)
+        except Problem:
+            return False
+        return self.smime.cms.tokens.of(key).status().state is TokenState.READY
 
     # ------------------------------------------------------------------ sign and encrypt, once
 

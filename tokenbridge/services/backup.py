@@ -288,7 +288,7 @@ def _fsync_dir(path: Path) -> None:
 def backup(settings: Settings, archive: Path, *, force: bool = False) -> BackupReport:
     """Write a backup archive of this hub's data directory and set-up; return what went in and what not."""
     if settings.state.database_url:
-        raise BackupError("the state (clients, audit, mail queue) is in PostgreSQL ([state] database_url): back "
+        raise BackupError("the state (clients, audit, mail queue) is in PostgreSQL (state.database_url): back "
                           "it up with pg_dump, and each hub's data directory and configuration with your usual "
                           "tools (docs/deployment.md); `tokenbridge backup` is for a hub on SQLite")
     state = settings.data_dir / "state.db"

@@ -189,11 +189,11 @@ class MailStore(Store):
 class MailQueue:
     """The mail tables. Every method is one transaction; none keeps a lock across a network call."""
 
-    def __init__(self, location: Path | str) -> None:
+    def __init__(self, location: Path | str, upgrade: bool = True) -> None:
         """``location``: the SQLite file, or a ``postgresql://`` URL (the database several hubs share)."""
         url = location if isinstance(location, str) else None
         path = location if isinstance(location, Path) else Path()
-        self.store: Any = open_store(path, url, durable=True, component="mail")
+        self.store: Any = open_store(path, url, durable=True, upgrade=upgrade, sqlite=MailStore, component="mail")
 
     def close(self) -> None:
         self.store.close()
@@ -223,6 +223,32 @@ class MailQueue:
                                 "ORDER BY next_attempt, id LIMIT ?", (state, now, limit))
         return [_outbound(r, with_bytes=True) for r in rows]
 
+    def claim(self, state: str, hub: str, lease: float, now: float | None = None, limit: int = 16) -> list[Outbound]:
+        """Due messages in ``state``, taken for ``lease`` seconds by ``hub``: no other hub sharing the
+        queue takes them meanwhile (``FOR UPDATE SKIP LOCKED`` on PostgreSQL; SQLite has one writer). A hub
+        that dies lets go when the lease ends, and another delivers what it had signed."""
+        now = time.time() if now is None else now
+        rows = self._claim("outbound", "state = ? AND next_attempt <= ? ORDER BY next_attempt, id",
+                           (state, now), hub, now + lease, limit)
+        return sorted((_outbound(r, with_bytes=True) for r in rows), key=lambda m: (m.next_attempt, m.id))
+
+    def claim_inbound(self, hub: str, lease: float, now: float | None = None, limit: int = 16) -> list[Inbound]:
+        now = time.time() if now is None else now
+        rows = self._claim("inbound", "state = 'received' AND next_attempt <= ? ORDER BY id", (now,), hub,
+                           now + lease, limit)
+        return sorted((_inbound(r, with_bytes=True) for r in rows), key=lambda m: m.id)
+
+    def _claim(self, table: str, condition: str, params: tuple[object, ...], hub: str, until: float,
+               limit: int) -> list[Any]:
+        skip = " FOR UPDATE SKIP LOCKED" if self.store.dialect == "postgres" else ""
+        with self.store.transaction(immediate=self.store.dialect != "postgres") as db:
+            cursor = db.execute(f"UPDATE {table} SET next_attempt = ?, claimed_by = ? WHERE id IN "
+                                f"(SELECT id FROM {table} WHERE {condition} LIMIT ?{skip}) RETURNING *",
+                                (until, hub, *params, limit))
+            if self.store.dialect == "sqlite":
+                cursor.row_factory = sqlite3.Row
+            return list(cursor.fetchall())
+
     def next_due(self) -> float | None:
         rows = self.store.query("SELECT MIN(next_attempt) AS t FROM outbound WHERE state IN ('received', 'queued')")
         return rows[0]["t"] if rows and rows[0]["t"] is not None else None
@@ -231,9 +257,10 @@ class MailQueue:
         """Signed (and encrypted): from now on a retry costs no card operation. ``attachments``: what the
         message carries, read once off the submission path."""
         with self.store.transaction(immediate=True) as db:
-            db.execute("UPDATE outbound SET prepared = ?, state = 'queued', last_error = NULL, "
+            db.execute("UPDATE outbound SET prepared = ?, state = 'queued', last_error = NULL, next_attempt = ?, "
                        "attachments = COALESCE(?, attachments) WHERE id = ? AND state = 'received'",
-                       (prepared, json.dumps(attachments) if attachments is not None else None, msg_id))
+                       (prepared, time.time(), json.dumps(attachments) if attachments is not None else None,
+                        msg_id))
 
     def delivered(self, msg_id: int, recipients: list[str], now: float | None = None) -> None:
         """These recipients took the message; once none is pending, it is sent (or failed, if all bounced)."""

@@ -14,6 +14,7 @@ machine is serialised across hubs, and nothing else waits for it.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
@@ -99,25 +100,39 @@ class _Connection:
 class PgStore:
     """A thread-safe handle on the shared PostgreSQL database (the ``Store`` interface)."""
 
+    dialect = "postgres"
+
     def __init__(self, url: str, *, durable: bool = False, schema: str = "state", upgrade: bool = True) -> None:
         """``schema``: which migrations this handle needs (``state``; ``mail`` for the mail queue). Every
         commit is durable on PostgreSQL (``synchronous_commit`` as the server has it), ``durable`` or not."""
         self.url = url
         self.path = Path("/dev/null")  # no file: callers that show it say "postgresql"
         self._lock = threading.RLock()
-        try:
-            # Parameters bound on the client: ``? IS NULL`` needs no type, as in SQLite.
-            self._conn = psycopg.connect(url, autocommit=True, connect_timeout=10, row_factory=_row_factory,
-                                         cursor_factory=psycopg.ClientCursor)
-        except psycopg.Error as exc:
-            raise _translate(exc) from exc
+        self._conn = self._connect()
         if upgrade:
             migrations.upgrade(self, "postgres", schema)
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        try:
+            # Parameters bound on the client: ``? IS NULL`` needs no type, as in SQLite.
+            return psycopg.connect(self.url, autocommit=True, connect_timeout=10, row_factory=_row_factory,
+                                   cursor_factory=psycopg.ClientCursor)
+        except psycopg.Error as exc:
+            raise _translate(exc) from exc
+
+    def _alive(self) -> None:
+        """Connect again after the server restarted or the network cut the connection: the call that met the
+        broken connection failed (503 for a request), the next one works. Called with the lock held."""
+        if self._conn.closed or self._conn.broken:
+            with contextlib.suppress(psycopg.Error):
+                self._conn.close()
+            self._conn = self._connect()
 
     @contextmanager
     def transaction(self, immediate: bool = False, lock: str | None = None) -> Iterator[_Connection]:
         """``immediate``: hold the write lock (all hubs'), or ``lock``'s alone (a hub's audit chain)."""
         with self._lock:
+            self._alive()
             try:
                 with self._conn.transaction():
                     if immediate and lock is not None:
@@ -130,10 +145,12 @@ class PgStore:
 
     def execute(self, sql: str, params: tuple[object, ...] = ()) -> None:
         with self._lock:
+            self._alive()
             _Connection(self._conn).execute(sql, params)
 
     def query(self, sql: str, params: tuple[object, ...] = ()) -> list[Row]:
         with self._lock:
+            self._alive()
             return _Connection(self._conn).execute(sql, params).fetchall()
 
     def executescript(self, sql: str) -> None:

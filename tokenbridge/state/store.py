@@ -160,6 +160,7 @@ class Store:
 
     SCHEMA = SCHEMA
     COMPONENT = "state"  # its migrations (state/migrations/sqlite/state/)
+    dialect = "sqlite"
 
     def __init__(self, path: Path, *, durable: bool = False, upgrade: bool = True) -> None:
         self.path = path
@@ -251,14 +252,13 @@ class Store:
             self._shm.close()
 
 
-def open_store(path: Path, database_url: str | None, *, durable: bool = False, component: str = "state",
-               upgrade: bool = True) -> Any:
-    """The state store: SQLite at ``path`` (one hub), or the PostgreSQL database several hubs share
-    (state/pg.py, ``[state] database_url``). Both offer ``transaction``, ``execute``, ``query``, ``close``."""
+def open_store(path: Path, database_url: str | None, *, durable: bool = False, upgrade: bool = True,
+               sqlite: type[Store] | None = None, component: str = "state") -> Any:
+    """A store: SQLite at ``path`` (one hub; ``sqlite``: the Store class, MailStore for the mail queue), or
+    the PostgreSQL database several hubs share (state/pg.py, ``[state] database_url``; ``component``: which
+    migrations). Both offer ``transaction``, ``execute``, ``query``, ``close`` and ``dialect``."""
     if database_url is None:
-        from tokenbridge.state.mail import MailStore
-
-        return (MailStore if component == "mail" else Store)(path, durable=durable, upgrade=upgrade)
+        return (sqlite or Store)(path, durable=durable, upgrade=upgrade)
     from tokenbridge.state.pg import PgStore
 
     return PgStore(database_url, durable=durable, schema=component, upgrade=upgrade)
