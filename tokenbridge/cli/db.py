@@ -12,7 +12,8 @@ db_app = typer.Typer(help="The state store: SQLite in data_dir, or PostgreSQL sh
 def _stores(config: ConfigOpt) -> list[tuple[str, str, object]]:
     """(component, engine, store) for the state and, when it exists, the mail queue; opened without
     upgrading them."""
-    from tokenbridge.mail.gateway import queue_exists, queue_path
+    from tokenbridge.mail.gateway import queue_exists, queue_path, wanted
+    from tokenbridge.state import migrations
     from tokenbridge.state.mail import MailQueue
     from tokenbridge.state.store import open_store
 
@@ -21,8 +22,12 @@ def _stores(config: ConfigOpt) -> list[tuple[str, str, object]]:
     engine = "postgres" if url else "sqlite"
     found: list[tuple[str, str, object]] = [("state", engine, open_store(settings.store_path, url, upgrade=False))]
     location = queue_path(settings)
-    if queue_exists(location):
-        found.append(("mail", engine, MailQueue(location, upgrade=False).store))
+    if queue_exists(location):  # a shared database: its mail tables matter once a gateway runs on some hub
+        mail = MailQueue(location, upgrade=False).store
+        if url is None or wanted(settings) or migrations.version(mail, "mail") is not None:
+            found.append(("mail", engine, mail))
+        else:
+            mail.close()
     return found
 
 
