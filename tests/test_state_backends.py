@@ -18,6 +18,7 @@ import pytest
 
 from tests.conftest import Service, start_service
 from tests.pg import Postgres, running_postgres
+from tests.test_tokens import demos  # noqa: F401  (the fixture: SoftHSM cards, one per hub)
 from tokenbridge.state import migrations
 from tokenbridge.state.audit import AuditLog
 from tokenbridge.state.clients import ClientRegistry
@@ -176,7 +177,8 @@ def test_two_hubs_on_one_database_share_clients_and_keep_their_own_audit_chains(
         assert a.http(secret).post("/v1/keys/sign-rsa/sign", json=body).status_code == 401
         verified = a.cli("audit", "verify").stdout
         assert "hub hub-a: audit log intact" in verified and "hub hub-b: audit log intact" in verified, verified
-        assert "state: postgres schema version 1, up to date" in a.cli("db", "version").stdout
+        latest = migrations.latest("postgres", "state")
+        assert f"state: postgres schema version {latest}, up to date" in a.cli("db", "version").stdout
         assert not (tmp_path / "hub-a" / "state.db").exists(), "nothing in SQLite"
     finally:
         for hub in hubs:
@@ -288,3 +290,63 @@ def test_a_hub_connects_again_after_the_database_dropped_it(postgres: Postgres, 
     assert [r["name"] for r in store.query("SELECT name FROM clients")] == ["guichet"]
     store.close()
     other.close()
+
+
+def test_a_key_on_hub_b_is_used_through_hub_a_and_a_dead_hub_answers_at_once(
+        demos: list[DemoInfo], postgres: Postgres, tmp_path: Path) -> None:  # noqa: F811
+    """Two hubs, one card each, one database. A counter that talks to hub A signs with hub B's key: A
+    forwards it, B applies the counter's own grants and audits it as coming through A. B is killed: its keys
+    answer 503 hub_down through A, at once, and A's own keys keep working."""
+    import base64
+    import signal
+    import time
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding
+
+    url = fresh_database(postgres)
+    env = {"TOKENBRIDGE_STATE__DATABASE_URL": url, "TOKENBRIDGE_STATE__HEARTBEAT_INTERVAL": "0.5",
+           "TOKENBRIDGE_STATE__DOWN_AFTER": "2"}
+    started: list[Service] = []
+    try:
+        for name, card in (("hub-a", demos[0]), ("hub-b", demos[1])):
+            started.append(start_service(card.config_file, tmp_path / name, {**env, "TOKENBRIDGE_STATE__HUB": name}))
+        a, b = started
+        secret = a.add_client("guichet", "sign")
+        b_key = b.http(secret).get("/v1/keys/sign-rsa").json()["id"]
+        a_key = a.http(secret).get("/v1/keys/sign-rsa").json()["id"]
+        assert a_key != b_key
+        only_a = a.add_client("guichet-a", "sign", keys=a_key)  # hub A's key alone
+        deadline = time.monotonic() + 10
+        while not any(h["name"] == "hub-b" for h in a.http(a.add_client("chef", "admin")).get("/v1/hubs").json()):
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+
+        data = b"dossier 1004"
+        body = {"algorithm": "rsa-pkcs1v15-sha256", "data": base64.b64encode(data).decode()}
+        with a.http(secret) as counter:
+            r = counter.post(f"/v1/keys/{b_key}/sign", json=body)
+            assert r.status_code == 200 and r.json()["key"] == b_key, r.text
+            cert = x509.load_der_x509_certificate(counter.get(f"/v1/keys/{b_key}/certificate",
+                                                               params={"format": "der"}).content)
+            cert.public_key().verify(base64.b64decode(r.json()["signature"]), data, padding.PKCS1v15(),  # type: ignore[union-attr, call-arg]
+                                     hashes.SHA256())
+        # B applied the counter's own key list: guichet-a may use A's key only.
+        r = a.http(only_a).post(f"/v1/keys/{b_key}/sign", json=body)
+        assert r.status_code == 403 and r.json()["code"] == "key_not_granted", r.text
+        b_chain = list(AuditLog(open_store(tmp_path, url), hub="hub-b").entries())
+        assert any(e.event == "sign" and e.actor == "client:guichet@hub:hub-a" and e.key == b_key for e in b_chain)
+
+        b.process.send_signal(signal.SIGKILL)
+        b.process.wait(10)
+        time.sleep(2.5)  # past state.down_after
+        with a.http(secret) as counter:
+            start = time.monotonic()
+            r = counter.post(f"/v1/keys/{b_key}/sign", json=body)
+            assert r.status_code == 503 and r.json()["code"] == "hub_down" and r.json()["hub"] == "hub-b", r.text
+            assert time.monotonic() - start < 1.0, "nothing waits for a dead hub"
+            assert counter.post(f"/v1/keys/{a_key}/sign", json=body).status_code == 200
+    finally:
+        for service in started:
+            service.stop()

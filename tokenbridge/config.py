@@ -319,6 +319,11 @@ class StateSettings(BaseModel):
                           "in data_dir.")
     hub: str = Field(default_factory=lambda: default_hub_name(socket.gethostname()),
                      description="This hub's name among those sharing the database (its audit chain's name).")
+    url: str | None = Field(None, description="How the other hubs reach this one, e.g. https://hub-a.lan:8155 "
+                                              "(default: from server.host and server.port).")
+    heartbeat_interval: float = Field(2.0, gt=0, le=60, description="Seconds between this hub's heartbeats.")
+    down_after: float = Field(10.0, gt=0, description="A hub silent this long is down: its keys answer 503 "
+                                                      "hub_down at once.")
 
     @model_validator(mode="after")
     def _check(self) -> StateSettings:

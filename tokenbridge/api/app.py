@@ -15,11 +15,13 @@ from tokenbridge.api import admin, cms, docs, problems, proxy, v1
 from tokenbridge.api import mail as mail_api
 from tokenbridge.api.auth import AuthBeforeBody
 from tokenbridge.api.fast_route import DirectRoutes
+from tokenbridge.api.forward import Forwarder
 from tokenbridge.api.limits import BodyLimitMiddleware
 from tokenbridge.api.systemd import notify
 from tokenbridge.loopback import LoopbackGuard
 from tokenbridge.mail.gateway import MailGateway, wanted
 from tokenbridge.services.bridge import Bridge
+from tokenbridge.services.hubs import HubRegistry
 from tokenbridge.token.model import TokenStatus
 
 
@@ -27,11 +29,12 @@ class _App(FastAPI):
     """FastAPI, with the key operations ahead of its middleware (api/fast_route.py, ``DirectRoutes``)."""
 
     body_limit: Callable[[ASGIApp], ASGIApp]
+    forwarder: Callable[[ASGIApp], ASGIApp] | None = None  # several hubs: another hub's keys (api/forward.py)
 
     def build_middleware_stack(self) -> ASGIApp:
         # Outermost: Host, Origin and media types, before any route, direct ones included (tokenbridge/loopback.py).
-        return LoopbackGuard(DirectRoutes(self, v1.key_operations.routes, super().build_middleware_stack(),
-                                          self.body_limit))
+        inner = DirectRoutes(self, v1.key_operations.routes, super().build_middleware_stack(), self.body_limit)
+        return LoopbackGuard(self.forwarder(inner) if self.forwarder is not None else inner)
 
 
 def token_line(name: str, status: TokenStatus, several: bool) -> str:
@@ -44,11 +47,17 @@ def create_app(bridge: Bridge, manage: bool = True, mail: bool = False) -> FastA
     """``manage``: start and stop the bridge with the application's lifespan; ``mail``: and the mail gateway,
     when ``[mail]`` asks for it (one process only: the listeners have one port each)."""
 
+    hubs = HubRegistry(bridge.settings, bridge.store, bridge.tokens, bridge.clients) \
+        if bridge.settings.state.database_url else None
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         gateway = None
         if manage:
             await asyncio.to_thread(bridge.start, asyncio.get_running_loop())
+            if hubs is not None and mail:  # the first worker: one heartbeat and one hub secret per hub
+                await asyncio.to_thread(hubs.register)
+                hubs.start()  # this hub's heartbeat and keys, for the others
             if mail and wanted(bridge.settings):
                 gateway = MailGateway(bridge)
                 await gateway.start()
@@ -63,6 +72,10 @@ def create_app(bridge: Bridge, manage: bool = True, mail: bool = False) -> FastA
                 notify("STOPPING=1")
                 if gateway is not None:
                     await gateway.stop()
+                if hubs is not None:
+                    await hubs.stop()
+                    if app.state.forward is not None:
+                        await app.state.forward.aclose()
                 await asyncio.to_thread(bridge.stop)
 
     app = _App(
@@ -93,4 +106,13 @@ def create_app(bridge: Bridge, manage: bool = True, mail: bool = False) -> FastA
     app.add_middleware(AuthBeforeBody, routes={"/v1/smime/compose": frozenset({"cms-sign", "cms-encrypt"}),
                                                "/v1/smime/send": frozenset({"smime-send"})})
     app.body_limit = functools.partial(BodyLimitMiddleware, max_bytes=max_bytes, max_message_bytes=max_message_bytes)
+    app.state.hubs, app.state.forward = hubs, None
+    if hubs is not None:
+        ca = bridge.settings.server.tls_client_ca
+
+        def forwarder(inner: ASGIApp) -> ASGIApp:
+            app.state.forward = Forwarder(inner, hubs, str(ca) if ca else None)
+            return app.state.forward
+
+        app.forwarder = forwarder
     return app

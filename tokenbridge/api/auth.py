@@ -13,6 +13,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from tokenbridge.api.problems import problem_response
 from tokenbridge.errors import Problem
 from tokenbridge.services.bridge import Bridge
+from tokenbridge.services.hubs import HUB_KIND, ON_BEHALF_OF
 from tokenbridge.services.principal import OPERATOR, Principal, restrict
 from tokenbridge.state.audit import AuditUnavailable
 from tokenbridge.state.clients import Client
@@ -50,6 +51,40 @@ def _workstation(request: Request) -> Client | None:
     return workstation
 
 
+def _forwarded(bridge: Bridge, hub_client: str, on_behalf_of: str) -> Principal:
+    """The caller another hub speaks for: ``client=NAME`` and/or ``workstation=NAME``, with that caller's own
+    grants and keys from the shared clients table, combined as they are on a direct request."""
+    named = dict(part.strip().partition("=")[::2] for part in on_behalf_of.split(";") if "=" in part)
+    hub = hub_client.removesuffix("@hub")
+    found = {}
+    for kind in ("client", "workstation"):
+        if kind in named:
+            who = bridge.clients.get(named[kind])
+            if who is None or who.revoked or who.kind != kind:
+                raise _unauthorized(f"hub {hub!r} forwarded a request for {kind} {named[kind]!r}, which is not an "
+                                    "active " + kind)
+            found[kind] = who
+    client, workstation = found.get("client"), found.get("workstation")
+    granted = bridge.tokens.granted
+    if client is not None and workstation is not None:
+        return Principal(name=client.name, grants=client.grants & workstation.grants,
+                         keys=restrict(granted(client.keys), granted(workstation.keys)), via=workstation.name,
+                         hub=hub)
+    if client is not None:
+        return Principal(name=client.name, grants=client.grants, keys=granted(client.keys), hub=hub)
+    if workstation is not None:
+        return Principal(name=workstation.name, grants=workstation.grants, keys=granted(workstation.keys),
+                         kind="workstation", hub=hub)
+    raise _unauthorized(f"hub {hub!r} forwarded a request without saying for whom ({ON_BEHALF_OF})")
+
+
+def on_behalf_of(who: Principal) -> str:
+    """The header a forwarding hub sends for ``who`` (read back by ``_forwarded``)."""
+    if who.kind == "workstation":
+        return f"workstation={who.name}"
+    return f"client={who.name}" + (f"; workstation={who.via}" if who.via else "")
+
+
 class ClientAuthentication(HTTPBearer):
     """The bearer scheme as FastAPI sees it (so /docs has an Authorize button), checked our way: one
     dependency per request that yields the ``Principal``, with problem+json errors."""
@@ -78,6 +113,8 @@ async def principal(request: Request) -> Principal:
         client = bridge.clients.authenticate(secret.strip())
         if client is None:
             raise _unauthorized("the secret is unknown or revoked", 'Bearer error="invalid_token"')
+        if client.kind == HUB_KIND:  # another hub, forwarding a caller's request (services/hubs.py)
+            return _forwarded(bridge, client.name, request.headers.get(ON_BEHALF_OF, ""))
     if mode == "both" and (workstation is None or client is None):
         raise _unauthorized("this service needs both a workstation certificate and a client secret")
     if mode == "certificate" and workstation is None:

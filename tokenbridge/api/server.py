@@ -283,6 +283,9 @@ def serve(settings: Settings, *, host: str | None = None, port: int | None = Non
     host = host or settings.server.host
     port = port if port is not None else settings.server.port
     ssl_context = tls_context(settings) if wants_tls(host, settings) else None
+    if settings.state.database_url and settings.state.url is None:  # how the other hubs reach this one
+        shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        settings.state.url = f"{'https' if ssl_context else 'http'}://{shown}:{port}"
     read_pins(settings, prompted_pins)  # fail early, before binding anything
     _check_mail_listeners(settings)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET

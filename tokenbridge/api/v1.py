@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -233,6 +234,13 @@ async def renewal(request: Request, caller: Caller) -> dict[str, Any]:
     caller.require("admin")
     bridge = bridge_of(request)
     return renewal_report(bridge.tokens, bridge.clients).as_dict()
+
+
+@router.get("/hubs", summary="The hubs sharing this hub's database, alive or not, and their keys (grant: admin)")
+async def hubs(request: Request, caller: Caller) -> list[dict[str, Any]]:
+    caller.require("admin")
+    registry = request.app.state.hubs
+    return await asyncio.to_thread(registry.hubs) if registry is not None else []
 
 
 @router.get("/admin/audit", summary="Latest audit entries", include_in_schema=True)

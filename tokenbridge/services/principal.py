@@ -28,12 +28,14 @@ class Principal:
     operator: bool = False
     kind: str = "client"  # or "workstation"
     via: str | None = None  # the workstation a client's request came through
+    hub: str | None = None  # the hub that forwarded the request (several hubs on one database)
 
     @property
     def actor(self) -> str:
         if self.operator:
             return "operator"
-        return f"{self.kind}:{self.name}" + (f"@workstation:{self.via}" if self.via else "")
+        return f"{self.kind}:{self.name}" + (f"@workstation:{self.via}" if self.via else "") \
+            + (f"@hub:{self.hub}" if self.hub else "")
 
     def require(self, grant: str) -> None:
         if not self.operator and grant not in self.grants:

@@ -137,6 +137,17 @@ class ClientRegistry:
         assert client is not None
         return client
 
+    def hub_secret(self, name: str) -> str:
+        """A new secret for this hub's own client (kind ``hub``, no grants): what it shows another hub it
+        forwards a request to (services/hubs.py). Made at each start; the previous one stops working."""
+        client_id = secrets.token_hex(6)
+        secret = f"tb_{client_id}_{secrets.token_urlsafe(32)}"
+        with self._store.transaction(immediate=True) as db:
+            db.execute("DELETE FROM clients WHERE name = ? AND kind = 'hub'", (name,))
+            db.execute("INSERT INTO clients (client_id, name, secret_hash, grants, keys, created, kind) "
+                       "VALUES (?, ?, ?, '', '', ?, 'hub')", (client_id, name, _hash(secret), _now()))
+        return secret
+
     def set_keys(self, name: str, keys: Iterable[str]) -> Client:
         """Replace an active client's (or workstation's) key list; empty: every key. Takes effect at its next
         request: the key list is read with the client."""

@@ -1,0 +1,106 @@
+"""Forwarding (issue 18): a request for a key that another hub holds goes to that hub.
+
+Several hubs share one PostgreSQL database, each with its own cards; a workstation or a relay may talk to
+any of them. For ``/v1/keys/{key}`` and its ``/sign``, ``/decrypt``, ``/certificate`` and ``/chain``, a key
+that is not on this hub's tokens but is in another hub's heartbeat row (services/hubs.py) is served there:
+this hub authenticates the caller first (so a stranger costs the other hub nothing), then sends the request
+on with its own hub secret and the caller's name; the other hub applies the caller's grants and keys and
+audits the operation as ``client:NAME@hub:THIS``. The body and the answer are streamed, never read whole.
+A hub that stopped beating answers ``503 hub_down`` at once.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import httpx
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from tokenbridge.api.auth import on_behalf_of, principal
+from tokenbridge.api.problems import problem_response
+from tokenbridge.errors import Problem
+from tokenbridge.services.hubs import ON_BEHALF_OF, HubRegistry
+
+_KEY_PATH = re.compile(r"^/v1/keys/(?P<ref>.+?)(?:/(?:sign|decrypt|certificate|chain))?$")
+# What goes on to the other hub, and what comes back: content, not the connection's own headers.
+_REQUEST_HEADERS = ("content-type", "accept", "accept-language")
+_ANSWER_HEADERS = ("content-type", "content-language", "retry-after")
+
+
+class Forwarder:
+    """ASGI middleware: key requests for another hub's keys are forwarded; everything else passes."""
+
+    def __init__(self, app: ASGIApp, registry: HubRegistry, ca: str | None) -> None:
+        self.app = app
+        self.registry = registry
+        self._client: httpx.AsyncClient | None = None
+        self._verify: Any = ca or True  # the bridge CA that issued the other hubs' certificates
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        match = _KEY_PATH.match(scope["path"]) if scope["type"] == "http" else None
+        remote = self._remote(match.group("ref")) if match else None
+        if remote is None:
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope, receive)
+        try:
+            who = await principal(request)  # before anything goes out: a stranger costs the other hub nothing
+            self.registry.require_alive(remote)
+        except Problem as exc:
+            await problem_response(exc.status, exc.code, exc.title, exc.detail, scope["path"], exc.headers,
+                                   **exc.extra)(scope, receive, send)
+            return
+        await self._forward(scope, receive, send, remote.url, who)
+
+    def _remote(self, ref: str) -> Any:
+        """Another hub's key ``ref`` names, when this hub has none by that name."""
+        try:
+            self.registry.tokens.find_key(ref)
+            return None
+        except Problem as exc:
+            if exc.code != "key_not_found":
+                return None  # ambiguous, or this hub's token is away: answered here
+        return self.registry.find(ref)
+
+    async def _forward(self, scope: Scope, receive: Receive, send: Send, base: str, who: Any) -> None:
+        if self._client is None:
+            self._client = httpx.AsyncClient(verify=self._verify, timeout=httpx.Timeout(60.0, connect=5.0))
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]
+                   if k.decode("latin-1").lower() in _REQUEST_HEADERS}
+        headers["authorization"] = f"Bearer {self.registry.secret}"
+        headers[ON_BEHALF_OF] = on_behalf_of(who)
+        query = scope.get("query_string", b"").decode("latin-1")
+        url = base + scope["path"] + (f"?{query}" if query else "")
+
+        async def body() -> Any:
+            more = True
+            while more:
+                message: Message = await receive()
+                if message["type"] != "http.request":
+                    return
+                yield message.get("body", b"")
+                more = message.get("more_body", False)
+
+        try:
+            request = self._client.build_request(scope["method"], url, headers=headers, content=body())
+            answer = await self._client.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            await problem_response(503, "hub_unreachable", "Hub unreachable",
+                                   f"the hub holding this key ({base}) cannot be reached: {type(exc).__name__}",
+                                   scope["path"])(scope, receive, send)
+            return
+        try:
+            await send({"type": "http.response.start", "status": answer.status_code,
+                        "headers": [(k.encode(), v.encode()) for k, v in answer.headers.items()
+                                    if k.lower() in _ANSWER_HEADERS]})
+            async for chunk in answer.aiter_raw():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            await answer.aclose()
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
