@@ -16,9 +16,11 @@ VENV=${TOKENBRIDGE_VENV:-$ROOT/.venv}
 # (tests/mailpeers.py starts its own instances; the system's are neither configured nor used). gpgsm only
 # recommends gpg-agent, which it cannot work without (Debian 12; 13 depends on it).
 # postgresql is the shared state store's test peer (issue 18; tests/pg.py makes its own cluster, never the system's).
+# haproxy is the front of several hubs (deploy/haproxy; tests/test_haproxy.py runs its own; the system's listens on
+# no port: the package's configuration has no frontend).
 APT_PACKAGES=(python3 python3-venv python3-dev gcc openssl softhsm2 opensc libnss3-tools gpgsm curl libp11-kit-dev
               chromium nginx e2fsprogs util-linux procps ca-certificates
-              postfix dovecot-imapd swaks libnet-ssleay-perl gpg-agent postgresql)
+              postfix dovecot-imapd swaks libnet-ssleay-perl gpg-agent postgresql haproxy)
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
