@@ -3,7 +3,7 @@
     python -m bench                 # full run (about 5 minutes on 2 cores)
     python -m bench --quick         # 1 repetition, short runs (smoke test of the harness)
     python -m bench --only sign,spy # a subset of: raw, bare, sign, workers, spy, slow, profile, smime, tls,
-                                    # stall, mail, tokens
+                                    # stall, mail, tokens, hubs
 
 Prints a Markdown table and writes ``bench/results/<timestamp>.json`` and ``latest.json`` /
 ``latest.md``. Nothing here is part of the test suite. Process layout (each its own process):
@@ -58,7 +58,7 @@ ALGORITHMS = [  # (algorithm, key label)
 ]
 CONCURRENCY = [1, 8, 64]
 PHASES = ("raw", "bare", "sign", "workers", "spy", "slow", "profile", "smime", "tls", "stall", "mail",
-          "tokens")
+          "tokens", "hubs")
 
 
 def log(msg: str) -> None:
@@ -849,6 +849,9 @@ def report(res: dict[str, Any]) -> str:
     if res.get("tokens"):
         from bench.tokens import report as tokens_report
         lines += [*tokens_report(res["tokens"]), ""]
+    if res.get("hubs"):
+        from bench.hubs import report as hubs_report
+        lines += [*hubs_report(res["hubs"]), ""]
     sm = res.get("smime")
     lines += ["## S/MIME and TLS", ""]
     if sm and "skipped" not in sm:
@@ -976,6 +979,9 @@ def targets(res: dict[str, Any]) -> list[dict[str, str]]:
     if res.get("tokens"):
         from bench.tokens import targets as tokens_targets
         out += tokens_targets(res["tokens"])
+    if res.get("hubs"):
+        from bench.hubs import targets as hubs_targets
+        out += hubs_targets(res["hubs"])
     return out
 
 
@@ -1066,6 +1072,13 @@ def main(argv: list[str] | None = None) -> int:
             res["tokens"] = run_tokens(demo, work, a.reps, a.seconds)
         except Exception as exc:
             res["tokens"] = {"skipped": f"failed: {type(exc).__name__}: {exc}"[:400]}
+    if "hubs" in phases:
+        log("several hubs on one PostgreSQL: the store's cost per request, a killed hub's mail delivered by another")
+        from bench.hubs import run_hubs
+        try:
+            res["hubs"] = run_hubs(demo, work, a.reps, a.seconds)
+        except Exception as exc:
+            res["hubs"] = {"skipped": f"failed: {type(exc).__name__}: {exc}"[:400]}
     res["targets"] = targets(res)
     res["loadavg_end"] = os.getloadavg()
     res["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
