@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPBearer
@@ -17,6 +19,8 @@ from tokenbridge.services.hubs import HUB_KIND, ON_BEHALF_OF
 from tokenbridge.services.principal import OPERATOR, Principal, restrict
 from tokenbridge.state.audit import AuditUnavailable
 from tokenbridge.state.clients import Client
+
+T = TypeVar("T")
 
 
 def via_admin_socket(request: Request) -> bool:
@@ -35,7 +39,15 @@ def _unauthorized(detail: str, challenge: str = 'Bearer realm="tokenbridge"') ->
                    headers={"WWW-Authenticate": challenge})
 
 
-def _workstation(request: Request) -> Client | None:
+async def state_call(bridge: Bridge, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """A call on the state store: inline on SQLite (a local file, microseconds), in a thread on PostgreSQL,
+    whose round trips (and a reconnection) must not hold the event loop and every other request."""
+    if bridge.store.dialect == "postgres":
+        return await asyncio.to_thread(fn, *args, **kwargs)
+    return fn(*args, **kwargs)
+
+
+async def _workstation(request: Request) -> Client | None:
     """The enrolled workstation behind the TLS client certificate, if one was shown (and is not revoked)."""
     tls = (request.scope.get("extensions") or {}).get("tls") or {}
     der = tls.get("client_cert_der")
@@ -43,10 +55,11 @@ def _workstation(request: Request) -> Client | None:
         return None
     bridge = bridge_of(request)
     fingerprint = hashlib.sha256(der).hexdigest()
-    workstation = bridge.clients.authenticate_certificate(fingerprint)
+    workstation = await state_call(bridge, bridge.clients.authenticate_certificate, fingerprint)
     if workstation is None:
         with contextlib.suppress(AuditUnavailable):  # the refusal stands either way
-            bridge.audit.record("unknown", "workstation_refused", "unauthorized", detail=f"cert_sha256={fingerprint}")
+            await state_call(bridge, bridge.audit.record, "unknown", "workstation_refused", "unauthorized",
+                             detail=f"cert_sha256={fingerprint}")
         raise _unauthorized("this workstation certificate is not enrolled, or was revoked")
     return workstation
 
@@ -104,13 +117,13 @@ async def principal(request: Request) -> Principal:
     bridge = bridge_of(request)
     over_tls = "tls" in (request.scope.get("extensions") or {})  # set by our protocol, not by headers
     mode = bridge.settings.server.client_auth if over_tls else "secret"
-    workstation = _workstation(request) if mode != "secret" else None
+    workstation = await _workstation(request) if mode != "secret" else None
     header = request.headers.get("authorization", "")
     scheme, _, secret = header.partition(" ")
     has_secret = scheme.lower() == "bearer" and bool(secret.strip())
     client = None
     if has_secret:
-        client = bridge.clients.authenticate(secret.strip())
+        client = await state_call(bridge, bridge.clients.authenticate, secret.strip())
         if client is None:
             raise _unauthorized("the secret is unknown or revoked", 'Bearer error="invalid_token"')
         if client.kind == HUB_KIND:  # another hub, forwarding a caller's request (services/hubs.py)

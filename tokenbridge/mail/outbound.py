@@ -72,7 +72,10 @@ class OutboundWorker:
         if self._can_sign():
             for msg in await asyncio.to_thread(self.queue.claim, "received", hub, lease):
                 await self.prepare(msg)
-        due = await asyncio.to_thread(self.queue.claim, "queued", hub, lease)
+        # A delivery is held for at least two SMTP timeouts: a live hub's slow delivery is never taken over
+        # (and sent twice) by another hub.
+        delivery_lease = max(lease, 2 * self.settings.smime.smtp.timeout)
+        due = await asyncio.to_thread(self.queue.claim, "queued", hub, delivery_lease)
         await asyncio.gather(*(self.deliver(msg) for msg in due))
 
     def _can_sign(self) -> bool:

@@ -229,7 +229,7 @@ class Operations:
                    input_hash: str, operation: Callable[[], Awaitable[T]], outcome: str = "ok") -> T:
         """Run the token operation and audit its outcome; refuse if the entry cannot be written."""
         try:
-            self.audit.ensure_writable()  # a broken audit log costs no card operation
+            await self._state(self.audit.ensure_writable)  # a broken audit log costs no card operation
         except AuditUnavailable as exc:
             raise _audit_failed(exc) from None
         try:
@@ -237,18 +237,25 @@ class Operations:
         except TokenError as exc:
             self._count(event, key, principal, exc.code)
             try:
-                self.audit.record(principal.actor, event, exc.code, key=key.id, algorithm=algorithm,
-                                  input_sha256=input_hash)
+                await self._state(self.audit.record, principal.actor, event, exc.code, key=key.id,
+                                  algorithm=algorithm, input_sha256=input_hash)
             except AuditUnavailable as audit_exc:
                 raise _audit_failed(audit_exc) from exc
             raise
         self._count(event, key, principal, outcome)
         try:
-            self.audit.record(principal.actor, event, outcome, key=key.id, algorithm=algorithm,
+            await self._state(self.audit.record, principal.actor, event, outcome, key=key.id, algorithm=algorithm,
                               input_sha256=input_hash)
         except AuditUnavailable as exc:
             raise _audit_failed(exc) from None
         return result
+
+    async def _state(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
+        """An audit call: inline on SQLite (microseconds), in a thread on PostgreSQL, whose round trips must
+        not hold the event loop (api/auth.py does the same for authentication)."""
+        if self.audit.remote:
+            return await asyncio.to_thread(fn, *args, **kwargs)
+        return fn(*args, **kwargs)
 
     def _count(self, event: str, key: KeyInfo, principal: Principal, outcome: str) -> None:
         if self.metrics is not None:

@@ -120,6 +120,11 @@ class AuditLog:
         self._lock = threading.Lock()
         self._tail: tuple[int, str] | None = None  # (seq, hash) of the last entry this process knows
 
+    @property
+    def remote(self) -> bool:
+        """Whether the store is a database server (PostgreSQL), whose calls take a round trip."""
+        return getattr(self._store, "dialect", "sqlite") == "postgres"
+
     def ensure_writable(self) -> None:
         """Cheap check before a private-key operation, only once a write has failed."""
         if not self._broken:

@@ -12,6 +12,7 @@ import hmac
 import re
 import secrets
 import sqlite3
+import threading
 import time
 from collections.abc import Iterable
 from contextlib import suppress
@@ -75,9 +76,10 @@ class ClientRegistry:
         self._by_secret: dict[bytes, Client] = {}  # secret SHA-256 -> active client
         self._by_certificate: dict[str, Client] = {}  # certificate SHA-256 -> active workstation
         self._touched: dict[str, float] = {}  # client id -> monotonic time last_seen was written
+        self._auth_lock = threading.Lock()
 
     def _sync(self) -> None:
-        """Called on the event loop only (the caches are not locked)."""
+        """Called with the authentication lock held (the caches are shared with the threads that may call)."""
         try:
             revision = self._store.query("SELECT value FROM revisions WHERE name = 'clients'")[0][0]
         except StoreUnwritable:
@@ -182,6 +184,10 @@ class ClientRegistry:
 
         After a renewal the previous certificate still works, until the workstation first shows the new one.
         """
+        with self._auth_lock:
+            return self._authenticate_certificate(cert_sha256)
+
+    def _authenticate_certificate(self, cert_sha256: str) -> Client | None:
         self._sync()
         client = self._by_certificate.get(cert_sha256)
         if client is None:
@@ -218,7 +224,14 @@ class ClientRegistry:
             db.execute("UPDATE clients SET prev_cert_sha256 = NULL WHERE client_id = ?", (client_id,))
 
     def authenticate(self, secret: str) -> Client | None:
-        """The active client holding this secret, or None. Revocation applies at once."""
+        """The active client holding this secret, or None. Revocation applies at once.
+
+        Locked: on PostgreSQL it runs in a thread (api/auth.py), and a lookup must not put back in the cache
+        a client that a revision seen meanwhile dropped."""
+        with self._auth_lock:
+            return self._authenticate(secret)
+
+    def _authenticate(self, secret: str) -> Client | None:
         parts = secret.split("_", 2)
         if len(parts) != 3 or parts[0] != "tb":
             return None
