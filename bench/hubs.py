@@ -31,6 +31,18 @@ port, ``fsync=on``), on the same machine as everything else.
     the time is the lease left at the kill plus hub A's start-up when that is longer.
   The reference: a single live hub whose smarthost comes back (the same 5 messages signed and waiting on
   refused connections, then the smarthost listens): the time from its return to the last delivery.
+- Forwarding, the scenario of tests/test_state_backends.py
+  ``test_a_key_on_hub_b_is_used_through_hub_a_and_a_dead_hub_answers_at_once``: hubs A and B on the same
+  database (``hub-a``, ``hub-b``, default heartbeats), one SoftHSM demo card each (B's a second demo card in
+  its own store), plain HTTP on loopback as in the test. RSA-2048 ``POST /v1/keys/{B's key id}/sign`` sent to
+  hub A (which authenticates the caller, finds B's row and forwards the request) against the same requests
+  sent to hub B directly, from wrk with bench/sign.lua (threads = min(clients, 2), one keep-alive connection
+  per client), at 1, 8 and 32 clients, direct and forwarded alternated, each run after a 1 s warm-up and a
+  wait (at most 20 s) for the machine to be quiet. Signatures per second forwarded over direct at 8 and 32
+  clients; the p50 latency forwarded minus direct at 1 client (the hop's added latency). Alongside, the CPU
+  of hub A, hub B (with its token process), PostgreSQL and wrk per signature (/proc; wrk: wait4's rusage)
+  and the machine's busy cores, to tell how much of a gap is the hop's added CPU on a saturated machine:
+  when the runs use every core, forwarded / direct tends to the ratio of their CPU per signature.
 """
 
 from __future__ import annotations
@@ -38,10 +50,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import json
 import os
+import re
 import signal
 import smtplib
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -51,11 +66,13 @@ from email.utils import make_msgid
 from pathlib import Path
 from typing import Any
 
-from bench.run import REPO, cpu_seconds, log, summarize
+import httpx
+
+from bench.run import HERE, REPO, add_client, body_for, cpu_seconds, log, service, summarize
 from tokenbridge.state.audit import AuditLog
 from tokenbridge.state.clients import ClientRegistry
 from tokenbridge.state.store import open_store
-from tokenbridge.tools.demo import DemoInfo
+from tokenbridge.tools.demo import DemoInfo, init_demo
 from tokenbridge.tools.demo_pki import ORG_EMAIL
 
 THREADS = (1, 4)
@@ -65,6 +82,9 @@ MESSAGES = 5
 REFUSED_LEASES = (2.0, 120.0)
 IN_FLIGHT_LEASES = (2.0, 10.0, 30.0)
 NATIONAL = "sne@national.example"
+FORWARD_ALGORITHM = "rsa-pkcs1v15-sha256"
+FORWARD_CLIENTS = (1, 8, 32)  # 1: the hop's added latency; 8 and 32: signatures per second
+FORWARD_MODES = ("direct", "forwarded")
 BACKENDS = {  # name -> what it is, for the report
     "sqlite": "SQLite, as the service opens it (WAL, synchronous=NORMAL: commits not fsynced)",
     "sqlite_durable": "SQLite, synchronous=FULL (every commit fsynced, as the mail queue)",
@@ -471,6 +491,129 @@ def mail_failover(demo: DemoInfo, server: Any, work: Path) -> dict[str, Any]:
     return out
 
 
+# ---------------------------------------------------------------------------------------- forwarding
+
+
+def _postmaster_pid(server: Any) -> int:
+    return int((server.directory / "data" / "postmaster.pid").read_text().split()[0])
+
+
+def _wrk_sign(url: str, secret: str, clients: int, seconds: float, pids: dict[str, int]) -> dict[str, Any]:
+    """One wrk process on ``url`` (bench/sign.lua, RSA-2048 bodies); CPU of each process in ``pids`` (with
+    its children), of wrk, and of the whole machine over the run."""
+    env = {**os.environ, "BENCH_BODY": body_for(FORWARD_ALGORITHM), "BENCH_TOKEN": secret}
+    cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    busy0, total0 = _machine_ticks()
+    t0 = time.monotonic()
+    p = subprocess.Popen(["wrk", "-t", str(min(clients, 2)), "-c", str(clients), "-d", f"{seconds:g}s",
+                          "--timeout", "10s", "-s", str(HERE / "sign.lua"), url],
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert p.stdout is not None
+    out = p.stdout.read()
+    p.stdout.close()
+    _, status, usage = os.wait4(p.pid, 0)  # reaped here, for its rusage: wrk's own CPU time
+    p.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.monotonic() - t0
+    busy1, total1 = _machine_ticks()
+    cpu = {name: cpu_seconds(pid) - cpu0[name] for name, pid in pids.items()}
+    cpu["wrk"] = usage.ru_utime + usage.ru_stime
+    m = re.search(r"^WRKJSON (\{.*\})$", out, flags=re.M)
+    if m is None:
+        raise RuntimeError(f"wrk failed:\n{out}")
+    r = json.loads(m.group(1))
+    requests = max(1, r["requests"])
+    ncpu = os.cpu_count() or 1
+    ours = sum(cpu.values())
+    busy = (busy1 - busy0) / max(1, total1 - total0) * ncpu
+    return {"clients": clients, "requests": r["requests"], "throughput": r["requests"] / (r["duration_us"] / 1e6),
+            "p50_ms": r["p50_us"] / 1000, "p99_ms": r["p99_us"] / 1000, "max_ms": r["max_us"] / 1000,
+            "errors": r["non200"] + r["connect_errors"] + r["read_errors"] + r["write_errors"] + r["timeouts"],
+            **{f"{name}_cpu_us": 1e6 * v / requests for name, v in cpu.items()},
+            "cpu_us": 1e6 * ours / requests,
+            # hubs + PostgreSQL + wrk over the machine's cores; busy cores that were none of them
+            "utilisation": ours / (wall * ncpu), "other_cores": max(0.0, busy - ours / wall)}
+
+
+_CPU_PARTS = ("a", "b", "postgres", "wrk")
+
+
+def forwarding(demo: DemoInfo, server: Any, work: Path, reps: int, seconds: float) -> dict[str, Any]:
+    """Hub A (``demo``'s card) and hub B (a second demo card) on one database; RSA-2048 signatures with B's
+    key through A against the same straight to B."""
+    from bench.tokens import _quiet
+
+    demo_b = init_demo(work / "hubs-demo-b")
+    url = _fresh_database(server)
+    env = {"TOKENBRIDGE_STATE__DATABASE_URL": url}
+    with service(demo, work, "hubs-fwd-a", {**env, "TOKENBRIDGE_STATE__HUB": "hub-a"}) as a, \
+            service(demo_b, work, "hubs-fwd-b", {**env, "TOKENBRIDGE_STATE__HUB": "hub-b"}) as b:
+        secret = add_client(a, demo, "hubs-forward")
+        headers = {"authorization": f"Bearer {secret}"}
+        b_key = httpx.get(f"{b.url}/v1/keys/sign-rsa", headers=headers, timeout=30).json()["id"]
+        a_key = httpx.get(f"{a.url}/v1/keys/sign-rsa", headers=headers, timeout=30).json()["id"]
+        if a_key == b_key:
+            raise RuntimeError("hubs A and B hold the same key: the forward would not be measured")
+        body = body_for(FORWARD_ALGORITHM)
+        deadline = time.monotonic() + 15
+        while True:  # hub A knows B's key once B's row is in the hubs table
+            r = httpx.post(f"{a.url}/v1/keys/{b_key}/sign", content=body,
+                           headers={**headers, "content-type": "application/json"}, timeout=30)
+            if r.status_code == 200 and r.json()["key"] == b_key:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"hub A does not forward to hub B: {r.status_code} {r.text[:200]}")
+            time.sleep(0.2)
+        pids = {"a": a.proc.pid, "b": b.proc.pid, "postgres": _postmaster_pid(server)}
+        urls = {"direct": f"{b.url}/v1/keys/{b_key}/sign", "forwarded": f"{a.url}/v1/keys/{b_key}/sign"}
+        runs: dict[tuple[int, str], list[dict[str, Any]]] = {}
+        waited = 0.0
+        for _ in range(reps):
+            for clients in FORWARD_CLIENTS:
+                for mode in FORWARD_MODES:  # alternated: drift on the machine hits both alike
+                    waited += max(0.0, _quiet())
+                    _wrk_sign(urls[mode], secret, clients, 1.0, pids)  # warm-up
+                    run = _wrk_sign(urls[mode], secret, clients, seconds, pids)
+                    runs.setdefault((clients, mode), []).append(run)
+                    log(f"  forward {mode:9s} c={clients:<3d} {run['throughput']:6.0f} sig/s  p50 "
+                        f"{run['p50_ms']:.2f} ms  p99 {run['p99_ms']:.2f} ms  cpu {run['cpu_us']:.0f} us/sig (A "
+                        f"{run['a_cpu_us']:.0f}, B {run['b_cpu_us']:.0f}, postgres {run['postgres_cpu_us']:.0f}, "
+                        f"wrk {run['wrk_cpu_us']:.0f})  utilisation {run['utilisation']:.0%}, other "
+                        f"{run['other_cores']:.2f} cores  errors {run['errors']}")
+        store = open_store(work, url, upgrade=False)
+        try:  # hub B's audit: the forwarded signatures, in the caller's name through hub A
+            via_a = sum(1 for e in AuditLog(store, hub="hub-b").entries()
+                        if e.event == "sign" and e.actor == "client:hubs-forward@hub:hub-a")
+        finally:
+            store.close()
+    keys = ("throughput", "p50_ms", "p99_ms", "max_ms", "cpu_us", "utilisation", "other_cores",
+            *(f"{p}_cpu_us" for p in _CPU_PARTS))
+    rows = []
+    ncpu = os.cpu_count() or 1
+    for clients in FORWARD_CLIENTS:
+        row: dict[str, Any] = {"clients": clients}
+        for mode in FORWARD_MODES:
+            rs = runs[(clients, mode)]
+            row[mode] = {k: summarize([r[k] for r in rs]) for k in keys}
+            row[mode]["errors"] = sum(r["errors"] for r in rs)
+            row[mode]["requests"] = sum(r["requests"] for r in rs)
+        d, f = row["direct"], row["forwarded"]
+        pairs = list(zip(runs[(clients, "direct")], runs[(clients, "forwarded")], strict=True))
+        row["ratio"] = f["throughput"]["median"] / d["throughput"]["median"]
+        row["pair_ratios"] = [y["throughput"] / x["throughput"] for x, y in pairs]
+        row["p50_added_ms"] = f["p50_ms"]["median"] - d["p50_ms"]["median"]
+        row["pair_p50_added_ms"] = [y["p50_ms"] - x["p50_ms"] for x, y in pairs]
+        row["p50_ratio"] = f["p50_ms"]["median"] / d["p50_ms"]["median"]
+        # The hop's CPU: what the forwarded path costs per signature beyond the direct one, and what throughput
+        # ratio that alone would give if both runs used every core (direct CPU per signature over forwarded).
+        row["cpu_added_us"] = f["cpu_us"]["median"] - d["cpu_us"]["median"]
+        row["cpu_bound_ratio"] = d["cpu_us"]["median"] / f["cpu_us"]["median"]
+        row["cpu_ceiling"] = ncpu * 1e6 / f["cpu_us"]["median"]  # sig/s the cores allow at the forwarded cost
+        rows.append(row)
+    return {"rows": rows, "reps": reps, "seconds": seconds, "cores": ncpu, "b_key": b_key,
+            "audited_via_a": via_a, "forwarded_requests": sum(r["forwarded"]["requests"] for r in rows),
+            "quiet_waited_s": waited}
+
+
 # ---------------------------------------------------------------------------------------- phase
 
 
@@ -480,6 +623,12 @@ def run_hubs(demo: DemoInfo, work: Path, reps: int, seconds: float) -> dict[str,
     with pg.running_postgres() as server:
         log(f"  state store: authentication + audit entry, SQLite vs PostgreSQL, threads {THREADS}")
         out["store"] = store_ops(server, work, reps, min(seconds, 1.0))
+        log(f"  forwarding: RSA-2048 signatures with hub B's key through hub A against B directly, clients "
+            f"{FORWARD_CLIENTS}")
+        try:
+            out["forward"] = forwarding(demo, server, work, reps, seconds)
+        except Exception as exc:  # reported with the run; the mail cases still run
+            out["forward"] = {"skipped": f"failed: {type(exc).__name__}: {exc}"[:400]}
         log(f"  a killed hub's mail: {MESSAGES} signed applications, delivered by another hub")
         out["mail"] = mail_failover(demo, server, work)
     return out
@@ -534,6 +683,7 @@ def report(res: dict[str, Any]) -> list[str]:
         s, d, p = (by[(op, 1, b)]["ops_per_s"] for b in ("sqlite", "sqlite_durable", "postgres"))
         lines.append(f"| {op} | {_r(s, '.0f')} | {_r(d, '.0f')} | {_r(p, '.0f')} | "
                      f"{p['median'] / s['median']:.3f}x | {1e6 / p['median']:.0f} |")
+    lines += ["", *_forward_report(res.get("forward"))]
     m = res["mail"]
     live = m["live"]["last_delivery_s"]
     lines += ["", f"A killed hub's mail: hub B signs {MESSAGES} applications and cannot deliver them, SIGKILL, hub A "
@@ -558,6 +708,42 @@ def report(res: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _forward_report(fw: dict[str, Any] | None) -> list[str]:
+    if fw is None:
+        return ["Forwarding: not run."]
+    if "skipped" in fw:
+        return [f"Forwarding: skipped ({fw['skipped']})"]
+    lines = [f"Forwarding: RSA-2048 signatures with hub B's key, sent to hub A (forwarded to B) or to B directly; "
+             f"wrk, {fw['reps']} runs of {fw['seconds']:g} s per line, alternated; median (min–max). CPU µs per "
+             "signature from /proc: hub A / hub B with its token process / PostgreSQL / wrk. Utilisation: those "
+             f"over the {fw['cores']} cores; other: busy cores that were none of them. CPU-bound: direct CPU per "
+             "signature over forwarded (the ratio if both runs used every core).", "",
+             "| clients | path | sig/s | p50 ms | p99 ms | CPU µs/sig (A / B / PostgreSQL / wrk) | utilisation | "
+             "other | forwarded / direct | CPU-bound | errors |",
+             "|---:|---|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
+    for row in fw["rows"]:
+        for mode in FORWARD_MODES:
+            r = row[mode]
+            ratio = cpu = ""
+            if mode == "forwarded":
+                ratio = f"**{row['ratio']:.2f}x** ({'/'.join(f'{x:.2f}' for x in row['pair_ratios'])})"
+                cpu = f"{row['cpu_bound_ratio']:.2f}x"
+            parts = " / ".join(f"{r[f'{p}_cpu_us']['median']:.0f}" for p in _CPU_PARTS)
+            lines.append(f"| {row['clients']} | {mode} | {_r(r['throughput'], '.0f')} | {_r(r['p50_ms'], '.2f')} | "
+                         f"{_r(r['p99_ms'], '.2f')} | {r['cpu_us']['median']:.0f} ({parts}) | "
+                         f"{r['utilisation']['median']:.0%} | {r['other_cores']['median']:.2f} | {ratio} | {cpu} | "
+                         f"{r['errors']} |")
+    one = fw["rows"][0]
+    lines += ["", f"One forward hop at {one['clients']} client: p50 **+{one['p50_added_ms']:.2f} ms** "
+              f"({one['forwarded']['p50_ms']['median']:.2f} against {one['direct']['p50_ms']['median']:.2f} ms, "
+              f"**{one['p50_ratio']:.2f}x**; each pair: "
+              f"{', '.join(f'{x:+.2f}' for x in one['pair_p50_added_ms'])} ms); CPU added per signature "
+              f"{one['cpu_added_us']:.0f} µs. Hub B audited {fw['audited_via_a']} signatures as "
+              f"`client:hubs-forward@hub:hub-a` ({fw['forwarded_requests']} forwarded in the measured runs).",
+              "", f"(waited {fw['quiet_waited_s']:.0f} s in all for the machine to be quiet before the runs)"]
+    return lines
+
+
 def targets(res: dict[str, Any]) -> list[dict[str, str]]:
     if "skipped" in res:
         return []
@@ -566,7 +752,17 @@ def targets(res: dict[str, Any]) -> list[dict[str, str]]:
     killed = m["killed"]
     ok = all(r["delivered_once_each"] and r["signatures"]["hub-a"] == 0 for r in killed)
     hang = [r for r in killed if r["mode"] == "in_flight" and r["last_delivery_s"] is not None]
+    fw = res.get("forward") or {"skipped": "not run"}
+    forward = [] if "skipped" in fw else [
+        {"target": f"signatures per second through a forwarding hub / direct, RSA-2048, {row['clients']} clients",
+         "wanted": "measured (ratio)", "measured": f"{row['ratio']:.2f}x (CPU-bound {row['cpu_bound_ratio']:.2f}x, "
+         f"utilisation {row['forwarded']['utilisation']['median']:.0%})", "met": "n/a"}
+        for row in fw["rows"] if row["clients"] > 1] + [
+        {"target": f"added p50 latency of one forward hop, {fw['rows'][0]['clients']} client",
+         "wanted": "measured", "measured": f"+{fw['rows'][0]['p50_added_ms']:.2f} ms "
+         f"({fw['rows'][0]['p50_ratio']:.2f}x)", "met": "n/a"}]
     return [
+        *forward,
         {"target": "state store, authentication + audit entry, PostgreSQL / SQLite (1 and 4 threads, one hub)",
          "wanted": "measured (ratio)", "measured": f"{min(one):.3f}x .. {max(one):.3f}x", "met": "n/a"},
         {"target": f"a killed hub's {MESSAGES} signed messages delivered by another hub",
