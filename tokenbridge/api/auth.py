@@ -64,7 +64,7 @@ async def _workstation(request: Request) -> Client | None:
     return workstation
 
 
-def _forwarded(bridge: Bridge, hub_client: str, on_behalf_of: str) -> Principal:
+async def _forwarded(bridge: Bridge, hub_client: str, on_behalf_of: str) -> Principal:
     """The caller another hub speaks for: ``client=NAME`` and/or ``workstation=NAME``, with that caller's own
     grants and keys from the shared clients table, combined as they are on a direct request."""
     named = dict(part.strip().partition("=")[::2] for part in on_behalf_of.split(";") if "=" in part)
@@ -72,7 +72,7 @@ def _forwarded(bridge: Bridge, hub_client: str, on_behalf_of: str) -> Principal:
     found = {}
     for kind in ("client", "workstation"):
         if kind in named:
-            who = bridge.clients.get(named[kind])
+            who = await state_call(bridge, bridge.clients.get, named[kind])
             if who is None or who.revoked or who.kind != kind:
                 raise _unauthorized(f"hub {hub!r} forwarded a request for {kind} {named[kind]!r}, which is not an "
                                     "active " + kind)
@@ -127,7 +127,7 @@ async def principal(request: Request) -> Principal:
         if client is None:
             raise _unauthorized("the secret is unknown or revoked", 'Bearer error="invalid_token"')
         if client.kind == HUB_KIND:  # another hub, forwarding a caller's request (services/hubs.py)
-            return _forwarded(bridge, client.name, request.headers.get(ON_BEHALF_OF, ""))
+            return await _forwarded(bridge, client.name, request.headers.get(ON_BEHALF_OF, ""))
     if mode == "both" and (workstation is None or client is None):
         raise _unauthorized("this service needs both a workstation certificate and a client secret")
     if mode == "certificate" and workstation is None:

@@ -11,6 +11,7 @@ A hub that stopped beating answers ``503 hub_down`` at once.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from typing import Any
 
@@ -40,7 +41,9 @@ class Forwarder:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         match = _KEY_PATH.match(scope["path"]) if scope["type"] == "http" else None
-        remote = self._remote(match.group("ref")) if match else None
+        remote = None
+        if match and not self._local(match.group("ref")):  # the registry is a database round trip: off the loop
+            remote = await asyncio.to_thread(self.registry.find, match.group("ref"))
         if remote is None:
             await self.app(scope, receive, send)
             return
@@ -54,19 +57,20 @@ class Forwarder:
             return
         await self._forward(scope, receive, send, remote.url, who)
 
-    def _remote(self, ref: str) -> Any:
-        """Another hub's key ``ref`` names, when this hub has none by that name."""
+    def _local(self, ref: str) -> bool:
+        """Whether this hub answers for ``ref`` itself: its key, or a problem of its own (ambiguous, token
+        away); only "no such key here" sends a request on."""
         try:
             self.registry.tokens.find_key(ref)
-            return None
         except Problem as exc:
-            if exc.code != "key_not_found":
-                return None  # ambiguous, or this hub's token is away: answered here
-        return self.registry.find(ref)
+            return exc.code != "key_not_found"
+        return True
 
     async def _forward(self, scope: Scope, receive: Receive, send: Send, base: str, who: Any) -> None:
         if self._client is None:
-            self._client = httpx.AsyncClient(verify=self._verify, timeout=httpx.Timeout(60.0, connect=5.0))
+            # Connections kept to the other hubs, as many as the service keeps requests in flight.
+            self._client = httpx.AsyncClient(verify=self._verify, timeout=httpx.Timeout(60.0, connect=5.0),
+                                             limits=httpx.Limits(max_connections=512, max_keepalive_connections=256))
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]
                    if k.decode("latin-1").lower() in _REQUEST_HEADERS}
         headers["authorization"] = f"Bearer {self.registry.secret}"
