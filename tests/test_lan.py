@@ -424,3 +424,25 @@ def test_renewed_workstation_keeps_working_until_the_new_certificate_is_used(hub
     renewed = [e for e in entries if e["event"] == "workstation_renewed"]
     assert renewed and "previous=" in renewed[-1]["detail"]
     assert cli(hub.data_dir, hub.config, "workstations", "renew", "nobody", check=False).returncode != 0
+
+
+def test_hubs_behind_one_front_share_one_bridge_ca(demo, tmp_path: Path) -> None:
+    """`tls init --ca-from` gives a second hub the first one's bridge CA (one trust anchor for workstations
+    and relays behind a front), and never replaces a CA a hub already has."""
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    cli(a, demo.config_file, "tls", "init", "--hostname", "hub-a.lan")
+    out = cli(b, demo.config_file, "tls", "init", "--hostname", "hub-b.lan", "--ca-from", str(a / "tls")).stdout
+    assert "bridge CA shared with" in out
+    ca = x509.load_pem_x509_certificate((a / "tls" / "ca.pem").read_bytes())
+    assert (b / "tls" / "ca.pem").read_bytes() == (a / "tls" / "ca.pem").read_bytes()
+    server_b = x509.load_pem_x509_certificates((b / "tls" / "server.pem").read_bytes())[0]
+    server_b.verify_directly_issued_by(ca)
+    cli(b, demo.config_file, "tls", "init", "--hostname", "hub-b.lan", "--ca-from", str(a / "tls"))  # again: fine
+    cli(c, demo.config_file, "tls", "init", "--hostname", "hub-c.lan")  # a CA of its own
+    refused = cli(c, demo.config_file, "tls", "init", "--hostname", "hub-c.lan", "--ca-from", str(a / "tls"),
+                  check=False)
+    assert refused.returncode != 0 and "already has its own bridge CA" in refused.stderr, refused.stderr
+    assert "Traceback" not in refused.stdout + refused.stderr
+    missing = cli(c, demo.config_file, "tls", "init", "--hostname", "x", "--ca-from", str(tmp_path / "none"),
+                  check=False)
+    assert missing.returncode != 0 and "no bridge CA in" in missing.stderr

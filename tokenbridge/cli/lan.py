@@ -23,11 +23,20 @@ workstations_app = typer.Typer(help="Workstations: machines that authenticate wi
 @tls_app.command("init")
 def tls_init(hostname: Annotated[list[str], typer.Option("--hostname", help="DNS name or IP the workstations "
                                                                             "use (repeatable).")],
-             config: ConfigOpt = None) -> None:
+             config: ConfigOpt = None,
+             ca_from: Annotated[Path | None, typer.Option(
+                 "--ca-from", help="Another hub's tls directory (ca.pem, ca.key): share its bridge CA, for hubs "
+                                   "behind one front (docs/deployment.md).")] = None) -> None:
     """Create the bridge CA (once) and a server certificate; print its fingerprint for pinning."""
-    from tokenbridge.services.bridge_ca import issue_server_certificate
+    from tokenbridge.services.bridge_ca import CaError, import_ca, issue_server_certificate
 
     settings = load(config)
+    if ca_from is not None:
+        try:
+            ca = import_ca(settings.data_dir, ca_from.expanduser())
+        except CaError as exc:
+            fail(str(exc))
+        console.print(f"bridge CA shared with {ca_from}: {ca.subject.rfc4514_string()}", soft_wrap=True)
     issued = issue_server_certificate(settings.data_dir, hostname)
     console.print(f"server certificate {issued.cert} for {', '.join(hostname)}")
     console.print("SHA-256 fingerprint (give it to relays as --hub-fingerprint):")

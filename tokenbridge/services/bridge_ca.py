@@ -49,6 +49,37 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+class CaError(Exception):
+    """The bridge CA cannot be taken from where it was asked (the message says why)."""
+
+
+def import_ca(data_dir: Path, source: Path) -> x509.Certificate:
+    """Use another hub's bridge CA (``ca.pem`` and ``ca.key`` in ``source``, e.g. its ``DATA_DIR/tls``), so
+    that hubs behind one front share one trust anchor: workstations and relays trust every hub, and a
+    workstation enrolled on one is accepted by all. Refused if this hub already has a different CA."""
+    try:
+        cert = x509.load_pem_x509_certificate((source / "ca.pem").read_bytes())
+        key = serialization.load_pem_private_key((source / "ca.key").read_bytes(), None)
+    except FileNotFoundError as exc:
+        raise CaError(f"no bridge CA in {source}: it needs ca.pem and ca.key ({exc.filename} is missing)") from None
+    except (ValueError, TypeError) as exc:
+        raise CaError(f"{source}: ca.pem and ca.key cannot be read: {exc}") from None
+    pem = cert.public_bytes(serialization.Encoding.PEM)
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.public_key() != cert.public_key():
+        raise CaError(f"{source}: ca.key is not the key of ca.pem")
+    d = tls_dir(data_dir)
+    mine = d / "ca.pem"
+    if mine.exists():
+        if mine.read_bytes() == pem:
+            return cert  # already this CA
+        raise CaError(f"this hub already has its own bridge CA ({mine}); certificates it issued would stop "
+                      "being trusted by hubs and relays of the other CA: move its tls directory away first")
+    _write(d / "ca.key", key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()), 0o600)
+    _write(mine, pem, 0o644)
+    return cert
+
+
 def ensure_ca(data_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     """Load the bridge CA, creating it on first use."""
     d = tls_dir(data_dir)
