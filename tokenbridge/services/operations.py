@@ -59,6 +59,7 @@ class Operations:
                  metrics: Metrics | None = None) -> None:
         self.tokens = tokens
         self.audit = audit
+        self._remote = audit.remote  # a database server: audit calls off the event loop
         self.settings = settings
         self.metrics = metrics
         # Implicit rejection's substitute keys (unwrap_key_transport): the same ciphertext gets the same
@@ -253,7 +254,7 @@ class Operations:
     async def _state(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
         """An audit call: inline on SQLite (microseconds), in a thread on PostgreSQL, whose round trips must
         not hold the event loop (api/auth.py does the same for authentication)."""
-        if self.audit.remote:
+        if self._remote:
             return await asyncio.to_thread(fn, *args, **kwargs)
         return fn(*args, **kwargs)
 
