@@ -15,6 +15,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from tokenbridge.api.problems import problem_response
 from tokenbridge.errors import Problem
 from tokenbridge.services.bridge import Bridge
+from tokenbridge.services.bridge_ca import hub_named
 from tokenbridge.services.hubs import HUB_KIND, ON_BEHALF_OF
 from tokenbridge.services.principal import OPERATOR, Principal, restrict
 from tokenbridge.state.audit import AuditUnavailable
@@ -62,6 +63,27 @@ async def _workstation(request: Request) -> Client | None:
                              detail=f"cert_sha256={fingerprint}")
         raise _unauthorized("this workstation certificate is not enrolled, or was revoked")
     return workstation
+
+
+async def _hub_certificate(request: Request, hub_client: Client) -> None:
+    """Over TLS, a hub's secret counts only with that hub's own certificate: the one it recorded with the
+    secret at its start, issued by the bridge CA (the handshake checked that) to OU=hub, CN=its name. A
+    stolen hub secret alone, or a workstation's certificate with it, is refused."""
+    hub = hub_client.name.removesuffix("@hub")
+    der = ((request.scope.get("extensions") or {}).get("tls") or {}).get("client_cert_der")
+    if not der:
+        reason = "without its hub certificate"
+    elif hashlib.sha256(der).hexdigest() != hub_client.cert_sha256 or hub_named(der) != hub:
+        reason = "with a certificate that is not its own"
+    else:
+        return
+    bridge = bridge_of(request)
+    with contextlib.suppress(AuditUnavailable):  # the refusal stands either way
+        await state_call(bridge, bridge.audit.record, f"hub:{hub}", "hub_refused", "unauthorized",
+                         detail=reason.replace(" ", "_"))
+    raise _unauthorized(f"hub {hub!r} forwarded a request over TLS {reason}: hubs forward over mutual TLS, "
+                        "with the certificate each makes at its start from the bridge CA they share "
+                        "(`tokenbridge tls init --ca-from`)")
 
 
 async def _forwarded(bridge: Bridge, hub_client: str, on_behalf_of: str) -> Principal:
@@ -117,7 +139,6 @@ async def principal(request: Request) -> Principal:
     bridge = bridge_of(request)
     over_tls = "tls" in (request.scope.get("extensions") or {})  # set by our protocol, not by headers
     mode = bridge.settings.server.client_auth if over_tls else "secret"
-    workstation = await _workstation(request) if mode != "secret" else None
     header = request.headers.get("authorization", "")
     scheme, _, secret = header.partition(" ")
     has_secret = scheme.lower() == "bearer" and bool(secret.strip())
@@ -127,7 +148,11 @@ async def principal(request: Request) -> Principal:
         if client is None:
             raise _unauthorized("the secret is unknown or revoked", 'Bearer error="invalid_token"')
         if client.kind == HUB_KIND:  # another hub, forwarding a caller's request (services/hubs.py)
+            if over_tls:  # plain HTTP between hubs: both on this machine's loopback (server/wants_tls)
+                await _hub_certificate(request, client)
             return await _forwarded(bridge, client.name, request.headers.get(ON_BEHALF_OF, ""))
+    # A workstation's certificate, after the secret: a hub's certificate is checked with the hub's secret.
+    workstation = await _workstation(request) if mode != "secret" else None
     if mode == "both" and (workstation is None or client is None):
         raise _unauthorized("this service needs both a workstation certificate and a client secret")
     if mode == "certificate" and workstation is None:

@@ -4,15 +4,18 @@ Several hubs share one PostgreSQL database, each with its own cards; a workstati
 any of them. For ``/v1/keys/{key}`` and its ``/sign``, ``/decrypt``, ``/certificate`` and ``/chain``, a key
 that is not on this hub's tokens but is in another hub's heartbeat row (services/hubs.py) is served there:
 this hub authenticates the caller first (so a stranger costs the other hub nothing), then sends the request
-on with its own hub secret and the caller's name; the other hub applies the caller's grants and keys and
+on over mutual TLS (the other hub's certificate checked against the bridge CA, this hub's own certificate
+shown) with its hub secret and the caller's name; the other hub applies the caller's grants and keys and
 audits the operation as ``client:NAME@hub:THIS``. The body and the answer are streamed, never read whole.
-A hub that stopped beating answers ``503 hub_down`` at once.
+A hub that stopped beating answers ``503 hub_down`` at once. A request that came from a hub is never sent
+on again: two hubs that disagree about who holds a key cannot bounce it between them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
+import ssl
 from typing import Any
 
 import httpx
@@ -28,6 +31,7 @@ _KEY_PATH = re.compile(r"^/v1/keys/(?P<ref>.+?)(?:/(?:sign|decrypt|certificate|c
 # What goes on to the other hub, and what comes back: content, not the connection's own headers.
 _REQUEST_HEADERS = ("content-type", "accept", "accept-language")
 _ANSWER_HEADERS = ("content-type", "content-language", "retry-after")
+_FROM_HUB = ON_BEHALF_OF.encode()
 
 
 class Forwarder:
@@ -37,10 +41,12 @@ class Forwarder:
         self.app = app
         self.registry = registry
         self._client: httpx.AsyncClient | None = None
-        self._verify: Any = ca or True  # the bridge CA that issued the other hubs' certificates
+        self._ca = ca  # the bridge CA that issued the other hubs' certificates (None: the system's CAs)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         match = _KEY_PATH.match(scope["path"]) if scope["type"] == "http" else None
+        if match and any(k == _FROM_HUB for k, _ in scope["headers"]):
+            match = None  # already forwarded once: answered here, whatever this hub holds
         remote = None
         if match and not self._local(match.group("ref")):  # the registry is a database round trip: off the loop
             remote = await asyncio.to_thread(self.registry.find, match.group("ref"))
@@ -66,10 +72,18 @@ class Forwarder:
             return exc.code != "key_not_found"
         return True
 
+    def _tls(self) -> ssl.SSLContext:
+        """Mutual TLS: the other hub checked against the bridge CA, this hub's own certificate shown."""
+        context = ssl.create_default_context(cafile=self._ca)
+        mine = self.registry.certificate  # made at this hub's start (services/bridge_ca.py)
+        if mine is not None:
+            context.load_cert_chain(mine.cert, mine.key)
+        return context
+
     async def _forward(self, scope: Scope, receive: Receive, send: Send, base: str, who: Any) -> None:
         if self._client is None:
             # Connections kept to the other hubs, as many as the service keeps requests in flight.
-            self._client = httpx.AsyncClient(verify=self._verify, timeout=httpx.Timeout(60.0, connect=5.0),
+            self._client = httpx.AsyncClient(verify=self._tls(), timeout=httpx.Timeout(60.0, connect=5.0),
                                              limits=httpx.Limits(max_connections=512, max_keepalive_connections=256))
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]
                    if k.decode("latin-1").lower() in _REQUEST_HEADERS}

@@ -1,4 +1,5 @@
-"""The bridge's own small CA: the TLS listener's server certificate and the workstations' certificates.
+"""The bridge's own small CA: the TLS listener's server certificate, the workstations' certificates, and
+the hubs' own client certificates (mutual TLS between hubs that share one CA and one database).
 
 It has nothing to do with the token's PKI: it only lets the hub and its
 workstations recognise each other on the LAN. Keys are software keys in
@@ -157,6 +158,50 @@ def issue_workstation(data_dir: Path, name: str, days: int = 730) -> tuple[bytes
                   .build(password.encode()))
     p12 = pkcs12.serialize_key_and_certificates(name.encode(), key, cert, [ca], encryption)
     return p12, password, cert
+
+
+HUB_UNIT = "hub"  # the organizationalUnitName of a hub's client certificate (a workstation's says "workstation")
+
+
+@dataclass(frozen=True)
+class HubCertificate:
+    cert: Path
+    key: Path
+    fingerprint: str
+
+
+def issue_hub_certificate(data_dir: Path, hub: str, days: int = 825) -> HubCertificate | None:
+    """This hub's client certificate (OU=hub, CN=its name), shown when it forwards a request to another hub.
+
+    Issued afresh at each start by the bridge CA in DATA_DIR/tls (shared by the hubs with ``tls init
+    --ca-from``); the receiving hub checks it chains to that CA and is the one this hub recorded with its
+    secret (api/auth.py). None when this hub holds no CA key: its forwards then carry no certificate, and
+    hubs on TLS refuse them."""
+    d = tls_dir(data_dir)
+    if not (d / "ca.key").exists() or not (d / "ca.pem").exists():
+        return None
+    ca, ca_key = ensure_ca(data_dir)
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, HUB_UNIT),
+                         x509.NameAttribute(NameOID.COMMON_NAME, hub)])
+    cert = _leaf(ca, ca_key, subject, key, ExtendedKeyUsageOID.CLIENT_AUTH, days)
+    _write(d / "hub.key", key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                            serialization.NoEncryption()), 0o600)
+    _write(d / "hub.pem", cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    return HubCertificate(d / "hub.pem", d / "hub.key", fingerprint(cert))
+
+
+def hub_named(der: bytes) -> str | None:
+    """The hub a client certificate names (OU=hub, CN=NAME), or None for any other certificate."""
+    try:
+        subject = x509.load_der_x509_certificate(der).subject
+    except ValueError:
+        return None
+    units = [a.value for a in subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)]
+    names = [a.value for a in subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    if units != [HUB_UNIT] or len(names) != 1:
+        return None
+    return str(names[0])
 
 
 def load_credential(p12: bytes, password: str) -> tuple[bytes, bytes, list[bytes]]:

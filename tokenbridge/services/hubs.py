@@ -7,7 +7,9 @@ A hub whose heartbeat is older than ``state.down_after`` is down: its keys answe
 and nothing waits for it.
 
 Between hubs, a hub authenticates with a secret of its own (a client of kind ``hub`` in the shared clients
-table, replaced at each start; only its hash is stored) and names the caller it speaks for in
+table, replaced at each start; only its hash is stored) and, over TLS, with a client certificate of its own
+issued by the bridge CA the hubs share (``tls init --ca-from``), also made at each start and recorded with
+the secret: mutual TLS, checked both ways. It names the caller it speaks for in
 ``X-Tokenbridge-On-Behalf-Of``. The receiving hub trusts that header only from a hub, and applies the
 caller's own grants and key list, read from the same table: a forward never widens what a caller may do,
 and the audit names both (``client:NAME@hub:A``).
@@ -24,6 +26,7 @@ from typing import Any
 
 from tokenbridge.config import Settings
 from tokenbridge.errors import Problem
+from tokenbridge.services.bridge_ca import HubCertificate, issue_hub_certificate
 from tokenbridge.services.tokens import TokenSet
 from tokenbridge.state.clients import ClientRegistry
 
@@ -72,12 +75,15 @@ class HubRegistry:
         self.clients = clients
         self.url = hub_url(settings)
         self.secret: str | None = None  # this hub's own secret, for its forwards
+        self.certificate: HubCertificate | None = None  # and its client certificate (None: no bridge CA key)
         self._task: asyncio.Task[None] | None = None
         self._started = time.time()
 
     def register(self) -> None:
-        """A new hub secret (each start), and the first heartbeat. Blocking: called from a thread."""
-        self.secret = self.clients.hub_secret(f"{self.name}@hub")
+        """A new hub secret and certificate (each start), and the first heartbeat. Blocking: from a thread."""
+        self.certificate = issue_hub_certificate(self.settings.data_dir, self.name)
+        self.secret = self.clients.hub_secret(f"{self.name}@hub",
+                                              self.certificate.fingerprint if self.certificate else None)
         self.beat()
 
     def start(self) -> None:

@@ -139,15 +139,16 @@ class ClientRegistry:
         assert client is not None
         return client
 
-    def hub_secret(self, name: str) -> str:
+    def hub_secret(self, name: str, cert_sha256: str | None = None) -> str:
         """A new secret for this hub's own client (kind ``hub``, no grants): what it shows another hub it
-        forwards a request to (services/hubs.py). Made at each start; the previous one stops working."""
+        forwards a request to (services/hubs.py), with ``cert_sha256``, the hub certificate it presents over
+        TLS. Made at each start; the previous ones stop working."""
         client_id = secrets.token_hex(6)
         secret = f"tb_{client_id}_{secrets.token_urlsafe(32)}"
         with self._store.transaction(immediate=True) as db:
             db.execute("DELETE FROM clients WHERE name = ? AND kind = 'hub'", (name,))
-            db.execute("INSERT INTO clients (client_id, name, secret_hash, grants, keys, created, kind) "
-                       "VALUES (?, ?, ?, '', '', ?, 'hub')", (client_id, name, _hash(secret), _now()))
+            db.execute("INSERT INTO clients (client_id, name, secret_hash, grants, keys, created, kind, cert_sha256) "
+                       "VALUES (?, ?, ?, '', '', ?, 'hub', ?)", (client_id, name, _hash(secret), _now(), cert_sha256))
         return secret
 
     def set_keys(self, name: str, keys: Iterable[str]) -> Client:
