@@ -316,3 +316,41 @@ def test_haproxy_spreads_counters_over_two_hubs_and_routes_around_a_killed_one(
     finally:
         for client in clients.values():
             client.close()
+
+
+def test_a_relay_reaches_the_hubs_through_the_front_pinned_to_either(
+        front: tuple[HAProxy, Service, Service, ssl.SSLContext], tmp_path: Path) -> None:
+    """A counter's relay points at the front, not at one hub: it pins both hubs' certificates (one
+    --hub-fingerprint each), since the front answers with whichever hub it picks. Pinned to neither, it
+    refuses to start and says why."""
+    proxy, a, b, _ = front
+    enrolled = json.loads(cli(a.data_dir, a.config, "workstations", "enroll", "poste-7", "--grant", "sign", "--json"))
+    pins = [x509.load_pem_x509_certificate((hub.data_dir / "tls" / "server.pem").read_bytes())
+            .fingerprint(hashes.SHA256()).hex() for hub in (a, b)]
+    env = {**os.environ, "TOKENBRIDGE_CREDENTIAL_PASSWORD": enrolled["password"]}
+    relay = [*TB, "relay", "--hub", proxy.url, "--credential", enrolled["credential"]]
+
+    wrong = subprocess.run([*relay, "--listen", f"127.0.0.1:{free_port()}", "--hub-fingerprint", "ab" * 32],
+                           env=env, capture_output=True, text=True, timeout=60)
+    assert wrong.returncode != 0 and "refusing to relay" in wrong.stdout + wrong.stderr, wrong.stdout + wrong.stderr
+
+    port = free_port()
+    log = tmp_path / "relay.log"
+    process = subprocess.Popen([*relay, "--listen", f"127.0.0.1:{port}", "--local-auth", "none",
+                                *(arg for pin in pins for arg in ("--hub-fingerprint", pin))],
+                               env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert process.poll() is None, log.read_text(errors="replace")
+            try:
+                with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as local:
+                    r = sign(local, b"poste-7")
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, log.read_text(errors="replace")
+                time.sleep(0.1)
+        assert r.status_code == 200, r.text
+    finally:
+        process.terminate()
+        process.wait(10)

@@ -115,7 +115,7 @@ def to_b(hubs: Hubs, tmp: Path, secret: str | None, cert: tuple[Path, Path] | No
 def test_a_counter_and_a_workstation_use_hub_b_through_hub_a_over_mutual_tls(hubs: Hubs, tmp_path: Path) -> None:
     """A counter (secret) and a workstation (certificate alone) on hub A sign with hub B's card. Hub A made
     its own client certificate at start; hub B's audit names the caller and the hub it came through."""
-    a, b = hubs.a, hubs.b
+    a = hubs.a
     mine = a.data_dir / "tls" / "hub.pem"
     subject = x509.load_pem_x509_certificate(mine.read_bytes()).subject.rfc4514_string()
     assert subject == "CN=hub-a,OU=hub", subject

@@ -167,8 +167,9 @@ def workstations_revoke(name: str, config: ConfigOpt = None) -> None:
 def relay(hub: Annotated[str, typer.Option(help="The hub's URL, e.g. https://hub.example:8155.")],
           credential: Annotated[Path, typer.Option(help="This workstation's PKCS#12 file.")],
           listen: Annotated[str, typer.Option(help="Local address for the counters' software.")] = "127.0.0.1:8155",
-          hub_fingerprint: Annotated[str | None, typer.Option(help="SHA-256 of the hub's certificate "
-                                                                   "(from `tokenbridge tls init`).")] = None,
+          hub_fingerprint: Annotated[list[str] | None, typer.Option(
+              help="SHA-256 of the hub's certificate (from `tokenbridge tls init`); repeat it for each hub "
+                   "behind a front.")] = None,
           local_auth: Annotated[str, typer.Option(help="pass-through: local software sends its own secret; "
                                                        "none: the workstation's certificate alone.")]
           = "pass-through",
@@ -194,6 +195,6 @@ def relay(hub: Annotated[str, typer.Option(help="The hub's URL, e.g. https://hub
     if local_auth not in ("pass-through", "none"):
         fail("--local-auth is pass-through or none")
     try:
-        run_relay(hub, credential, password, listen, hub_fingerprint, local_auth)
+        run_relay(hub, credential, password, listen, hub_fingerprint or [], local_auth)
     except RelayError as exc:
         fail(str(exc))

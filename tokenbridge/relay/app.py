@@ -138,19 +138,22 @@ def create_relay_app(hub: str, ctx: ssl.SSLContext, local_auth: str = "pass-thro
     return Starlette(routes=routes, lifespan=lifespan, middleware=[Middleware(LoopbackGuard)])
 
 
-def run_relay(hub: str, credential: Path, password: str, listen: str, expected_fingerprint: str | None,
+def run_relay(hub: str, credential: Path, password: str, listen: str, expected_fingerprints: list[str],
               local_auth: str) -> None:
+    """``expected_fingerprints``: the hub's certificate, or one per hub behind a front (HAProxy answers with
+    whichever hub it picks); checked once at start, on top of the bridge CA checked on every connection."""
     ctx = client_tls_context(credential, password)
     if not hub.startswith("https://"):
         raise RelayError("the hub must be reached over https://")
-    if expected_fingerprint:
+    if expected_fingerprints:
         try:
             seen = hub_fingerprint(hub, ctx)
         except (OSError, ssl.SSLError) as exc:
             raise RelayError(f"cannot check the hub's certificate: {exc}") from exc
-        if seen.lower() != expected_fingerprint.lower().replace(":", ""):
+        pinned = {f.lower().replace(":", "") for f in expected_fingerprints}
+        if seen.lower() not in pinned:
             raise RelayError(f"the hub's certificate fingerprint is {seen}, not the pinned "
-                             f"{expected_fingerprint}: refusing to relay")
+                             f"{' or '.join(expected_fingerprints)}: refusing to relay")
     host, _, port = listen.rpartition(":")
     if not is_loopback(host):
         raise RelayError("the relay listens on loopback only: local software reaches it at 127.0.0.1")
