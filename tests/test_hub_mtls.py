@@ -196,7 +196,7 @@ def test_hub_b_takes_a_hubs_secret_only_with_that_hubs_own_certificate(hubs: Hub
 
     store = open_store(tmp_path, hubs.url)
     try:
-        refusals = [e.detail for e in AuditLog(store, hub="hub-b").entries() if e.event == "hub_refused"]
+        refusals = [str(e.detail) for e in AuditLog(store, hub="hub-b").entries() if e.event == "hub_refused"]
     finally:
         store.close()
     assert sorted(refusals) == ["with_a_certificate_that_is_not_its_own"] * 2 + ["without_its_hub_certificate"], \
