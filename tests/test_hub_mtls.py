@@ -126,6 +126,22 @@ def test_a_counter_and_a_workstation_use_hub_b_through_hub_a_over_mutual_tls(hub
     assert r.status_code == 200 and r.json()["key"] == hubs.key_b, r.text
     assert verifies(a, hubs.secret, hubs.key_b, r)
 
+    # A CMS signature naming hub B's key goes there too; OpenSSL finds hub B's certificate as the signer.
+    cms_client = a.add_client("logiciel", "cms-sign")
+    with a.http(cms_client) as software:
+        r = software.post("/v1/cms/sign", params={"key": hubs.key_b}, content=b"dossier 2071",
+                          headers={"content-type": "application/octet-stream"})
+        assert r.status_code == 200, r.text
+        cert_b = software.get(f"/v1/keys/{hubs.key_b}/certificate")  # through hub A as well
+    assert cert_b.status_code == 200, cert_b.text
+    (tmp_path / "cms.der").write_bytes(base64.b64decode(r.json()["cms"]))
+    (tmp_path / "content").write_bytes(b"dossier 2071")
+    (tmp_path / "b.pem").write_bytes(cert_b.content)
+    subprocess.run(["openssl", "cms", "-verify", "-binary", "-inform", "DER", "-in", str(tmp_path / "cms.der"),
+                    "-content", str(tmp_path / "content"), "-noverify", "-certfile", str(tmp_path / "b.pem"),
+                    "-signer", str(tmp_path / "signer.pem"), "-out", "/dev/null"], check=True, capture_output=True)
+    assert (tmp_path / "signer.pem").read_bytes().strip() == (tmp_path / "b.pem").read_bytes().strip()
+
     enrolled = json.loads(a.cli("workstations", "enroll", "poste-3", "--grant", "sign", "--json").stdout)
     cert_pem, key_pem, _ = load_credential(Path(enrolled["credential"]).read_bytes(), enrolled["password"])
     (tmp_path / "poste.pem").write_bytes(cert_pem)
@@ -142,6 +158,12 @@ def test_a_counter_and_a_workstation_use_hub_b_through_hub_a_over_mutual_tls(hub
     finally:
         store.close()
     assert actors == {"client:guichet@hub:hub-a", "workstation:poste-3@hub:hub-a"}, actors
+    store = open_store(tmp_path, hubs.url)
+    try:
+        signed = [e for e in AuditLog(store, hub="hub-b").entries() if e.actor == "client:logiciel@hub:hub-a"]
+    finally:
+        store.close()
+    assert signed and all(e.key == hubs.key_b and e.outcome == "ok" for e in signed), signed
 
 
 def test_hub_b_takes_a_hubs_secret_only_with_that_hubs_own_certificate(hubs: Hubs, tmp_path: Path) -> None:

@@ -1,8 +1,9 @@
 """Forwarding (issue 18): a request for a key that another hub holds goes to that hub.
 
 Several hubs share one PostgreSQL database, each with its own cards; a workstation or a relay may talk to
-any of them. For ``/v1/keys/{key}`` and its ``/sign``, ``/decrypt``, ``/certificate`` and ``/chain``, a key
-that is not on this hub's tokens but is in another hub's heartbeat row (services/hubs.py) is served there:
+any of them. For ``/v1/keys/{key}`` and its ``/sign``, ``/decrypt``, ``/certificate`` and ``/chain``, and for
+``/v1/cms/sign``, ``/v1/smime/sign`` and ``/v1/smime/sign-and-encrypt`` with ``?key=``, a key that is not
+on this hub's tokens but is in another hub's heartbeat row (services/hubs.py) is served there:
 this hub authenticates the caller first (so a stranger costs the other hub nothing), then sends the request
 on over mutual TLS (the other hub's certificate checked against the bridge CA, this hub's own certificate
 shown) with its hub secret and the caller's name; the other hub applies the caller's grants and keys and
@@ -17,6 +18,7 @@ import asyncio
 import re
 import ssl
 from typing import Any
+from urllib.parse import parse_qs
 
 import httpx
 from starlette.requests import Request
@@ -28,10 +30,23 @@ from tokenbridge.errors import Problem
 from tokenbridge.services.hubs import ON_BEHALF_OF, HubRegistry
 
 _KEY_PATH = re.compile(r"^/v1/keys/(?P<ref>.+?)(?:/(?:sign|decrypt|certificate|chain))?$")
+_SIGNING_ROUTES = frozenset({"/v1/cms/sign", "/v1/smime/sign", "/v1/smime/sign-and-encrypt"})
 # What goes on to the other hub, and what comes back: content, not the connection's own headers.
 _REQUEST_HEADERS = ("content-type", "accept", "accept-language")
 _ANSWER_HEADERS = ("content-type", "content-language", "retry-after")
 _FROM_HUB = ON_BEHALF_OF.encode()
+
+
+def _named_key(scope: Scope) -> str | None:
+    """The key a request names: in its path (``/v1/keys/{key}/...``), or the ``key`` parameter of the CMS
+    and S/MIME signing routes. Requests that let the hub pick its key (no ``key``) stay on this hub."""
+    match = _KEY_PATH.match(scope["path"])
+    if match:
+        return match.group("ref")
+    if scope["path"] in _SIGNING_ROUTES:
+        keys = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("key")
+        return keys[-1] if keys else None
+    return None
 
 
 class Forwarder:
@@ -44,12 +59,12 @@ class Forwarder:
         self._ca = ca  # the bridge CA that issued the other hubs' certificates (None: the system's CAs)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        match = _KEY_PATH.match(scope["path"]) if scope["type"] == "http" else None
-        if match and any(k == _FROM_HUB for k, _ in scope["headers"]):
-            match = None  # already forwarded once: answered here, whatever this hub holds
+        ref = _named_key(scope) if scope["type"] == "http" else None
+        if ref and any(k == _FROM_HUB for k, _ in scope["headers"]):
+            ref = None  # already forwarded once: answered here, whatever this hub holds
         remote = None
-        if match and not self._local(match.group("ref")):  # the registry is a database round trip: off the loop
-            remote = await asyncio.to_thread(self.registry.find, match.group("ref"))
+        if ref and not self._local(ref):  # the registry is a database round trip: off the loop
+            remote = await asyncio.to_thread(self.registry.find, ref)
         if remote is None:
             await self.app(scope, receive, send)
             return
