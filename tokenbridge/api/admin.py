@@ -4,7 +4,8 @@ The overview is built from cached state only: the token processes' last known
 status and keys, its queue, the client registry, the audit log (read
 incrementally: each refresh reads only the entries written since the last
 one), the mail gateway's counts (its own database, when there is one), the
-upstreams' in-memory counters and the TLS server certificate's file. It never
+upstreams' in-memory counters, the TLS server certificate's file and, with several hubs on one
+database, the hubs' heartbeat rows (services/hubs.py, read off the event loop). It never
 calls the token, so refreshing the page every two seconds costs the card
 nothing. The page lists the mail itself through ``/v1/mail/*``; its one action
 is a mail retry (``POST /v1/mail/messages/{id}/retry``). The page is in French
@@ -13,6 +14,7 @@ and English (``ui/strings.js``); the data stays in English words and codes.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 from collections import Counter, deque
@@ -31,10 +33,12 @@ from starlette.datastructures import State
 from tokenbridge import __version__
 from tokenbridge.api.auth import Caller, bridge_of
 from tokenbridge.api.v1 import token_view
+from tokenbridge.config import Settings
 from tokenbridge.errors import Problem
 from tokenbridge.formats import x509 as x509h
 from tokenbridge.mail.gateway import queue_exists, queue_path, wanted
 from tokenbridge.services.bridge import Bridge
+from tokenbridge.services.hubs import HubRegistry
 from tokenbridge.services.keys import Validity, certificate_validity, validity
 from tokenbridge.services.tokens import KeyState
 from tokenbridge.state.audit import AuditEntry, AuditLog
@@ -510,9 +514,30 @@ def overview(bridge: Bridge, counts: _DayCounts, now: datetime | None = None) ->
     }
 
 
+# ---------------------------------------------------------------------- several hubs on one database
+
+
+async def hubs_overview(registry: HubRegistry | None, settings: Settings) -> dict[str, Any]:
+    """The hubs sharing this hub's database, as ``GET /v1/hubs`` gives them (each one's ``name``, ``url``,
+    ``heartbeat_age`` in seconds, ``alive``, ``keys``, ``self``), read off the event loop. ``shared`` is
+    false on a single hub (SQLite: no registry), and the page then hides its panel. A database that cannot
+    be read gives ``error``: the rest of the page still shows."""
+    state = settings.state
+    view: dict[str, Any] = {"shared": registry is not None, "hub": state.hub if registry is not None else None,
+                            "heartbeat_interval": state.heartbeat_interval, "down_after": state.down_after,
+                            "hubs": [], "error": None}
+    if registry is None:
+        return view
+    try:
+        view["hubs"] = await asyncio.to_thread(registry.hubs)
+    except Exception as exc:  # the database is away: say so on the page, keep the rest
+        view["error"] = f"the hubs' registry cannot be read: {type(exc).__name__}: {exc}"
+    return view
+
+
 @router.get("/v1/admin/overview", summary="Admin page data: token, certificates, clients, queue, audit, "
-                                           "refusals and errors, TLS certificates, mail and upstream status "
-                                           "(grant: admin; never calls the token)")
+                                           "refusals and errors, TLS certificates, mail and upstream status, "
+                                           "the hubs sharing the database (grant: admin; never calls the token)")
 async def admin_overview(request: Request, caller: Caller) -> dict[str, Any]:
     caller.require("admin")
     bridge = bridge_of(request)
@@ -521,6 +546,7 @@ async def admin_overview(request: Request, caller: Caller) -> dict[str, Any]:
     view = overview(bridge, counts, now)
     view["tls"] = tls_overview(bridge, request.app.state, request.url.scheme == "https", now)
     view["mail"] = mail_overview(bridge, request.app.state, counts)
+    view["hubs"] = await hubs_overview(getattr(request.app.state, "hubs", None), bridge.settings)
     return view
 
 

@@ -134,8 +134,37 @@ def run_doctor(settings: Settings, console: Console) -> int:
     from tokenbridge.services.proxy import doctor_upstreams
 
     doctor_upstreams(settings, r, token_ready=ready)  # mTLS upstreams (docs/tls-proxy.md)
+    _check_hubs(settings, r)  # several hubs on one database: the others that are down
     console.print(f"{r.errors} error(s), {r.warnings} warning(s)")
     return 1 if r.errors else 0
+
+
+def _check_hubs(settings: Settings, r: Report) -> None:
+    """With ``[state] database_url``: the other hubs sharing the database, from their heartbeat rows (as
+    ``tokenbridge hubs``): a warning for each one that is down, else one line saying they are alive."""
+    import sqlite3
+
+    from tokenbridge.cli.hubs import age_words, read_hubs
+    from tokenbridge.formats.text import printable
+
+    if settings.state.database_url is None:
+        return
+    try:
+        hubs = read_hubs(settings)
+    except sqlite3.Error as exc:
+        r.fail(f"the hubs cannot be read from the shared database ([state] database_url): {exc}")
+        return
+    others = [h for h in hubs if not h.get("self")]
+    down = [h for h in others if not h["alive"]]
+    for hub in down:
+        r.warn(f"hub {printable(hub['name'])} is down: its last heartbeat was {age_words(hub['heartbeat_age'])} "
+               f"ago (state.down_after = {settings.state.down_after:g} s); its keys answer 503 hub_down until "
+               f"it runs again ({printable(hub['url'])})")
+    if not others:
+        r.ok(f"hubs: no other hub shares the database with this one ({settings.state.hub})")
+    elif not down:
+        r.ok("hubs: the other hubs sharing the database are alive: "
+             + ", ".join(printable(h["name"]) for h in others))
 
 
 def _check_token(r: Report, prefix: str, table: TokenSettings, token: dict[str, Any], keys: list[dict[str, Any]],

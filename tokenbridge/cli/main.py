@@ -2,7 +2,7 @@
 
 Commands that need the running service (``tokens``, ``keys``, ``cert``, ``login``: cli/token.py)
 talk to it over the admin Unix socket, where the local operator needs no
-secret; ``clients`` and ``audit`` work on the state database directly, so they
+secret; ``clients``, ``audit`` and ``hubs`` work on the state database directly, so they
 work with the service stopped too. ``serve`` and ``relay`` start the front ends:
 this package is the entry point above them (README.md, "Architecture").
 """
@@ -21,6 +21,7 @@ from tokenbridge.cli.audit import audit_app
 from tokenbridge.cli.clients import clients_app
 from tokenbridge.cli.common import ConfigOpt, console, err, fail, load
 from tokenbridge.cli.db import db_app
+from tokenbridge.cli.hubs import hubs
 from tokenbridge.cli.mail import mail_app
 from tokenbridge.cli.renew import renew_app
 from tokenbridge.cli.smime import app as smime_app
@@ -69,6 +70,7 @@ def serve(config: ConfigOpt = None,
 
 app.command()(token.tokens)
 app.command()(token.keys)
+app.command()(hubs)
 app.command()(token.login)
 app.command()(softhsm.drivers)
 app.command("relay")(lan.relay)

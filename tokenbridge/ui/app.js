@@ -64,6 +64,7 @@
   let timeOnly;
   let relative;
   let decimal;
+  let figure; // a number of seconds from the settings (0.5, 2, 10): at most one decimal, in the page's language
 
   function makeFormats() {
     const locale = t("locale");
@@ -75,6 +76,7 @@
     timeOnly = new Intl.DateTimeFormat(locale, { hour: "2-digit", minute: "2-digit", second: "2-digit", hour12: false });
     relative = new Intl.RelativeTimeFormat(locale, { numeric: "always", style: "short" });
     decimal = new Intl.NumberFormat(locale, { minimumFractionDigits: 1, maximumFractionDigits: 1 });
+    figure = new Intl.NumberFormat(locale, { maximumFractionDigits: 1 });
   }
   makeFormats();
 
@@ -425,6 +427,49 @@
     }
   }
 
+  // ------------------------------------------------------------------ several hubs on one database
+
+  // A heartbeat's age in words ("il y a 12 s", "5 min ago"), from the seconds the registry gives.
+  function ageText(seconds) {
+    const s = Math.max(0, Number(seconds) || 0);
+    if (s < 1) return t("justNow");
+    if (s < 90) return relative.format(-Math.round(s), "second");
+    if (s < 5400) return relative.format(-Math.round(s / 60), "minute");
+    if (s < 86400 * 2) return relative.format(-Math.round(s / 3600), "hour");
+    return relative.format(-Math.round(s / 86400), "day");
+  }
+
+  // Shown only when the hub shares its database with others (the overview's hubs.shared): each hub, alive
+  // (green) or down (red, and named in the banner: its keys answer 503 hub_down), its address and keys.
+  function renderHubs(view) {
+    const shared = Boolean(view && view.shared);
+    $("hubs").hidden = !shared;
+    if (!shared) return;
+    const error = $("hubs-error");
+    error.textContent = view.error ? t("hubs.error", view.error) : "";
+    error.hidden = !view.error;
+    setText("hubs-caption", t("hubs.caption", figure.format(view.heartbeat_interval),
+      figure.format(view.down_after)));
+    const hubs = view.hubs || [];
+    const down = hubs.filter((hub) => !hub.alive);
+    const banner = $("hubs-down");
+    banner.replaceChildren(...down.map((hub) => h("span", { class: "line", dataset: { hub: hub.name } },
+      t("hubs.downLine", hub.name, ageText(hub.heartbeat_age), hub.self))));
+    banner.hidden = !down.length;
+    const rows = hubs.map((hub) => {
+      const keys = (hub.keys || []).map((k) => `${k.token}/${k.label}`).sort();
+      return h("tr", { dataset: { hub: hub.name, alive: hub.alive ? "yes" : "no", self: hub.self ? "yes" : "no" },
+        class: hub.alive ? null : "down" },
+      h("th", { scope: "row" }, hub.name, hub.self ? badge(t("hubs.this"), "neutral") : null),
+      h("td", { class: "state" }, badge(hub.alive ? t("hubs.alive") : t("hubs.down"), hub.alive ? "ok" : "bad"),
+        h("span", { class: "small", title: t("hubs.ageTitle", decimal.format(hub.heartbeat_age)) },
+          t("hubs.heartbeat", ageText(hub.heartbeat_age)))),
+      h("td", { class: "url" }, hub.url),
+      h("td", { class: "keys" }, t("hubs.keyCount", keys.length), keys.length ? chips(keys, "key") : null));
+    });
+    fillTable("hubs-list", rows, t("hubs.empty"), 4);
+  }
+
   // ------------------------------------------------------------------ smarthost and upstreams
 
   function renderSmtp(mail) {
@@ -503,6 +548,7 @@
     severalTokens = (data.tokens || []).length > 1;
     renderToken(data.token);
     renderTokens(data.tokens || []);
+    renderHubs(data.hubs);
     renderQueue(data.queue);
     renderCertificates(data.certificates);
     renderClients(data.clients);

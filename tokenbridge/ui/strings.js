@@ -88,6 +88,28 @@
     "role.notRequired": "not required",
     "role.retired": "retired",
 
+    // hubs sharing one database
+    "hubs.title": "Hubs",
+    "hubs.caption": (every, after) => `The hubs sharing this hub's database: each writes a heartbeat every ` +
+      `${every} s; one silent for more than ${after} s is down, and its keys answer 503 hub_down`,
+    "hubs.name": "Hub",
+    "hubs.state": "State",
+    "hubs.url": "Address",
+    "hubs.keys": "Keys",
+    "hubs.this": "this hub",
+    "hubs.alive": "alive",
+    "hubs.down": "down",
+    "hubs.heartbeat": (ago) => `last heartbeat ${ago}`,
+    "hubs.ageTitle": (seconds) => `${seconds} seconds since its last heartbeat`,
+    "hubs.keyCount": (n) => (n ? plural(n, "key", "keys") : "no key"),
+    "hubs.empty": "No hub has written its heartbeat in the database yet.",
+    "hubs.error": (why) => `The hubs cannot be read from the database: ${why}`,
+    "hubs.downLine": (name, ago, self) => (self
+      ? `This hub (${name}) wrote its last heartbeat ${ago}: the other hubs see it as down. Check its access to ` +
+        "the database."
+      : `Hub ${name} is down (last heartbeat ${ago}): its keys answer 503 hub_down until it runs again. Check ` +
+        "its service (`systemctl status tokenbridge` on that machine) and its access to the database."),
+
     // certificates
     "certs.title": "Certificates",
     "certs.caption": "Certificates on the token, with what each key may be used for",
@@ -409,6 +431,29 @@
     "role.inService": "en service",
     "role.notRequired": "facultative",
     "role.retired": "retirée",
+
+    "hubs.title": "Concentrateurs (hubs)",
+    "hubs.caption": (every, after) => "Les concentrateurs qui partagent la base de celui-ci : chacun y écrit un " +
+      `signal de vie toutes les ${every} s ; celui qui se tait plus de ${after} s est arrêté, et ses clés ` +
+      "répondent 503 hub_down",
+    "hubs.name": "Concentrateur",
+    "hubs.state": "État",
+    "hubs.url": "Adresse",
+    "hubs.keys": "Clés",
+    "hubs.this": "celui-ci",
+    "hubs.alive": "en service",
+    "hubs.down": "arrêté",
+    "hubs.heartbeat": (ago) => `dernier signal ${ago}`,
+    "hubs.ageTitle": (seconds) => `${seconds} secondes depuis son dernier signal de vie`,
+    "hubs.keyCount": (n) => (n ? pluralFr(n, "clé", "clés") : "aucune clé"),
+    "hubs.empty": "Aucun concentrateur n'a encore écrit son signal de vie dans la base.",
+    "hubs.error": (why) => `Les concentrateurs ne peuvent pas être lus dans la base : ${why}`,
+    "hubs.downLine": (name, ago, self) => (self
+      ? `Ce concentrateur (${name}) a écrit son dernier signal ${ago} : les autres le voient arrêté. Vérifiez ` +
+        "son accès à la base."
+      : `Le concentrateur ${name} est arrêté (dernier signal ${ago}) : ses clés répondent 503 hub_down jusqu'à ` +
+        "ce qu'il redémarre. Vérifiez son service (`systemctl status tokenbridge` sur sa machine) et son accès " +
+        "à la base."),
 
     "certs.title": "Certificats",
     "certs.caption": "Les certificats de la carte, et ce que chaque clé permet de faire",
