@@ -154,7 +154,8 @@ def test_a_single_hub_has_no_hubs_panel_and_says_it_is_alone(service: Service) -
         view = hubs_view(c)
     assert view["shared"] is False and view["hubs"] == [] and view["error"] is None
     r = service.cli("hubs")
-    assert r.returncode == 0 and r.stdout.startswith("only this hub (") and "database_url is not set" in r.stdout
+    assert r.returncode == 0 and r.stdout.startswith("only this hub (")
+    assert "no shared database ([state] database_url is not set)" in r.stdout, r.stdout
     assert json.loads(service.cli("hubs", "--json").stdout) == []
     assert "hubs:" not in service.cli("doctor", check=False).stdout
 

@@ -152,7 +152,8 @@ def _check_hubs(settings: Settings, r: Report) -> None:
     try:
         hubs = read_hubs(settings)
     except sqlite3.Error as exc:
-        r.fail(f"the hubs cannot be read from the shared database ([state] database_url): {exc}")
+        r.fail(f"the hubs cannot be read from the shared database ([state] database_url): "
+               f"{' '.join(str(exc).split())}")
         return
     others = [h for h in hubs if not h.get("self")]
     down = [h for h in others if not h["alive"]]

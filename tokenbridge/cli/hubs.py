@@ -73,22 +73,23 @@ def hubs(config: ConfigOpt = None,
             print(json.dumps([]))
         else:
             console.print(f"only this hub ({settings.state.hub}): no shared database ([state] database_url is "
-                          "not set), so there are no other hubs", soft_wrap=True)
+                          "not set), so there are no other hubs", soft_wrap=True, markup=False)
         return
     try:
         items = read_hubs(settings)
     except sqlite3.Error as exc:
-        fail(f"the hubs cannot be read from the shared database ([state] database_url): {exc}")
+        fail(f"the hubs cannot be read from the shared database ([state] database_url): "
+             f"{' '.join(str(exc).split())}")
     if as_json:
         print(json.dumps(items))
         return
     if not items:
         console.print("no hub has written its heartbeat in the shared database yet (start `tokenbridge serve`)",
-                      soft_wrap=True)
+                      soft_wrap=True, markup=False)
         return
     for hub in items:
         # Names, URLs and labels come from the database, written by other hubs: shown, never interpreted.
         console.print(shown(hub_line(hub, settings.state.down_after)), soft_wrap=True)
     if not any(h.get("self") for h in items):
         console.print(f"this hub ({settings.state.hub}) has no heartbeat in the database: it has not run with it "
-                      "yet", soft_wrap=True)
+                      "yet", soft_wrap=True, markup=False)
