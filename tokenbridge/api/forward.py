@@ -33,7 +33,9 @@ _KEY_PATH = re.compile(r"^/v1/keys/(?P<ref>.+?)(?:/(?:sign|decrypt|certificate|c
 _SIGNING_ROUTES = frozenset({"/v1/cms/sign", "/v1/smime/sign", "/v1/smime/sign-and-encrypt"})
 # What goes on to the other hub, and what comes back: content, not the connection's own headers.
 _REQUEST_HEADERS = ("content-type", "accept", "accept-language")
-_ANSWER_HEADERS = ("content-type", "content-language", "retry-after")
+_ANSWER_HEADERS = ("content-type", "content-length", "content-language", "retry-after")
+_PER_POOL = 8  # connections (and requests in flight) per pool to the other hubs
+_MAX_POOLS = 64
 _FROM_HUB = ON_BEHALF_OF.encode()
 
 
@@ -55,7 +57,9 @@ class Forwarder:
     def __init__(self, app: ASGIApp, registry: HubRegistry, ca: str | None) -> None:
         self.app = app
         self.registry = registry
-        self._client: httpx.AsyncClient | None = None
+        self._pools: list[httpx.AsyncClient] = []  # connections kept to the other hubs (see _pool)
+        self._busy: list[int] = []  # requests in flight on each
+        self._context: ssl.SSLContext | None = None
         self._ca = ca  # the bridge CA that issued the other hubs' certificates (None: the system's CAs)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -95,13 +99,35 @@ class Forwarder:
             context.load_cert_chain(mine.cert, mine.key)
         return context
 
+    def _pool(self) -> int:
+        """The least busy of the connection pools to the other hubs, or a new one when each has ``_PER_POOL``
+        requests in flight. Several small pools, not one large: httpcore looks at every connection of a pool
+        (and counts them again for each) whenever a request starts or ends, a cost that grows with the
+        square of the pool's size; with one pool of 32 connections that was a seventh of this hub's CPU."""
+        if self._context is None:
+            self._context = self._tls()
+        i = min(range(len(self._pools)), key=self._busy.__getitem__, default=-1)
+        if i < 0 or (self._busy[i] >= _PER_POOL and len(self._pools) < _MAX_POOLS):
+            self._pools.append(httpx.AsyncClient(
+                verify=self._context, timeout=httpx.Timeout(60.0, connect=5.0),
+                limits=httpx.Limits(max_connections=_PER_POOL, max_keepalive_connections=_PER_POOL)))
+            self._busy.append(0)
+            i = len(self._pools) - 1
+        return i
+
     async def _forward(self, scope: Scope, receive: Receive, send: Send, base: str, who: Any) -> None:
-        if self._client is None:
-            # Connections kept to the other hubs, as many as the service keeps requests in flight.
-            self._client = httpx.AsyncClient(verify=self._tls(), timeout=httpx.Timeout(60.0, connect=5.0),
-                                             limits=httpx.Limits(max_connections=512, max_keepalive_connections=256))
+        i = self._pool()
+        self._busy[i] += 1
+        try:
+            await self._forward_with(self._pools[i], scope, receive, send, base, who)
+        finally:
+            self._busy[i] -= 1
+
+    async def _forward_with(self, client: httpx.AsyncClient, scope: Scope, receive: Receive, send: Send, base: str,
+                            who: Any) -> None:
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]
                    if k.decode("latin-1").lower() in _REQUEST_HEADERS}
+        headers["accept-encoding"] = "identity"  # the answer's bytes are passed on as they are
         headers["authorization"] = f"Bearer {self.registry.secret}"
         headers[ON_BEHALF_OF] = on_behalf_of(who)
         query = scope.get("query_string", b"").decode("latin-1")
@@ -117,8 +143,8 @@ class Forwarder:
                 more = message.get("more_body", False)
 
         try:
-            request = self._client.build_request(scope["method"], url, headers=headers, content=body())
-            answer = await self._client.send(request, stream=True)
+            request = client.build_request(scope["method"], url, headers=headers, content=body())
+            answer = await client.send(request, stream=True)
         except httpx.HTTPError as exc:
             await problem_response(503, "hub_unreachable", "Hub unreachable",
                                    f"the hub holding this key ({base}) cannot be reached: {type(exc).__name__}",
@@ -135,5 +161,5 @@ class Forwarder:
             await answer.aclose()
 
     async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
+        for client in self._pools:
+            await client.aclose()
