@@ -537,27 +537,31 @@ def _wrk_sign(url: str, secret: str, clients: int, seconds: float, pids: dict[st
 _CPU_PARTS = ("a", "b", "postgres", "wrk")
 
 
-def forwarding(demo: DemoInfo, server: Any, work: Path, reps: int, seconds: float) -> dict[str, Any]:
+def forwarding(demo: DemoInfo, server: Any, work: Path, reps: int, seconds: float, tls: bool = False) -> dict[str, Any]:
     """Hub A (``demo``'s card) and hub B (a second demo card) on one database; RSA-2048 signatures with B's
-    key through A against the same straight to B."""
+    key through A against the same straight to B. ``tls``: both hubs on TLS with one bridge CA, wrk on TLS to
+    either, and A's forwards over mutual TLS (as between two machines); else plain HTTP on loopback."""
     from bench.tokens import _quiet
 
-    demo_b = init_demo(work / "hubs-demo-b")
+    tag = "-tls" if tls else ""
+    demo_b = init_demo(work / f"hubs-demo-b{tag}")
     url = _fresh_database(server)
     env = {"TOKENBRIDGE_STATE__DATABASE_URL": url}
-    with service(demo, work, "hubs-fwd-a", {**env, "TOKENBRIDGE_STATE__HUB": "hub-a"}) as a, \
-            service(demo_b, work, "hubs-fwd-b", {**env, "TOKENBRIDGE_STATE__HUB": "hub-b"}) as b:
+    with service(demo, work, f"hubs-fwd-a{tag}", {**env, "TOKENBRIDGE_STATE__HUB": "hub-a"}, tls=tls) as a, \
+            service(demo_b, work, f"hubs-fwd-b{tag}", {**env, "TOKENBRIDGE_STATE__HUB": "hub-b"}, tls=tls,
+                    ca_from=work / f"hubs-fwd-a{tag}" / "tls" if tls else None) as b:
         secret = add_client(a, demo, "hubs-forward")
         headers = {"authorization": f"Bearer {secret}"}
-        b_key = httpx.get(f"{b.url}/v1/keys/sign-rsa", headers=headers, timeout=30).json()["id"]
-        a_key = httpx.get(f"{a.url}/v1/keys/sign-rsa", headers=headers, timeout=30).json()["id"]
+        verify = a.verify or True
+        b_key = httpx.get(f"{b.url}/v1/keys/sign-rsa", headers=headers, timeout=30, verify=verify).json()["id"]
+        a_key = httpx.get(f"{a.url}/v1/keys/sign-rsa", headers=headers, timeout=30, verify=verify).json()["id"]
         if a_key == b_key:
             raise RuntimeError("hubs A and B hold the same key: the forward would not be measured")
         body = body_for(FORWARD_ALGORITHM)
         deadline = time.monotonic() + 15
         while True:  # hub A knows B's key once B's row is in the hubs table
             r = httpx.post(f"{a.url}/v1/keys/{b_key}/sign", content=body,
-                           headers={**headers, "content-type": "application/json"}, timeout=30)
+                           headers={**headers, "content-type": "application/json"}, timeout=30, verify=verify)
             if r.status_code == 200 and r.json()["key"] == b_key:
                 break
             if time.monotonic() > deadline:
@@ -609,7 +613,7 @@ def forwarding(demo: DemoInfo, server: Any, work: Path, reps: int, seconds: floa
         row["cpu_bound_ratio"] = d["cpu_us"]["median"] / f["cpu_us"]["median"]
         row["cpu_ceiling"] = ncpu * 1e6 / f["cpu_us"]["median"]  # sig/s the cores allow at the forwarded cost
         rows.append(row)
-    return {"rows": rows, "reps": reps, "seconds": seconds, "cores": ncpu, "b_key": b_key,
+    return {"rows": rows, "reps": reps, "seconds": seconds, "cores": ncpu, "b_key": b_key, "tls": tls,
             "audited_via_a": via_a, "forwarded_requests": sum(r["forwarded"]["requests"] for r in rows),
             "quiet_waited_s": waited}
 
@@ -625,10 +629,11 @@ def run_hubs(demo: DemoInfo, work: Path, reps: int, seconds: float) -> dict[str,
         out["store"] = store_ops(server, work, reps, min(seconds, 1.0))
         log(f"  forwarding: RSA-2048 signatures with hub B's key through hub A against B directly, clients "
             f"{FORWARD_CLIENTS}")
-        try:
-            out["forward"] = forwarding(demo, server, work, reps, seconds)
-        except Exception as exc:  # reported with the run; the mail cases still run
-            out["forward"] = {"skipped": f"failed: {type(exc).__name__}: {exc}"[:400]}
+        for name, tls in (("forward", False), ("forward_tls", True)):
+            try:
+                out[name] = forwarding(demo, server, work, reps, seconds, tls)
+            except Exception as exc:  # reported with the run; the mail cases still run
+                out[name] = {"skipped": f"failed: {type(exc).__name__}: {exc}"[:400]}
         log(f"  a killed hub's mail: {MESSAGES} signed applications, delivered by another hub")
         out["mail"] = mail_failover(demo, server, work)
     return out
@@ -683,7 +688,7 @@ def report(res: dict[str, Any]) -> list[str]:
         s, d, p = (by[(op, 1, b)]["ops_per_s"] for b in ("sqlite", "sqlite_durable", "postgres"))
         lines.append(f"| {op} | {_r(s, '.0f')} | {_r(d, '.0f')} | {_r(p, '.0f')} | "
                      f"{p['median'] / s['median']:.3f}x | {1e6 / p['median']:.0f} |")
-    lines += ["", *_forward_report(res.get("forward"))]
+    lines += ["", *_forward_report(res.get("forward")), "", *_forward_report(res.get("forward_tls"))]
     m = res["mail"]
     live = m["live"]["last_delivery_s"]
     lines += ["", f"A killed hub's mail: hub B signs {MESSAGES} applications and cannot deliver them, SIGKILL, hub A "
@@ -713,7 +718,10 @@ def _forward_report(fw: dict[str, Any] | None) -> list[str]:
         return ["Forwarding: not run."]
     if "skipped" in fw:
         return [f"Forwarding: skipped ({fw['skipped']})"]
-    lines = [f"Forwarding: RSA-2048 signatures with hub B's key, sent to hub A (forwarded to B) or to B directly; "
+    how = ("both hubs on TLS (one bridge CA), wrk on TLS, hub A forwarding over mutual TLS" if fw.get("tls") else
+           "plain HTTP on loopback, to and between the hubs")
+    lines = [f"Forwarding ({how}): RSA-2048 signatures with hub B's key, sent to hub A (forwarded to B) or to B "
+             "directly; "
              f"wrk, {fw['reps']} runs of {fw['seconds']:g} s per line, alternated; median (min–max). CPU µs per "
              "signature from /proc: hub A / hub B with its token process / PostgreSQL / wrk. Utilisation: those "
              f"over the {fw['cores']} cores; other: busy cores that were none of them. CPU-bound: direct CPU per "
@@ -752,15 +760,18 @@ def targets(res: dict[str, Any]) -> list[dict[str, str]]:
     killed = m["killed"]
     ok = all(r["delivered_once_each"] and r["signatures"]["hub-a"] == 0 for r in killed)
     hang = [r for r in killed if r["mode"] == "in_flight" and r["last_delivery_s"] is not None]
-    fw = res.get("forward") or {"skipped": "not run"}
-    forward = [] if "skipped" in fw else [
-        {"target": f"signatures per second through a forwarding hub / direct, RSA-2048, {row['clients']} clients",
-         "wanted": "measured (ratio)", "measured": f"{row['ratio']:.2f}x (CPU-bound {row['cpu_bound_ratio']:.2f}x, "
-         f"utilisation {row['forwarded']['utilisation']['median']:.0%})", "met": "n/a"}
-        for row in fw["rows"] if row["clients"] > 1] + [
-        {"target": f"added p50 latency of one forward hop, {fw['rows'][0]['clients']} client",
-         "wanted": "measured", "measured": f"+{fw['rows'][0]['p50_added_ms']:.2f} ms "
-         f"({fw['rows'][0]['p50_ratio']:.2f}x)", "met": "n/a"}]
+    forward: list[dict[str, str]] = []
+    for name, how in (("forward", "plain HTTP"), ("forward_tls", "mutual TLS")):
+        fw = res.get(name) or {"skipped": "not run"}
+        forward += [] if "skipped" in fw else [
+            {"target": f"signatures per second through a forwarding hub / direct, RSA-2048, {row['clients']} "
+             f"clients, {how}", "wanted": "measured (ratio)", "measured": f"{row['ratio']:.2f}x (CPU-bound "
+             f"{row['cpu_bound_ratio']:.2f}x, utilisation {row['forwarded']['utilisation']['median']:.0%})",
+             "met": "n/a"}
+            for row in fw["rows"] if row["clients"] > 1] + [
+            {"target": f"added p50 latency of one forward hop, {fw['rows'][0]['clients']} client, {how}",
+             "wanted": "measured", "measured": f"+{fw['rows'][0]['p50_added_ms']:.2f} ms "
+             f"({fw['rows'][0]['p50_ratio']:.2f}x)", "met": "n/a"}]
     return [
         *forward,
         {"target": "state store, authentication + audit entry, PostgreSQL / SQLite (1 and 4 threads, one hub)",

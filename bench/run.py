@@ -29,6 +29,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -79,11 +80,13 @@ def summarize(values: list[float]) -> dict[str, float]:
 
 
 class Server:
-    def __init__(self, cmd: list[str], env: dict[str, str], port: int, logfile: Path, health: str) -> None:
+    def __init__(self, cmd: list[str], env: dict[str, str], port: int, logfile: Path, health: str,
+                 verify: ssl.SSLContext | None = None) -> None:
         self.cmd = cmd
         self.env = env
         self.port = port
         self.logfile = logfile
+        self.verify = verify  # a TLS listener: the CA that issued its certificate
         self.proc = subprocess.Popen(cmd, env=env, stdout=logfile.open("wb"), stderr=subprocess.STDOUT,
                                      cwd=REPO)
         deadline = time.monotonic() + 60
@@ -91,7 +94,7 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{cmd} exited:\n{logfile.read_text(errors='replace')}")
             try:
-                r = httpx.get(f"{self.url}{health}", timeout=2)
+                r = httpx.get(f"{self.url}{health}", timeout=2, verify=self.verify or True)
                 if r.status_code < 500 and (health != "/v1/health" or r.json()["token"]["state"] == "ready"):
                     return
             except httpx.HTTPError:
@@ -102,7 +105,7 @@ class Server:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.verify else 'http'}://127.0.0.1:{self.port}"
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -115,14 +118,23 @@ class Server:
 
 
 @contextlib.contextmanager
-def service(demo: DemoInfo, work: Path, name: str, extra_env: dict[str, str] | None = None) -> Iterator[Server]:
+def service(demo: DemoInfo, work: Path, name: str, extra_env: dict[str, str] | None = None, *, tls: bool = False,
+            ca_from: Path | None = None) -> Iterator[Server]:
+    """``tls``: the listener on TLS (``tls init``, with the bridge CA of ``ca_from``, another hub's tls dir)."""
     data = work / name
     data.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "TOKENBRIDGE_DATA_DIR": str(data), "TOKENBRIDGE_CONFIG": str(demo.config_file),
            **(extra_env or {})}
+    verify = None
+    if tls:
+        subprocess.run([PY, "-m", "tokenbridge", "tls", "init", "--hostname", "localhost", "--config",
+                        str(demo.config_file), *(["--ca-from", str(ca_from)] if ca_from else [])],
+                       env=env, capture_output=True, check=True, timeout=60)
+        env["TOKENBRIDGE_SERVER__TLS"] = "on"
+        verify = ssl.create_default_context(cafile=str(data / "tls" / "ca.pem"))
     port = free_port()
     srv = Server([PY, "-m", "tokenbridge", "serve", "--config", str(demo.config_file), "--port", str(port),
-                  "--log-level", "warning"], env, port, data / "service.log", "/v1/health")
+                  "--log-level", "warning"], env, port, data / "service.log", "/v1/health", verify)
     srv.env = env
     try:
         yield srv
