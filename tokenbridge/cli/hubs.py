@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from typing import Annotated, Any, cast
+from typing import Annotated, Any
 
 import typer
 
@@ -22,15 +22,14 @@ def read_hubs(settings: Settings) -> list[dict[str, Any]]:
     """Every hub's row with whether it is alive, as ``HubRegistry.hubs`` gives it (``name``, ``url``,
     ``heartbeat_age``, ``alive``, ``keys``, ``self``). Raises ``sqlite3.Error`` when the database cannot be
     read. Only with ``database_url`` set."""
-    from tokenbridge.services.hubs import HubRegistry
+    from tokenbridge.services.hubs import hub_rows
     from tokenbridge.state.store import open_store
 
     store = open_store(settings.store_path, settings.state.database_url, upgrade=False)  # reads only
     try:
         if store.query("SELECT to_regclass('hubs') AS t")[0]["t"] is None:
             return []  # no hub has run on this database yet: the first `serve` creates the table
-        # The registry reads the rows with the store and the settings alone: no token, no clients here.
-        return HubRegistry(settings, store, cast(Any, None), cast(Any, None)).hubs()
+        return hub_rows(store, settings)
     finally:
         store.close()
 

@@ -64,6 +64,16 @@ def hub_url(settings: Settings) -> str:
     return f"{scheme}://{shown}:{settings.server.port}"
 
 
+def hub_rows(store: Any, settings: Settings) -> list[dict[str, Any]]:
+    """Every hub's heartbeat row, with whether it is alive (``state.down_after``), as /v1/hubs, the admin
+    page and ``tokenbridge hubs`` show them; ``self`` marks the hub these settings name."""
+    now = time.time()
+    rows = store.query("SELECT name, url, heartbeat, started, keys FROM hubs ORDER BY name")
+    return [{"name": r["name"], "url": r["url"], "heartbeat_age": round(now - r["heartbeat"], 1),
+             "alive": now - r["heartbeat"] <= settings.state.down_after, "keys": json.loads(r["keys"]),
+             "self": r["name"] == settings.state.hub} for r in rows]
+
+
 class HubRegistry:
     """This hub's row in ``hubs``, and what the others' rows say."""
 
@@ -113,11 +123,7 @@ class HubRegistry:
 
     def hubs(self) -> list[dict[str, Any]]:
         """Every hub's row, with whether it is alive, for /v1/hubs and the admin."""
-        now = time.time()
-        rows = self.store.query("SELECT name, url, heartbeat, started, keys FROM hubs ORDER BY name")
-        return [{"name": r["name"], "url": r["url"], "heartbeat_age": round(now - r["heartbeat"], 1),
-                 "alive": now - r["heartbeat"] <= self.settings.state.down_after, "keys": json.loads(r["keys"]),
-                 "self": r["name"] == self.name} for r in rows]
+        return hub_rows(self.store, self.settings)
 
     def find(self, ref: str) -> RemoteKey | None:
         """Another hub's key that ``ref`` names (id, TOKEN/label or label), or None."""
