@@ -223,3 +223,52 @@ def test_hub_b_takes_a_hubs_secret_only_with_that_hubs_own_certificate(hubs: Hub
         store.close()
     assert sorted(refusals) == ["with_a_certificate_that_is_not_its_own"] * 2 + ["without_its_hub_certificate"], \
         refusals
+
+
+def test_a_reply_for_hub_bs_card_opens_through_hub_a(hubs: Hubs, tmp_path: Path) -> None:
+    """The national system's reply is encrypted to hub B's card; the counter's software asks hub A, the one
+    the front gave it. Hub A's cards are not among the recipients: it finds the card in hub B's heartbeat
+    row (by issuer and serial, or by SKI) and sends the message there, as it came. OpenSSL encrypts; a
+    message for nobody's card keeps its refusal, naming its recipients."""
+    a, b = hubs.a, hubs.b
+    reader = a.add_client("logiciel-lecture", "cms-decrypt")
+    with b.http(hubs.secret) as on_b:
+        (tmp_path / "b-enc.pem").write_bytes(on_b.get("/v1/keys/encrypt-rsa/certificate").content)
+        b_enc = on_b.get("/v1/keys/encrypt-rsa").json()["id"]
+    content = b"numero unique 0750123456789"
+    (tmp_path / "reply.txt").write_bytes(content)
+    for extra in ([], ["-keyid"]):  # issuer and serial (the default), then SKI
+        der = subprocess.run(["openssl", "cms", "-encrypt", "-binary", "-aes-256-cbc", "-outform", "DER", *extra,
+                              "-in", str(tmp_path / "reply.txt"), str(tmp_path / "b-enc.pem")],
+                             check=True, capture_output=True).stdout
+        with a.http(reader) as software:
+            r = software.post("/v1/cms/decrypt", content=der, headers={"content-type": "application/pkcs7-mime"})
+        assert r.status_code == 200, (extra, r.text)
+        assert base64.b64decode(r.json()["content"]) == content and r.json()["key"] == b_enc
+
+    mail = subprocess.run(["openssl", "smime", "-encrypt", "-aes-256-cbc", "-in", str(tmp_path / "reply.txt"),
+                           str(tmp_path / "b-enc.pem")], check=True, capture_output=True).stdout
+    with a.http(reader) as software:
+        r = software.post("/v1/smime/open", content=mail, headers={"content-type": "message/rfc822"})
+    assert r.status_code == 200, r.text
+    assert content in base64.b64decode(r.json()["message"]), r.json()
+
+    store = open_store(tmp_path, hubs.url)
+    try:
+        opened = [e for e in AuditLog(store, hub="hub-b").entries() if e.actor == "client:logiciel-lecture@hub:hub-a"]
+    finally:
+        store.close()
+    assert [(e.event, e.key, e.outcome) for e in opened] == [("cms-decrypt", b_enc, "done")] * 3, opened
+
+    # For nobody's card: refused by hub A itself, the recipients named.
+    stranger = tmp_path / "stranger"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=inconnu",
+                    "-keyout", str(stranger.with_suffix(".key")), "-out", str(stranger.with_suffix(".pem")),
+                    "-days", "2"], check=True, capture_output=True)
+    der = subprocess.run(["openssl", "cms", "-encrypt", "-binary", "-aes-256-cbc", "-outform", "DER",
+                          "-in", str(tmp_path / "reply.txt"), str(stranger.with_suffix(".pem"))],
+                         check=True, capture_output=True).stdout
+    with a.http(reader) as software:
+        r = software.post("/v1/cms/decrypt", content=der, headers={"content-type": "application/pkcs7-mime"})
+    assert r.status_code == 422 and r.json()["code"] == "cms_not_addressed", r.text
+    assert r.json()["recipients"][0].startswith("is:"), r.json()

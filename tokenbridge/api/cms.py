@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from tokenbridge.api.auth import Caller, bridge_of
+from tokenbridge.api.forward import opened_elsewhere
 from tokenbridge.errors import Problem
 from tokenbridge.formats import b64
 from tokenbridge.formats import smime as fmt
@@ -138,7 +139,12 @@ async def cms_decrypt(request: Request, caller: Caller) -> Response | dict[str, 
     cms, _ = services(request)
     caller.require("cms-decrypt")
     data, _ = await _body(request)
-    result = await cms.decrypt(caller, data)
+    try:
+        result = await cms.decrypt(caller, data)
+    except Problem as refused:  # not for this hub's cards: perhaps another hub's
+        if (elsewhere := await opened_elsewhere(request, refused, data, caller)) is not None:
+            return elsewhere
+        raise
     if _wants_raw(request):
         return _bytes_response(result.content, "application/octet-stream")
     return _json_with_content({"size": len(result.content), "content_type": result.content_type,
@@ -282,7 +288,12 @@ async def smime_open(request: Request, caller: Caller,
     _, smime = services(request)
     caller.require_any("cms-decrypt", "cms-verify")
     raw, _ = await _body(request, canonical=True)
-    opened, view = await smime.open_message(caller, raw)
+    try:
+        opened, view = await smime.open_message(caller, raw)
+    except Problem as refused:  # not for this hub's cards: perhaps another hub's
+        if (elsewhere := await opened_elsewhere(request, refused, raw, caller)) is not None:
+            return elsewhere
+        raise
     if format == "mime":
         return _mime_response(opened.inner)
     return _json_with_content(view, opened.inner, "message")

@@ -22,6 +22,7 @@ from urllib.parse import parse_qs
 
 import httpx
 from starlette.requests import Request
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tokenbridge.api.auth import on_behalf_of, principal
@@ -37,6 +38,22 @@ _ANSWER_HEADERS = ("content-type", "content-length", "content-language", "retry-
 _PER_POOL = 8  # connections (and requests in flight) per pool to the other hubs
 _MAX_POOLS = 64
 _FROM_HUB = ON_BEHALF_OF.encode()
+
+
+async def opened_elsewhere(request: Request, refused: Problem, body: bytes, who: Any) -> Response | None:
+    """A message this hub's cards cannot open (``cms_not_addressed``) sent, as it came, to the hub whose card
+    it is addressed to (``/v1/cms/decrypt``, ``/v1/smime/open``): the recipients it names, issuer and serial
+    or SKI, are looked for in the other hubs' heartbeat rows. None: no other hub can open it either (or
+    this request already came from a hub), and the refusal stands."""
+    forward: Forwarder | None = getattr(request.app.state, "forward", None)
+    recipients = refused.extra.get("recipients")
+    if forward is None or refused.code != "cms_not_addressed" or not recipients or ON_BEHALF_OF in request.headers:
+        return None
+    remote = await asyncio.to_thread(forward.registry.find_recipient, list(recipients))
+    if remote is None:
+        return None
+    forward.registry.require_alive(remote)
+    return await forward.send_whole(request.scope, remote.url, body, who)
 
 
 def _named_key(scope: Scope) -> str | None:
@@ -123,15 +140,39 @@ class Forwarder:
         finally:
             self._busy[i] -= 1
 
-    async def _forward_with(self, client: httpx.AsyncClient, scope: Scope, receive: Receive, send: Send, base: str,
-                            who: Any) -> None:
+    def _headers(self, scope: Scope, who: Any) -> dict[str, str]:
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]
                    if k.decode("latin-1").lower() in _REQUEST_HEADERS}
         headers["accept-encoding"] = "identity"  # the answer's bytes are passed on as they are
         headers["authorization"] = f"Bearer {self.registry.secret}"
         headers[ON_BEHALF_OF] = on_behalf_of(who)
+        return headers
+
+    @staticmethod
+    def _url(scope: Scope, base: str) -> str:
         query = scope.get("query_string", b"").decode("latin-1")
-        url = base + scope["path"] + (f"?{query}" if query else "")
+        return base + scope["path"] + (f"?{query}" if query else "")
+
+    async def send_whole(self, scope: Scope, base: str, body: bytes, who: Any) -> Response:
+        """A request whose body this hub has read already, sent to another hub; its answer read whole."""
+        i = self._pool()
+        self._busy[i] += 1
+        try:
+            answer = await self._pools[i].request(scope["method"], self._url(scope, base),
+                                                  headers=self._headers(scope, who), content=body)
+        except httpx.HTTPError as exc:
+            raise Problem(f"the hub holding this key ({base}) cannot be reached: {type(exc).__name__}",
+                          code="hub_unreachable", status=503, title="Hub unreachable") from None
+        finally:
+            self._busy[i] -= 1
+        return Response(answer.content, status_code=answer.status_code,
+                        headers={k: v for k, v in answer.headers.items()
+                                 if k.lower() in _ANSWER_HEADERS and k.lower() != "content-length"})
+
+    async def _forward_with(self, client: httpx.AsyncClient, scope: Scope, receive: Receive, send: Send, base: str,
+                            who: Any) -> None:
+        headers = self._headers(scope, who)
+        url = self._url(scope, base)
 
         async def body() -> Any:
             more = True

@@ -87,12 +87,14 @@ async def inline(fn: Callable[[], T]) -> T:
 
 
 class CmsError(Exception):
-    """A CMS input or request the format layer refuses; ``code`` is stable, the message says why."""
+    """A CMS input or request the format layer refuses; ``code`` is stable, the message says why.
+    ``recipients``: for a message addressed to none of our keys, whom it is addressed to (``rid_name``)."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, recipients: tuple[str, ...] = ()) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.recipients = recipients
 
 
 def malformed(what: str) -> CmsError:
@@ -179,6 +181,25 @@ def matches_rid(rid: Any, cert: x509.Certificate) -> bool:
     if rid.name == "subject_key_identifier":
         return bool(rid.chosen.native == subject_key_identifier(cert))
     return False
+
+
+def rid_name(rid: Any) -> str | None:
+    """A RecipientIdentifier as a short string a certificate's ``certificate_rid_names`` also gives:
+    ``is:<SHA-256 of the issuer's normalised name>:<serial, hex>`` or ``ski:<hex>``. Used to look for a key
+    among other hubs' keys (services/hubs.py) without sending them certificates."""
+    if rid.name == "issuer_and_serial_number":
+        return f"is:{rid.chosen['issuer'].sha256.hex()}:{rid.chosen['serial_number'].native:x}"
+    if rid.name == "subject_key_identifier":
+        return f"ski:{rid.chosen.native.hex()}"
+    return None
+
+
+def certificate_rid_names(cert: x509.Certificate) -> list[str]:
+    """The names (``rid_name``) a message addressed to this certificate may use: issuer/serial and SKI."""
+    a = asn1_cert(cert)
+    names = [f"is:{a.issuer.sha256.hex()}:{a.serial_number:x}"]
+    ski = subject_key_identifier(cert)
+    return [*names, f"ski:{ski.hex()}"] if ski else names
 
 
 def der_header(tag: int, length: int) -> bytes:

@@ -37,6 +37,7 @@ from tokenbridge.formats.cms_asn1 import (
     issuer_and_serial,
     matches_rid,
     preallocated_io,
+    rid_name,
     subject_key_identifier,
 )
 
@@ -339,6 +340,7 @@ def _choose(recipient_infos: list[cms.RecipientInfo], keys: Sequence[RecipientKe
             ) -> tuple[RecipientKey, cms.KeyTransRecipientInfo, str, str | None, bytes]:
     chosen: tuple[RecipientKey, cms.KeyTransRecipientInfo] | None = None
     named: list[str] = []
+    rids: list[str] = []
     for ri in recipient_infos:
         if ri.name != "ktri":
             named.append(f"{ri.name} recipient (not supported)")
@@ -351,9 +353,11 @@ def _choose(recipient_infos: list[cms.RecipientInfo], keys: Sequence[RecipientKe
         if chosen:
             break
         named.append(_describe_rid(ktri["rid"]))
+        if (rid := rid_name(ktri["rid"])) is not None:
+            rids.append(rid)
     if chosen is None:
         raise CmsError("cms_not_addressed", "the message is not addressed to any of the token's encryption "
-                       f"certificates (recipients: {'; '.join(named) or 'none'})")
+                       f"certificates (recipients: {'; '.join(named) or 'none'})", tuple(rids))
     key, ktri = chosen
     scheme, hash_name = _key_transport_of(ktri["key_encryption_algorithm"])
     return key, ktri, scheme, hash_name, ktri["encrypted_key"].native

@@ -54,8 +54,9 @@ def sha256_hex(parts: Sequence[Buffer]) -> str:
 
 
 def problem(exc: CmsError) -> Problem:
+    extra = {"recipients": list(exc.recipients)} if exc.recipients else None  # another hub may hold one
     return Problem(exc.message, code=exc.code, status=_STATUS.get(exc.code, 422),
-                   title=_TITLES.get(exc.code, "CMS request refused"))
+                   title=_TITLES.get(exc.code, "CMS request refused"), extra=extra)
 
 
 def default_algorithm(key: KeyInfo) -> str:

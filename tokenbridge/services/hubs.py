@@ -21,11 +21,13 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from tokenbridge.config import Settings
 from tokenbridge.errors import Problem
+from tokenbridge.formats.cms_asn1 import certificate_rid_names
 from tokenbridge.services.bridge_ca import HubCertificate, issue_hub_certificate
 from tokenbridge.services.tokens import TokenSet
 from tokenbridge.state.clients import ClientRegistry
@@ -114,7 +116,9 @@ class HubRegistry:
                 log.warning("hub heartbeat failed: %s", exc)
 
     def beat(self) -> None:
-        keys = [{"id": k.id, "label": k.label, "token": k.token, "state": self.tokens.state(k).value}
+        keys = [{"id": k.id, "label": k.label, "token": k.token, "state": self.tokens.state(k).value,
+                 # how messages encrypted to its certificate name it: a reply another hub cannot open
+                 "recipients": certificate_rid_names(k.certificate) if k.certificate is not None else []}
                 for k in self.tokens.list_keys()]
         self.store.execute(
             "INSERT INTO hubs (name, url, heartbeat, started, keys) VALUES (?, ?, ?, ?, ?) ON CONFLICT (name) "
@@ -127,12 +131,22 @@ class HubRegistry:
 
     def find(self, ref: str) -> RemoteKey | None:
         """Another hub's key that ``ref`` names (id, TOKEN/label or label), or None."""
+        return self._other_hubs_key(lambda key: ref in (key["id"], f"{key['token']}/{key['label']}",
+                                                        f"{key['token']}/{key['id']}", key["label"]))
+
+    def find_recipient(self, recipients: list[str]) -> RemoteKey | None:
+        """Another hub's key that a message addressed to ``recipients`` (``rid_name`` strings: issuer and
+        serial, or SKI) can be opened with; None when no other hub holds one."""
+        wanted = set(recipients)
+        return self._other_hubs_key(lambda key: bool(wanted & set(key.get("recipients", []))))
+
+    def _other_hubs_key(self, matches: Callable[[dict[str, Any]], bool]) -> RemoteKey | None:
+        """The first key of another hub's heartbeat row that ``matches``, on a hub alive if there is one."""
         now = time.time()
         found = []
         for row in self.store.query("SELECT name, url, heartbeat, keys FROM hubs WHERE name <> ?", (self.name,)):
             for key in json.loads(row["keys"]):
-                if ref in (key["id"], f"{key['token']}/{key['label']}", f"{key['token']}/{key['id']}",
-                           key["label"]):
+                if matches(key):
                     age = now - row["heartbeat"]
                     found.append(RemoteKey(row["name"], row["url"], key["id"], key["label"], key["token"],
                                            age <= self.settings.state.down_after, age))
