@@ -350,3 +350,15 @@ def test_a_key_on_hub_b_is_used_through_hub_a_and_a_dead_hub_answers_at_once(
     finally:
         for service in started:
             service.stop()
+
+
+def test_a_hub_on_a_shared_database_runs_one_worker() -> None:
+    """One heartbeat and one hub secret per hub: more workers are refused with a sentence that says what
+    to do, not left to forward without a secret."""
+    from pydantic import ValidationError
+
+    from tokenbridge.config import Settings
+
+    with pytest.raises(ValidationError, match="server.workers must be 1 on a hub that shares state.database_url"):
+        Settings(state={"database_url": "postgresql://tokenbridge@db.example/tokenbridge"}, server={"workers": 2})
+    assert Settings(server={"workers": 2}).server.workers == 2  # one hub on SQLite: as before

@@ -416,6 +416,10 @@ class Settings(BaseSettings):
                 current = self.tokens[current].replaces
         if self.token.replaces is not None:
             raise ValueError("token.replaces needs [tokens.NAME] tables: the old and the new card, each named")
+        if self.state.database_url is not None and self.server.workers > 1:
+            # One heartbeat and one hub secret per hub: another worker's forwards would carry none.
+            raise ValueError("server.workers must be 1 on a hub that shares state.database_url with others (each "
+                             "hub is one process; run more hubs behind the front instead)")
         self.token.pin_file = fix(self.token.pin_file)
         for t in self.tokens.values():
             t.pin_file = fix(t.pin_file)
