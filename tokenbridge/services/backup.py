@@ -163,7 +163,9 @@ def _sources(settings: Settings) -> tuple[list[_Source], list[tuple[str, str]]]:
         for path in sorted(tls.iterdir()):
             if path.is_file() and not path.is_symlink():
                 role = {"ca.key": "bridge CA private key: it can issue workstation certificates",
-                        "server.key": "TLS server private key"}.get(path.name, "bridge TLS file")
+                        "server.key": "TLS server private key",
+                        "hub.key": "this hub's key for mutual TLS with the other hubs (made again at each start)"
+                        }.get(path.name, "bridge TLS file")
                 out.append(_Source("tls", f"tls/{path.name}", path, role, path.suffix == ".key"))
     if settings.config_file is not None:
         out.append(_Source("config", settings.config_file.name, settings.config_file, "configuration file"))
