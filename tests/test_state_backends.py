@@ -359,6 +359,6 @@ def test_a_hub_on_a_shared_database_runs_one_worker() -> None:
 
     from tokenbridge.config import Settings
 
-    with pytest.raises(ValidationError, match="server.workers must be 1 on a hub that shares state.database_url"):
+    with pytest.raises(ValidationError, match=r"server\.workers must be 1 on a hub that shares state\.database_url"):
         Settings(state={"database_url": "postgresql://tokenbridge@db.example/tokenbridge"}, server={"workers": 2})
     assert Settings(server={"workers": 2}).server.workers == 2  # one hub on SQLite: as before
