@@ -10,20 +10,17 @@ a running service, a second copy, a schema behind, a row PostgreSQL cannot take 
 
 from __future__ import annotations
 
-import itertools
 import os
 import re
 import sqlite3
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from tests.conftest import TB, start_service
-from tests.pg import Postgres, running_postgres
+from tests.pg import Postgres
+from tests.test_state_backends import fresh_database, postgres  # noqa: F401  (the tests' PostgreSQL)
 from tokenbridge.state import migrations
 from tokenbridge.state.audit import AuditLog
 from tokenbridge.state.clients import ClientRegistry
@@ -31,21 +28,9 @@ from tokenbridge.state.mail import MailQueue, MailStore
 from tokenbridge.state.store import Store, open_store
 from tokenbridge.tools.demo import DemoInfo
 
-_databases = itertools.count(1)
 SIGN = {"algorithm": "rsa-pkcs1v15-sha256", "data": "ZG9zc2llcg=="}
 TABLES = ("clients", "audit", "outbound", "inbound", "imap_checkpoints")
 
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[Postgres]:
-    with running_postgres() as server:
-        yield server
-
-
-def fresh_database(server: Postgres) -> str:
-    name = f"copy{next(_databases)}"
-    server.psql(f"CREATE DATABASE {name}")
-    return server.url.rsplit("/", 1)[0] + f"/{name}"
 
 
 def tb(config: Path, data_dir: Path, *args: str, hub: str = "hub-a", check: bool = True,
@@ -122,7 +107,7 @@ def sqlite_hub(data_dir: Path, *clients: str) -> dict[str, str]:
         store.close()
 
 
-def test_a_sqlite_hub_moves_to_postgresql_and_loses_nothing(demo: DemoInfo, postgres: Postgres,
+def test_a_sqlite_hub_moves_to_postgresql_and_loses_nothing(demo: DemoInfo, postgres: Postgres,  # noqa: F811
                                                             tmp_path: Path) -> None:
     url = fresh_database(postgres)
     data = tmp_path / "hub-a"
@@ -211,7 +196,7 @@ def test_a_sqlite_hub_moves_to_postgresql_and_loses_nothing(demo: DemoInfo, post
         queue.close()
 
 
-def test_a_second_copy_is_refused_and_changes_nothing(demo: DemoInfo, postgres: Postgres, tmp_path: Path) -> None:
+def test_a_second_copy_is_refused_and_changes_nothing(demo: DemoInfo, postgres: Postgres, tmp_path: Path) -> None:  # noqa: F811
     url = fresh_database(postgres)
     data = tmp_path / "hub-a"
     sqlite_hub(data, "guichet-1", "guichet-2")
@@ -233,7 +218,7 @@ def test_a_second_copy_is_refused_and_changes_nothing(demo: DemoInfo, postgres: 
     assert snapshot(url) == before, "nothing changed"
 
 
-def test_a_second_sqlite_hub_joins_with_into_existing(demo: DemoInfo, postgres: Postgres, tmp_path: Path) -> None:
+def test_a_second_sqlite_hub_joins_with_into_existing(demo: DemoInfo, postgres: Postgres, tmp_path: Path) -> None:  # noqa: F811
     """Two hubs that ran apart on SQLite end in one database: the second joins with --into-existing, its mail
     numbered after the first's, both chains intact."""
     url = fresh_database(postgres)
@@ -264,7 +249,7 @@ def test_a_second_sqlite_hub_joins_with_into_existing(demo: DemoInfo, postgres: 
         queue.close()
 
 
-def test_a_copy_failing_halfway_leaves_the_database_empty(demo: DemoInfo, postgres: Postgres,
+def test_a_copy_failing_halfway_leaves_the_database_empty(demo: DemoInfo, postgres: Postgres,  # noqa: F811
                                                           tmp_path: Path) -> None:
     """A row PostgreSQL cannot take (a NUL character in a text, which SQLite keeps), after the clients and the
     audit were written: the one transaction is rolled back; the copy works once the row is mended."""
@@ -285,7 +270,7 @@ def test_a_copy_failing_halfway_leaves_the_database_empty(demo: DemoInfo, postgr
     assert rows_in(url) == {"clients": 1, "audit": 3, "outbound": 2, "inbound": 1, "imap_checkpoints": 1}
 
 
-def test_a_source_behind_the_latest_schema_is_refused_until_upgraded(demo: DemoInfo, postgres: Postgres,
+def test_a_source_behind_the_latest_schema_is_refused_until_upgraded(demo: DemoInfo, postgres: Postgres,  # noqa: F811
                                                                      tmp_path: Path) -> None:
     url = fresh_database(postgres)
     data = tmp_path / "hub-a"
